@@ -1,0 +1,57 @@
+"""Durations as OpenFaaS writes them: plain seconds (``60``, ``2.5``) or Go strings (``1m5s``)."""
+
+import math
+import re
+
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_S = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def parse_duration_s(value: object) -> float:
+    """Return seconds for ``value``; raise ValueError with the accepted forms otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("a duration must be seconds or a Go duration like '1m5s', not a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = _parse_text(value.strip())
+    else:
+        raise ValueError(f"a duration must be seconds or a Go duration like '1m5s', got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"a duration must be a finite number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+def _parse_text(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    position = 0
+    total_s = 0.0
+    for match in _GO_PART.finditer(text):
+        if match.start() != position:
+            break
+        total_s += float(match.group(1)) * _UNIT_S[match.group(2)]
+        position = match.end()
+    if position == 0 or position != len(text):
+        raise ValueError(
+            f"invalid duration {text!r}: use seconds (60, 2.5) or a Go duration (65s, 1m5s, 500ms)"
+        )
+    return total_s
+
+
+def format_duration_s(seconds: float) -> str:
+    """Shortest readable form, for help texts and logs."""
+    if seconds == int(seconds):
+        return f"{int(seconds)}s"
+    return f"{seconds:g}s"

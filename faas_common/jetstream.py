@@ -1,0 +1,124 @@
+"""NATS connection and the async-call stream, set up the same way by whichever process is first."""
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+
+from faas_common.settings import CommonSettings
+
+log = logging.getLogger("faas.nats")
+
+
+class StreamConfigConflictError(RuntimeError):
+    """The stream exists with settings we cannot use; starting anyway would lose or mix work."""
+
+
+async def connect(
+    settings: CommonSettings,
+    client_name: str,
+    *,
+    buffer_while_reconnecting: bool = True,
+    on_reconnected: Callable[[], Awaitable[None]] | None = None,
+    on_disconnected: Callable[[], Awaitable[None]] | None = None,
+) -> NatsClient:
+    """Connect, retrying forever, and keep reconnecting for the life of the process.
+
+    ``buffer_while_reconnecting=False`` makes publishes fail at once while disconnected instead
+    of being held and sent after a reconnect; the gateway needs that so a request it answered
+    with 503 is never enqueued later.
+    """
+
+    async def error_cb(exc: Exception) -> None:
+        log.debug("nats: %s", exc)
+
+    async def disconnected_cb() -> None:
+        if client.is_closed or client.is_draining:
+            return  # our own close, not an outage
+        log.warning("disconnected from NATS; reconnecting")
+        if on_disconnected is not None:
+            await on_disconnected()
+
+    async def reconnected_cb() -> None:
+        log.info(
+            "reconnected to NATS at %s",
+            client.connected_url.netloc if client.connected_url else "?",
+        )
+        if on_reconnected is not None:
+            await on_reconnected()
+
+    options: dict[str, Any] = {}
+    if not buffer_while_reconnecting:
+        options["pending_size"] = 0
+    client = NatsClient()
+    await client.connect(
+        servers=[url.strip() for url in settings.nats_url.split(",") if url.strip()],
+        name=client_name,
+        max_reconnect_attempts=-1,
+        # Typed int in nats-py, used as float seconds by it; fractions matter in tests.
+        reconnect_time_wait=settings.nats_reconnect_wait_s,  # type: ignore[arg-type]
+        connect_timeout=2,
+        error_cb=error_cb,
+        disconnected_cb=disconnected_cb,
+        reconnected_cb=reconnected_cb,
+        **options,
+    )
+    return client
+
+
+def desired_stream_config(settings: CommonSettings) -> StreamConfig:
+    return StreamConfig(
+        name=settings.nats_stream,
+        description="Async function calls (faas-gateway)",
+        subjects=[settings.subjects_wildcard],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        num_replicas=settings.nats_stream_replicas,
+        duplicate_window=settings.duplicate_window_s,
+    )
+
+
+async def ensure_stream(js: JetStreamContext, settings: CommonSettings) -> None:
+    """Create the stream if it is missing; refuse to run against one that differs in kind."""
+    desired = desired_stream_config(settings)
+    try:
+        info = await js.stream_info(settings.nats_stream)
+    except NotFoundError:
+        try:
+            await js.add_stream(desired)
+            log.info("created stream %s on %s", desired.name, desired.subjects)
+            return
+        except BadRequestError:
+            # Another process created it between our two requests; check what it made.
+            info = await js.stream_info(settings.nats_stream)
+
+    existing = info.config
+    conflicts = []
+    if existing.retention != desired.retention:
+        conflicts.append(f"retention is {_value(existing.retention)}, expected workqueue")
+    if existing.storage != desired.storage:
+        conflicts.append(f"storage is {_value(existing.storage)}, expected file")
+    if sorted(existing.subjects or []) != sorted(desired.subjects or []):
+        conflicts.append(f"subjects are {existing.subjects}, expected {desired.subjects}")
+    if conflicts:
+        raise StreamConfigConflictError(
+            f"NATS stream {settings.nats_stream!r} exists with a conflicting config: "
+            + "; ".join(conflicts)
+            + ". Delete it (nats stream rm) or set nats_stream to another name."
+        )
+    if abs((existing.duplicate_window or 0) - desired.duplicate_window) > 1e-3:
+        log.info(
+            "stream %s: duplicate_window %ss -> %ss",
+            desired.name,
+            existing.duplicate_window,
+            desired.duplicate_window,
+        )
+        await js.update_stream(existing.evolve(duplicate_window=desired.duplicate_window))
+
+
+def _value(enum_or_none: Any) -> str:
+    return str(getattr(enum_or_none, "value", enum_or_none))

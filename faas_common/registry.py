@@ -1,0 +1,150 @@
+"""The function registry: which functions exist, where they listen and their timeouts.
+
+Loaded from a YAML functions file::
+
+    functions:
+      echo:
+        url: http://127.0.0.1:9001
+        exec_timeout: 30s
+        annotations:
+          team: demo
+"""
+
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from yarl import URL
+
+from faas_common.durations import parse_duration_s
+
+FUNCTION_NAME_PATTERN = re.compile(r"[a-zA-Z0-9][-a-zA-Z0-9_.]{0,62}")
+
+OptionalSeconds = Annotated[
+    float | None, BeforeValidator(lambda v: v if v is None else parse_duration_s(v))
+]
+
+
+def is_valid_function_name(name: str) -> bool:
+    return FUNCTION_NAME_PATTERN.fullmatch(name) is not None
+
+
+class FunctionsFileError(Exception):
+    """The functions file cannot be used; the message names the file, the entry and the problem."""
+
+
+class FunctionSpec(BaseModel):
+    """One function: an HTTP service and the limits that apply when calling it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    name: str
+    url: str
+    read_timeout_s: OptionalSeconds = Field(default=None, alias="read_timeout")
+    write_timeout_s: OptionalSeconds = Field(default=None, alias="write_timeout")
+    exec_timeout_s: OptionalSeconds = Field(default=None, alias="exec_timeout")
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    def url_for(self, raw_path: str, raw_query: str) -> URL:
+        """Where a call for ``raw_path`` ('' or '/...', percent-encoded) goes upstream."""
+        target = self.url + raw_path
+        if raw_query:
+            target += "?" + raw_query
+        return URL(target, encoded=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_valid(cls, name: str) -> str:
+        if not is_valid_function_name(name):
+            raise ValueError(f"must match {FUNCTION_NAME_PATTERN.pattern}")
+        return name
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_absolute_http(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http:// or https:// URL")
+        return url.rstrip("/")
+
+    @field_validator("annotations", mode="before")
+    @classmethod
+    def _annotations_as_text(cls, annotations: object) -> object:
+        if isinstance(annotations, Mapping):
+            return {str(key): str(value) for key, value in annotations.items()}
+        return annotations
+
+
+class Registry:
+    """Functions by name. Read-mostly: looked up on every call."""
+
+    def __init__(self, functions: Mapping[str, FunctionSpec] | None = None) -> None:
+        self._functions: dict[str, FunctionSpec] = dict(functions or {})
+
+    def get(self, name: str) -> FunctionSpec | None:
+        return self._functions.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._functions
+
+    def __iter__(self) -> Iterator[FunctionSpec]:
+        return iter(self._functions.values())
+
+    def __len__(self) -> int:
+        return len(self._functions)
+
+
+def load_functions_file(path: Path) -> Registry:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FunctionsFileError(f"{path}: cannot read the functions file: {exc.strerror}") from exc
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise FunctionsFileError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_functions_document(document, source=str(path))
+
+
+def parse_functions_document(document: Any, source: str) -> Registry:
+    if document is None:
+        document = {"functions": {}}
+    if not isinstance(document, Mapping) or "functions" not in document:
+        raise FunctionsFileError(f"{source}: expected a top-level 'functions:' mapping")
+    unknown_keys = sorted(str(key) for key in document if key != "functions")
+    if unknown_keys:
+        raise FunctionsFileError(
+            f"{source}: unknown top-level keys {unknown_keys}; only 'functions' is allowed"
+        )
+    entries = document["functions"] or {}
+    if not isinstance(entries, Mapping):
+        raise FunctionsFileError(f"{source}: 'functions' must be a mapping of name to settings")
+    functions: dict[str, FunctionSpec] = {}
+    for raw_name, entry in entries.items():
+        name = str(raw_name)
+        if not isinstance(entry, Mapping):
+            raise FunctionsFileError(
+                f"{source}: function {name!r}: expected a mapping with at least 'url'"
+            )
+        try:
+            functions[name] = FunctionSpec.model_validate({**entry, "name": name})
+        except ValidationError as exc:
+            raise FunctionsFileError(f"{source}: function {name!r}: {_describe(exc)}") from exc
+    return Registry(functions)
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "entry"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = (
+                "unknown key (allowed: url, read_timeout, write_timeout, exec_timeout, annotations)"
+            )
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems)

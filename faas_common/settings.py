@@ -1,0 +1,98 @@
+"""Settings shared by both processes, and the helpers that turn settings into docs and flags.
+
+Environment variable names follow OpenFaaS where it has one (``read_timeout``, ``ack_wait``,
+...); the Python attribute carries the unit (``read_timeout_s``). Durations accept seconds or
+Go duration strings.
+"""
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from faas_common.durations import format_duration_s, parse_duration_s
+
+Seconds = Annotated[float, BeforeValidator(parse_duration_s)]
+
+
+def setting(default: Any, env: str, description: str) -> Any:
+    """A settings field read from the environment variable ``env`` (case-insensitive)."""
+    return Field(default, validation_alias=env, description=description)
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        case_sensitive=False,
+        extra="ignore",
+        validate_by_name=True,
+        validate_by_alias=True,
+        frozen=True,
+    )
+
+    nats_url: str = setting(
+        "nats://127.0.0.1:4222", "nats_url", "NATS server URL(s), comma-separated for a cluster."
+    )
+    functions_file: Path = setting(
+        Path("deploy/functions.yml"), "functions_file", "YAML file that registers the functions."
+    )
+    nats_stream: str = setting("faas-async", "nats_stream", "JetStream stream holding async calls.")
+    nats_subject_prefix: str = setting(
+        "faas.async", "nats_subject_prefix", "Async calls are published to <prefix>.<function>."
+    )
+    nats_consumer: str = setting(
+        "faas-queue-worker", "nats_consumer", "Durable pull consumer shared by all queue-workers."
+    )
+    nats_stream_replicas: int = setting(
+        1, "nats_stream_replicas", "Stream replicas when created on a NATS cluster (1-5)."
+    )
+    duplicate_window_s: Seconds = setting(
+        120.0,
+        "duplicate_window",
+        "A re-post with the same X-Call-Id within this window is not enqueued again.",
+    )
+    nats_reconnect_wait_s: Seconds = setting(
+        2.0, "nats_reconnect_wait", "Pause between attempts to reach NATS; attempts never stop."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = setting(
+        "info", "log_level", "Log level."
+    )
+
+    def subject_for(self, function: str) -> str:
+        return f"{self.nats_subject_prefix}.{function}"
+
+    @property
+    def subjects_wildcard(self) -> str:
+        return f"{self.nats_subject_prefix}.>"
+
+
+def env_name(name: str, info: FieldInfo) -> str:
+    alias = info.validation_alias
+    return alias if isinstance(alias, str) else name
+
+
+def describe_default(info: FieldInfo) -> str:
+    default = info.get_default(call_default_factory=True)
+    if default is None:
+        return "(auto)"
+    if (
+        isinstance(default, float)
+        and info.metadata
+        and any(
+            isinstance(item, BeforeValidator) and item.func is parse_duration_s
+            for item in info.metadata
+        )
+    ):
+        return format_duration_s(default)
+    if isinstance(default, bool):
+        return str(default).lower()
+    return str(default)
+
+
+def settings_table(settings_cls: type[BaseSettings]) -> list[tuple[str, str, str]]:
+    """(environment variable, default, description) for every field, for --help and the README."""
+    rows = []
+    for name, info in settings_cls.model_fields.items():
+        rows.append((env_name(name, info), describe_default(info), info.description or ""))
+    return rows

@@ -1,0 +1,94 @@
+"""The gateway application: routes, and the lifetimes of its client session and NATS link."""
+
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from faas_common.registry import Registry
+from gateway.async_calls import AsyncInvoker
+from gateway.metrics import GatewayMetrics
+from gateway.middleware import call_identity, json_errors
+from gateway.proxy import SyncProxy
+from gateway.publisher import Publisher
+from gateway.settings import GatewaySettings
+
+SETTINGS = web.AppKey("settings", GatewaySettings)
+REGISTRY = web.AppKey("registry", Registry)
+METRICS = web.AppKey("metrics", GatewayMetrics)
+PUBLISHER = web.AppKey("publisher", Publisher)
+SYNC_PROXY = web.AppKey("sync_proxy", SyncProxy)
+ASYNC_INVOKER = web.AppKey("async_invoker", AsyncInvoker)
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def create_app(
+    settings: GatewaySettings, registry: Registry, metrics: GatewayMetrics | None = None
+) -> web.Application:
+    app = web.Application(middlewares=[json_errors, call_identity])
+    app[SETTINGS] = settings
+    app[REGISTRY] = registry
+    app[METRICS] = metrics or GatewayMetrics()
+    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_queue_publisher)
+
+    for pattern in ("/function/{name}", "/function/{name}/", "/function/{name}/{path:.*}"):
+        app.router.add_route("*", pattern, _sync_call)
+    for pattern in ("/async-function/{name}", "/async-function/{name}/{path:.*}"):
+        app.router.add_route("*", pattern, _async_call)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    connector = aiohttp.TCPConnector(
+        limit=settings.upstream_max_conns,
+        limit_per_host=0,
+        keepalive_timeout=settings.upstream_keepalive_s,
+    )
+    # No cookie jar: cookies from one caller's function response must never reach another.
+    # No decompression: bodies pass through byte for byte with their Content-Encoding.
+    async with aiohttp.ClientSession(
+        connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
+    ) as session:
+        app[SYNC_PROXY] = SyncProxy(settings, app[REGISTRY], session, app[METRICS])
+        yield
+
+
+async def _queue_publisher(app: web.Application) -> AsyncIterator[None]:
+    publisher = Publisher(app[SETTINGS])
+    app[PUBLISHER] = publisher
+    app[ASYNC_INVOKER] = AsyncInvoker(app[SETTINGS], app[REGISTRY], publisher, app[METRICS])
+    try:
+        await publisher.start()
+        yield
+    finally:
+        await publisher.close()
+
+
+async def _sync_call(request: web.Request) -> web.StreamResponse:
+    return await request.app[SYNC_PROXY].handle(request)
+
+
+async def _async_call(request: web.Request) -> web.StreamResponse:
+    return await request.app[ASYNC_INVOKER].handle(request)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    healthy, details = await request.app[PUBLISHER].health()
+    details["status"] = "ok" if healthy else "unavailable"
+    return web.Response(
+        status=200 if healthy else 503,
+        body=json.dumps(details).encode(),
+        content_type="application/json",
+    )
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    response = web.Response(body=request.app[METRICS].render())
+    response.headers["Content-Type"] = PROMETHEUS_CONTENT_TYPE
+    return response

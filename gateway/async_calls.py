@@ -1,0 +1,111 @@
+"""Async invocation: validate, read the body within the limit, enqueue durably, answer 202."""
+
+import logging
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from faas_common.headers import CALLBACK_URL
+from faas_common.logs import call_context
+from faas_common.message import QueuedCall
+from faas_common.registry import Registry
+from gateway.calls import CALL
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    PayloadTooLargeError,
+)
+from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
+from gateway.publisher import Publisher
+from gateway.routing import forwarded_headers, raw_subpath, resolve_function
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("faas.gateway")
+
+# Headers that describe the client's connection to us, not the call; the worker sets its own.
+HEADERS_NOT_QUEUED = frozenset({"host", "content-length", "expect"})
+
+
+class AsyncInvoker:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        registry: Registry,
+        publisher: Publisher,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._publisher = publisher
+        self._metrics = metrics
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        call = request[CALL]
+        label = UNKNOWN_FUNCTION
+        try:
+            if request.method != "POST":
+                raise MethodNotAllowedError(
+                    "async invocation accepts POST only", headers={"Allow": "POST"}
+                )
+            function = resolve_function(self._registry, request.match_info["name"])
+            label = function.name
+            callback_url = validate_callback_url(request.headers.get(CALLBACK_URL))
+            self._publisher.raise_unless_ready()
+            body = await read_body_within(request, self._publisher.max_body_bytes())
+            queued = QueuedCall(
+                call_id=call.call_id,
+                function=function.name,
+                method=request.method,
+                path=raw_subpath(request),
+                query=request.rel_url.raw_query_string,
+                headers=list(forwarded_headers(request, HEADERS_NOT_QUEUED).items()),
+                body=body,
+                callback_url=callback_url,
+                accepted_at_ns=call.start_ns,
+            )
+            ack = await self._publisher.publish(
+                self._settings.subject_for(function.name), queued.encode(), call.call_id
+            )
+        except GatewayError as exc:
+            self._metrics.observe_async(label, exc.status)
+            raise
+        self._metrics.observe_async(label, 202)
+        log.debug(
+            "queued as %s #%d%s",
+            ack.stream,
+            ack.seq,
+            " (duplicate)" if ack.duplicate else "",
+            extra=call_context(call.call_id, function.name),
+        )
+        return web.json_response({"callId": call.call_id}, status=202)
+
+
+def validate_callback_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidRequestError(f"{CALLBACK_URL} must be an absolute http or https URL")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise InvalidRequestError(f"{CALLBACK_URL} has an invalid port") from exc
+    return value
+
+
+async def read_body_within(request: web.Request, limit_bytes: int) -> bytes:
+    too_large = PayloadTooLargeError(
+        f"the request body is larger than {limit_bytes} bytes, the most an async call can carry"
+    )
+    declared = request.content_length
+    if declared is not None and declared > limit_bytes:
+        raise too_large
+    chunks = []
+    received = 0
+    async for chunk in request.content.iter_any():
+        received += len(chunk)
+        if received > limit_bytes:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)

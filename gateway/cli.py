@@ -1,0 +1,66 @@
+"""faas-gateway: serve /function, /async-function, /healthz and /metrics."""
+
+import logging
+import sys
+from pathlib import Path
+
+import prometheus_client
+from aiohttp import web
+
+from faas_common import __version__
+from faas_common.cli import load_settings, new_parser
+from faas_common.jetstream import StreamConfigConflictError
+from faas_common.logs import configure_logging
+from faas_common.registry import FunctionsFileError, load_functions_file
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("faas.gateway")
+
+FLAG_FIELDS = ("gateway_host", "gateway_port", "functions_file", "nats_url", "log_level")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = new_parser(
+        "faas-gateway",
+        "Function gateway: sync proxy on /function/<name>, durable async calls on "
+        "/async-function/<name> through NATS JetStream.",
+        GatewaySettings,
+    )
+    parser.add_argument("--host", dest="gateway_host", help="listen address")
+    parser.add_argument("--port", dest="gateway_port", type=int, help="listen port")
+    parser.add_argument(
+        "--functions-file", dest="functions_file", type=Path, help="YAML functions file"
+    )
+    parser.add_argument("--nats-url", dest="nats_url", help="NATS server URL")
+    parser.add_argument(
+        "--log-level", dest="log_level", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    args = parser.parse_args(argv)
+    # Only the counters' values, not a *_created series beside each one.
+    prometheus_client.disable_created_metrics()
+    settings = load_settings(GatewaySettings, args, FLAG_FIELDS)
+    configure_logging(settings.log_level)
+    try:
+        registry = load_functions_file(settings.functions_file)
+    except FunctionsFileError as exc:
+        sys.exit(f"faas-gateway: {exc}")
+    log.info(
+        "%d functions from %s; listening on http://%s:%d",
+        len(registry),
+        settings.functions_file,
+        settings.gateway_host,
+        settings.gateway_port,
+    )
+    try:
+        web.run_app(
+            create_app(settings, registry),
+            host=settings.gateway_host,
+            port=settings.gateway_port,
+            shutdown_timeout=settings.shutdown_grace_s,
+            access_log=None,
+            print=None,
+        )
+    except StreamConfigConflictError as exc:
+        sys.exit(f"faas-gateway: {exc}")

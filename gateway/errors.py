@@ -1,0 +1,58 @@
+"""The gateway's one error type and its kinds; middleware.py turns them into responses."""
+
+import json
+
+from aiohttp import web
+
+from faas_common.headers import CALL_ID
+
+
+class GatewayError(Exception):
+    status = 500
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidRequestError(GatewayError):
+    status = 400
+
+
+class FunctionNotFoundError(GatewayError):
+    status = 404
+
+
+class MethodNotAllowedError(GatewayError):
+    status = 405
+
+
+class PayloadTooLargeError(GatewayError):
+    status = 413
+
+
+class UpstreamUnavailableError(GatewayError):
+    status = 502
+
+
+class QueueUnavailableError(GatewayError):
+    status = 503
+
+
+class UpstreamTimeoutError(GatewayError):
+    status = 504
+
+
+def error_response(
+    status: int, message: str, call_id: str | None, headers: dict[str, str] | None = None
+) -> web.Response:
+    response = web.Response(
+        status=status,
+        body=json.dumps({"error": message, "callId": call_id}).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+    if call_id is not None:
+        response.headers[CALL_ID] = call_id
+    return response

@@ -1,0 +1,183 @@
+"""The gateway's side of the queue: one NATS connection, the stream, and publishing with ack."""
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+from nats.js.errors import NoStreamResponseError, NotFoundError
+
+from faas_common import jetstream
+from faas_common.headers import NATS_MSG_ID
+from gateway.errors import PayloadTooLargeError, QueueUnavailableError
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("faas.gateway")
+
+# Room kept for the envelope (call metadata and request headers) when the body limit is
+# derived from the server's max_payload.
+ENVELOPE_RESERVE_BYTES = 64 * 1024
+
+
+class Publisher:
+    """Connects in the background so that sync calls never wait for NATS."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self._settings = settings
+        self._client: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._stream_ready = asyncio.Event()
+        self._stream_problem: str | None = "not connected yet"
+        self._connect_task: asyncio.Task[None] | None = None
+        self._ensure_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Connect and set up the stream, waiting at most ``nats_startup_wait``.
+
+        A stream that exists with a conflicting config stops start-up; NATS being down does not.
+        """
+        self._connect_task = asyncio.create_task(self._connect(), name="nats-connect")
+        ready = asyncio.create_task(self._stream_ready.wait())
+        done, _ = await asyncio.wait(
+            {self._connect_task, ready},
+            timeout=self._settings.nats_startup_wait_s,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        ready.cancel()
+        if self._connect_task in done:
+            self._connect_task.result()  # raises StreamConfigConflictError
+        elif not self._stream_ready.is_set():
+            log.warning(
+                "NATS at %s not reachable yet; serving sync calls, async calls get 503 until it is",
+                self._settings.nats_url,
+            )
+
+    async def close(self) -> None:
+        for task in [self._connect_task, *self._background]:
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._client is not None and not self._client.is_closed:
+            await self._client.close()
+
+    async def _connect(self) -> None:
+        self._client = await jetstream.connect(
+            self._settings,
+            "faas-gateway",
+            buffer_while_reconnecting=False,
+            on_reconnected=self._on_reconnected,
+            on_disconnected=self._on_disconnected,
+        )
+        self._js = self._client.jetstream(timeout=self._settings.publish_timeout_s)
+        await self._ensure_stream_until_ready()
+
+    async def _ensure_stream_until_ready(self) -> None:
+        delay_s = 0.1
+        while True:
+            try:
+                await self._ensure_stream()
+                return
+            except jetstream.StreamConfigConflictError:
+                raise
+            except (TimeoutError, nats.errors.Error) as exc:
+                self._stream_problem = f"stream setup failed: {exc}"
+                log.warning("cannot set up stream %s yet: %s", self._settings.nats_stream, exc)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 5.0)
+
+    async def _ensure_stream(self) -> None:
+        assert self._js is not None
+        async with self._ensure_lock:
+            await jetstream.ensure_stream(self._js, self._settings)
+            self._stream_problem = None
+            self._stream_ready.set()
+
+    async def _on_disconnected(self) -> None:
+        self._stream_ready.clear()
+        self._stream_problem = "disconnected from NATS"
+
+    async def _on_reconnected(self) -> None:
+        # A server restarted on an empty store has no stream; create it again at once.
+        self._ensure_in_background()
+
+    def _ensure_in_background(self) -> None:
+        task = asyncio.create_task(self._ensure_after_reconnect(), name="nats-ensure-stream")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _ensure_after_reconnect(self) -> None:
+        try:
+            await self._ensure_stream_until_ready()
+        except jetstream.StreamConfigConflictError as exc:
+            self._stream_problem = str(exc)
+            log.error("%s", exc)
+
+    @property
+    def is_ready(self) -> bool:
+        return (
+            self._client is not None and self._client.is_connected and self._stream_ready.is_set()
+        )
+
+    def raise_unless_ready(self) -> None:
+        if not self.is_ready:
+            raise QueueUnavailableError(f"the queue is unavailable: {self.problem()}")
+
+    def max_body_bytes(self) -> int:
+        if self._settings.max_async_body_bytes is not None:
+            return self._settings.max_async_body_bytes
+        max_payload = self._client.max_payload if self._client is not None else 1024 * 1024
+        return max(0, max_payload - ENVELOPE_RESERVE_BYTES)
+
+    async def publish(self, subject: str, payload: bytes, msg_id: str) -> PubAck:
+        """Publish and wait for JetStream's ack; anything short of an ack is QueueUnavailable."""
+        self.raise_unless_ready()
+        assert self._js is not None
+        headers: dict[str, Any] = {NATS_MSG_ID: msg_id}
+        try:
+            return await self._js.publish(
+                subject,
+                payload,
+                timeout=self._settings.publish_timeout_s,
+                stream=self._settings.nats_stream,
+                headers=headers,
+            )
+        except nats.errors.MaxPayloadError as exc:
+            raise PayloadTooLargeError(
+                f"the request is larger than one queued message can hold "
+                f"({self._client.max_payload if self._client else '?'} bytes with its headers)"
+            ) from exc
+        except (NoStreamResponseError, NotFoundError) as exc:
+            self._stream_ready.clear()
+            self._ensure_in_background()
+            raise QueueUnavailableError("the queue is unavailable: stream missing") from exc
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise QueueUnavailableError(
+                f"the queue did not confirm the request in time: {type(exc).__name__}"
+            ) from exc
+
+    def problem(self) -> str:
+        if self._client is None or not self._client.is_connected:
+            return "not connected to NATS"
+        return self._stream_problem or "stream not ready"
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        details: dict[str, Any] = {
+            "nats": "connected" if self._client and self._client.is_connected else "disconnected",
+            "stream": self._settings.nats_stream,
+        }
+        if not self.is_ready or self._js is None:
+            details["problem"] = self.problem()
+            return False, details
+        try:
+            info = await self._js.stream_info(self._settings.nats_stream)
+        except (TimeoutError, nats.errors.Error) as exc:
+            details["problem"] = f"stream check failed: {type(exc).__name__}"
+            return False, details
+        details["messages"] = info.state.messages
+        return True, details

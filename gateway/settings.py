@@ -1,0 +1,42 @@
+from faas_common.settings import CommonSettings, Seconds, setting
+
+
+class GatewaySettings(CommonSettings):
+    gateway_host: str = setting("127.0.0.1", "gateway_host", "Address the gateway listens on.")
+    gateway_port: int = setting(8080, "gateway_port", "Port the gateway listens on.")
+    read_timeout_s: Seconds = setting(
+        60.0, "read_timeout", "Sync calls: longest wait for the next bytes from a function."
+    )
+    write_timeout_s: Seconds = setting(
+        60.0, "write_timeout", "Sync calls: longest wait to connect to a function."
+    )
+    upstream_timeout_s: Seconds = setting(
+        60.0,
+        "upstream_timeout",
+        "Sync calls: longest wait for a function's response headers, unless the function "
+        "sets its own exec_timeout.",
+    )
+    max_async_body_bytes: int | None = setting(
+        None,
+        "max_async_body_bytes",
+        "Largest async request body; larger gets 413. Default: the NATS server's max_payload "
+        "minus 64 KiB for the envelope (983,040 bytes with NATS defaults).",
+    )
+    publish_timeout_s: Seconds = setting(
+        5.0, "publish_timeout", "Async calls: longest wait for JetStream's publish ack (then 503)."
+    )
+    nats_startup_wait_s: Seconds = setting(
+        3.0,
+        "nats_startup_wait",
+        "How long start-up waits for NATS before serving sync calls without it (it keeps "
+        "trying in the background).",
+    )
+    upstream_max_conns: int = setting(
+        0, "upstream_max_conns", "Cap on open connections to all functions (0: no cap)."
+    )
+    upstream_keepalive_s: Seconds = setting(
+        30.0, "upstream_keepalive", "Idle keep-alive connections to functions close after this."
+    )
+    shutdown_grace_s: Seconds = setting(
+        60.0, "shutdown_grace", "On SIGTERM/SIGINT, how long running sync calls may finish."
+    )

@@ -1,0 +1,1 @@
+"""The queue-worker: consumes async calls from JetStream, invokes functions, posts callbacks."""

@@ -1,0 +1,3 @@
+from queue_worker.cli import main
+
+main()

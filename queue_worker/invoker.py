@@ -1,0 +1,90 @@
+"""One function call under the read, write and exec timeouts; every ending becomes an Outcome."""
+
+import json
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDict
+
+from faas_common.headers import CALL_ID, START_TIME, end_to_end
+from faas_common.message import QueuedCall
+from faas_common.registry import FunctionSpec
+from queue_worker.settings import WorkerSettings
+
+SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status_code: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    duration_s: float
+    error: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return 200 <= self.status_code < 300
+
+
+def failure(status_code: int, error: str, duration_s: float) -> Outcome:
+    body = json.dumps({"error": error}).encode()
+    return Outcome(
+        status_code=status_code,
+        headers=[("Content-Type", "application/json")],
+        body=body,
+        duration_s=duration_s,
+        error=error,
+    )
+
+
+class FunctionInvoker:
+    def __init__(self, settings: WorkerSettings, session: aiohttp.ClientSession) -> None:
+        self._settings = settings
+        self._session = session
+
+    async def invoke(self, call: QueuedCall, function: FunctionSpec | None) -> Outcome:
+        started = time.monotonic()
+        if function is None:
+            return failure(404, f"function {call.function!r} is no longer registered", 0.0)
+        exec_timeout_s = function.exec_timeout_s or self._settings.exec_timeout_s
+        timeout = aiohttp.ClientTimeout(
+            total=exec_timeout_s,
+            sock_connect=function.write_timeout_s or self._settings.write_timeout_s,
+            sock_read=function.read_timeout_s or self._settings.read_timeout_s,
+        )
+        headers = CIMultiDict(call.headers)
+        headers[CALL_ID] = call.call_id
+        headers[START_TIME] = str(call.accepted_at_ns)
+        try:
+            async with self._session.request(
+                call.method,
+                function.url_for(call.path, call.query),
+                headers=headers,
+                data=call.body,
+                allow_redirects=False,
+                skip_auto_headers=SKIP_AUTO_HEADERS,
+                timeout=timeout,
+            ) as response:
+                body = await response.read()
+                return Outcome(
+                    status_code=response.status,
+                    headers=list(
+                        end_to_end(response.headers.items(), frozenset({"content-length"})).items()
+                    ),
+                    body=body,
+                    duration_s=time.monotonic() - started,
+                )
+        except TimeoutError:
+            return failure(
+                504,
+                f"function {function.name!r} exceeded its timeout (exec {exec_timeout_s:g}s)",
+                time.monotonic() - started,
+            )
+        except aiohttp.ClientError as exc:
+            return failure(
+                502,
+                f"function {function.name!r} is unreachable: {type(exc).__name__}: {exc}",
+                time.monotonic() - started,
+            )

