@@ -5,6 +5,7 @@ SIGTERM) stops them in order: gateway and worker first, so that they drain, then
 functions, then nats-server. A process that exits on its own stops the stack.
 """
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -17,12 +18,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = ROOT / ".data"
+FUNCTIONS_FILE = ROOT / "deploy" / "functions.yml"
 NATS_PORT = 4222
 GATEWAY_PORT = 8080
 WORKER_PORT = 8081
 FUNCTION_PORTS = {"echo": 9001, "sleep": 9002, "status": 9003}
 STOP_GRACE_S = 40.0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the stack keeps its data and which ports it uses (all shifted by one offset)."""
+
+    data_dir: Path
+    port_offset: int
+
+    def port(self, default: int) -> int:
+        return default + self.port_offset
+
+    def functions_file(self) -> Path:
+        """deploy/functions.yml, with the function ports shifted when the offset is not 0."""
+        if self.port_offset == 0:
+            return FUNCTIONS_FILE
+        text = FUNCTIONS_FILE.read_text()
+        for port in FUNCTION_PORTS.values():
+            text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{self.port(port)}")
+        shifted = self.data_dir / "functions.yml"
+        shifted.write_text(text)
+        return shifted
 
 
 @dataclass
@@ -44,11 +67,14 @@ def nats_server_binary() -> str:
     return found
 
 
-def services() -> list[Service]:
+def services(layout: Layout) -> list[Service]:
     python = sys.executable
+    nats_port = layout.port(NATS_PORT)
     common_env = {
-        "nats_url": f"nats://127.0.0.1:{NATS_PORT}",
-        "functions_file": str(ROOT / "deploy" / "functions.yml"),
+        "nats_url": f"nats://127.0.0.1:{nats_port}",
+        "functions_file": str(layout.functions_file()),
+        "gateway_port": str(layout.port(GATEWAY_PORT)),
+        "worker_port": str(layout.port(WORKER_PORT)),
     }
     stack = [
         Service(
@@ -57,25 +83,23 @@ def services() -> list[Service]:
                 nats_server_binary(),
                 "--jetstream",
                 "--store_dir",
-                str(DATA_DIR / "nats"),
+                str(layout.data_dir / "nats"),
                 "--addr",
                 "127.0.0.1",
                 "--port",
-                str(NATS_PORT),
+                str(nats_port),
             ],
-            [NATS_PORT],
+            [nats_port],
         )
     ]
-    for name, port in FUNCTION_PORTS.items():
-        stack.append(
-            Service(
-                name,
-                [python, str(ROOT / "deploy" / "sample_functions.py"), name, "--port", str(port)],
-                [port],
-            )
-        )
-    stack.append(Service("gateway", [python, "-m", "gateway"], [GATEWAY_PORT], common_env))
-    stack.append(Service("worker", [python, "-m", "queue_worker"], [WORKER_PORT], common_env))
+    for name, default_port in FUNCTION_PORTS.items():
+        port = layout.port(default_port)
+        sample = str(ROOT / "deploy" / "sample_functions.py")
+        stack.append(Service(name, [python, sample, name, "--port", str(port)], [port]))
+    gateway_port = layout.port(GATEWAY_PORT)
+    worker_port = layout.port(WORKER_PORT)
+    stack.append(Service("gateway", [python, "-m", "gateway"], [gateway_port], common_env))
+    stack.append(Service("worker", [python, "-m", "queue_worker"], [worker_port], common_env))
     return stack
 
 
@@ -130,8 +154,9 @@ async def stop(service: Service) -> None:
         await process.wait()
 
 
-async def main() -> int:
-    stack = services()
+async def main(layout: Layout) -> int:
+    layout.data_dir.mkdir(parents=True, exist_ok=True)
+    stack = services(layout)
     busy = [(s.name, port) for s in stack for port in s.ports if port_in_use(port)]
     if busy:
         names = ", ".join(f"{name} :{port}" for name, port in busy)
@@ -140,7 +165,6 @@ async def main() -> int:
             file=sys.stderr,
         )
         return 1
-    (DATA_DIR / "nats").mkdir(parents=True, exist_ok=True)
     width = max(len(s.name) for s in stack)
     relays: list[asyncio.Task[None]] = []
     stop_requested = asyncio.Event()
@@ -161,8 +185,9 @@ async def main() -> int:
                 exit_code = 1
                 return exit_code
         print(
-            f"\nstack is up: gateway http://127.0.0.1:{GATEWAY_PORT}, worker status "
-            f"http://127.0.0.1:{WORKER_PORT}, NATS nats://127.0.0.1:{NATS_PORT}. Ctrl-C stops it.\n",
+            f"\nstack is up: gateway http://127.0.0.1:{layout.port(GATEWAY_PORT)}, "
+            f"worker status http://127.0.0.1:{layout.port(WORKER_PORT)}, "
+            f"NATS nats://127.0.0.1:{layout.port(NATS_PORT)}. Ctrl-C stops it.\n",
             flush=True,
         )
         exits = {asyncio.create_task(s.process.wait()): s for s in stack if s.process is not None}
@@ -189,5 +214,15 @@ async def main() -> int:
     return exit_code
 
 
+def parse_layout() -> Layout:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--data-dir", type=Path, default=ROOT / ".data", help="NATS store and scratch files"
+    )
+    parser.add_argument("--port-offset", type=int, default=0, help="shift every port by this much")
+    args = parser.parse_args()
+    return Layout(args.data_dir.resolve(), args.port_offset)
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(asyncio.run(main(parse_layout())))

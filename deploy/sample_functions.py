@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import math
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -54,10 +55,24 @@ async def status(request: web.Request) -> web.Response:
 
 FUNCTIONS = {"echo": echo, "sleep": sleep, "status": status}
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def log_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One line per request, so a callback posted to a sample function shows in `make run`."""
+    response = await handler(request)
+    details = [f"{request.method} {request.rel_url} -> {response.status}"]
+    for header in ("X-Call-Id", "X-Function-Name", "X-Function-Status"):
+        if header in request.headers:
+            details.append(f"{header}={request.headers[header]}")
+    print(" ".join(details), flush=True)
+    return response
+
 
 def build_app(name: str) -> web.Application:
     # Large uploads are streamed by echo; the others accept up to 64 MiB.
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[log_requests])
     app.router.add_route("*", "/{tail:.*}", FUNCTIONS[name])
     return app
 

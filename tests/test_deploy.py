@@ -1,0 +1,214 @@
+"""What a new user runs: the README's settings and curl lines, the local stack, docker-compose,
+the sample functions. The compose file cannot run here (no Docker engine), so it is checked
+against the code it configures."""
+
+import asyncio
+import random
+import re
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from aiohttp.test_utils import TestClient, TestServer
+
+from faas_common.registry import load_functions_file
+from faas_common.settings import CommonSettings, settings_table
+from gateway.settings import GatewaySettings
+from queue_worker.settings import WorkerSettings
+from tests.harness import ROOT, wait_until
+
+sys.path.insert(0, str(ROOT / "deploy"))
+import sample_functions
+
+README = (ROOT / "README.md").read_text()
+COMPOSE = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+
+
+@pytest.mark.parametrize("settings_cls", [CommonSettings, GatewaySettings, WorkerSettings])
+def test_readme_documents_every_setting_with_its_default(settings_cls):
+    for env, default, _ in settings_table(settings_cls):
+        row = f"| `{env}` | `{default}` |"
+        assert row in README, f"README configuration table lacks {row}"
+
+
+def env_names(settings_cls) -> set[str]:
+    return {env for env, _, _ in settings_table(settings_cls)}
+
+
+def test_compose_services_use_only_real_settings_and_commands():
+    services = COMPOSE["services"]
+    assert set(services) == {"nats", "gateway", "queue-worker", "echo", "sleep", "status"}
+    for name, settings_cls in (("gateway", GatewaySettings), ("queue-worker", WorkerSettings)):
+        unknown = set(services[name]["environment"]) - env_names(settings_cls)
+        assert not unknown, f"{name} sets unknown settings {unknown}"
+        # The values must parse as the settings they configure.
+        settings_cls(**{k: str(v) for k, v in services[name]["environment"].items()})
+    assert services["gateway"]["command"] == ["faas-gateway"]
+    assert services["queue-worker"]["command"] == ["faas-queue-worker"]
+    for function in ("echo", "sleep", "status"):
+        command = services[function]["command"]
+        assert command[:3] == ["python", "deploy/sample_functions.py", function]
+    assert "--jetstream" in services["nats"]["command"]
+
+
+def test_compose_functions_file_points_at_compose_services():
+    path = COMPOSE["services"]["gateway"]["environment"]["functions_file"]
+    assert path.startswith("/app/")
+    registry = load_functions_file(ROOT / path.removeprefix("/app/"))
+    for function in registry:
+        host = function.url.split("//", 1)[1].split(":", 1)[0]
+        assert host in COMPOSE["services"], f"{function.name} points at unknown host {host}"
+
+
+def test_dockerfile_copies_what_exists():
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    build = COMPOSE["x-faas-image"]["build"]
+    assert (ROOT / "deploy" / Path(build["dockerfile"]).name).exists()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
+
+
+def test_local_functions_file_registers_the_three_samples():
+    registry = load_functions_file(ROOT / "deploy" / "functions.yml")
+    assert {function.name for function in registry} == {"echo", "sleep", "status"}
+
+
+async def sample_client(name: str) -> TestClient:
+    client = TestClient(TestServer(sample_functions.build_app(name)))
+    await client.start_server()
+    return client
+
+
+async def test_sample_echo_returns_body_and_content_type():
+    client = await sample_client("echo")
+    try:
+        response = await client.post(
+            "/any/path", data=b"hi there", headers={"Content-Type": "text/x-demo"}
+        )
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/x-demo"
+        assert await response.read() == b"hi there"
+    finally:
+        await client.close()
+
+
+async def test_sample_sleep_and_status():
+    sleeper = await sample_client("sleep")
+    status = await sample_client("status")
+    try:
+        response = await sleeper.get("/?seconds=0.05")
+        assert response.status == 200
+        assert await response.json() == {"slept": 0.05}
+        assert (await sleeper.get("/?seconds=-1")).status == 400
+        assert (await sleeper.get("/?seconds=soon")).status == 400
+        response = await status.get("/?code=418")
+        assert response.status == 418
+        assert await response.json() == {"status": 418}
+        assert (await status.get("/")).status == 200
+        assert (await status.get("/?code=204")).status == 204
+        assert (await status.get("/?code=99")).status == 400
+    finally:
+        await sleeper.close()
+        await status.close()
+
+
+def free_offset() -> int:
+    """A port offset at which every port of the local stack is free."""
+    defaults = (4222, 8080, 8081, 9001, 9002, 9003)
+    for _ in range(50):
+        offset = random.randrange(20000, 40000)
+        ports = [port + offset for port in defaults]
+        if all(_port_is_free(port) for port in ports):
+            return offset
+    raise AssertionError("no free port offset found")
+
+
+def _port_is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def readme_console_examples() -> list[tuple[str, str]]:
+    """(command, first line of output) for every `$ curl` line in the README."""
+    lines = README.splitlines()
+    examples = []
+    for index, line in enumerate(lines):
+        if line.startswith("$ curl "):
+            examples.append((line[2:], lines[index + 1]))
+    return examples
+
+
+async def test_make_run_stack_answers_the_readme_curl_lines(tmp_path):
+    """The stack `make run` starts (deploy/local_stack.py), on shifted ports, with the README's
+    curl lines run as printed but for the port numbers."""
+    offset = free_offset()
+    stack = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "deploy" / "local_stack.py"),
+        "--port-offset",
+        str(offset),
+        "--data-dir",
+        str(tmp_path / "data"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output = bytearray()
+
+    async def collect() -> None:
+        assert stack.stdout is not None
+        while chunk := await stack.stdout.read(4096):
+            output.extend(chunk)
+
+    collector = asyncio.create_task(collect())
+    try:
+        await wait_until(
+            lambda: b"stack is up" in output or stack.returncode is not None, 60, "the stack"
+        )
+        assert b"stack is up" in output, output.decode(errors="replace")
+
+        def shifted(text: str) -> str:
+            return re.sub(
+                r"127\.0\.0\.1:(\d+)", lambda m: f"127.0.0.1:{int(m.group(1)) + offset}", text
+            )
+
+        examples = readme_console_examples()
+        assert len(examples) >= 6
+        for command, expected_first_line in examples:
+            process = await asyncio.create_subprocess_exec(
+                *shlex.split(shifted(command)),
+                "-sS",
+                "--max-time",
+                "20",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await process.communicate()
+            assert process.returncode == 0, f"{command}: {err.decode()}"
+            assert out.decode().splitlines()[0].strip() == expected_first_line, command
+
+        # The README's async example posts its callback to the echo function: it shows in the log.
+        await wait_until(
+            lambda: b"X-Function-Name=sleep X-Function-Status=200" in output, 30, "the callback"
+        )
+    finally:
+        if stack.returncode is None:
+            stack.send_signal(signal.SIGINT)
+        await asyncio.wait_for(stack.wait(), 60)
+        await collector
+    text = output.decode(errors="replace")
+    assert stack.returncode == 0, text[-3000:]
+    assert "stopped" in text.splitlines()[-1]
+    for name in ("nats", "gateway", "worker", "echo", "sleep", "status"):
+        assert re.search(rf"^{name}\s+\| ", text, re.MULTILINE), f"no prefixed lines from {name}"
+    assert "calls complete" in text  # the worker drained rather than being killed
