@@ -27,7 +27,10 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 def create_app(
     settings: GatewaySettings, registry: Registry, metrics: GatewayMetrics | None = None
 ) -> web.Application:
-    app = web.Application(middlewares=[json_errors, call_identity])
+    # Request bodies pass through as sent: a gzip upload reaches the function still gzipped.
+    app = web.Application(
+        middlewares=[json_errors, call_identity], handler_args={"auto_decompress": False}
+    )
     app[SETTINGS] = settings
     app[REGISTRY] = registry
     app[METRICS] = metrics or GatewayMetrics()

@@ -84,13 +84,23 @@ class AsyncInvoker:
 def validate_callback_url(value: str | None) -> str | None:
     if value is None:
         return None
-    parts = urlsplit(value)
+    not_absolute = InvalidRequestError(f"{CALLBACK_URL} must be an absolute http or https URL")
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:  # an unclosed IPv6 bracket, say; a client error, not ours
+        raise not_absolute from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidRequestError(f"{CALLBACK_URL} must be an absolute http or https URL")
+        raise not_absolute
     try:
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
     except ValueError as exc:
         raise InvalidRequestError(f"{CALLBACK_URL} has an invalid port") from exc
+    try:
+        # The worker's HTTP client resolves names through IDNA; a name it cannot encode (an
+        # empty or over-long label) would fail every delivery attempt after the call ran.
+        parts.hostname.encode("idna")
+    except UnicodeError as exc:
+        raise InvalidRequestError(f"{CALLBACK_URL} has an invalid host name") from exc
     return value
 
 

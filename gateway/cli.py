@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
     # Only the counters' values, not a *_created series beside each one.
-    prometheus_client.disable_created_metrics()
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
     settings = load_settings(GatewaySettings, args, FLAG_FIELDS)
     configure_logging(settings.log_level)
     try:

@@ -46,6 +46,9 @@ async def call_identity(request: web.Request, handler: Handler) -> web.StreamRes
     try:
         call = CallContext(resolve_call_id(request.headers.get(CALL_ID)))
     except InvalidCallIdError as exc:
+        # The rejection is an invocation response too, so it carries a call id like every other
+        # (a new one: the invalid one cannot be echoed into headers and logs) and the timings.
+        request[CALL] = CallContext(resolve_call_id(None))
         raise InvalidRequestError(str(exc)) from exc
     request[CALL] = call
     response = await handler(request)

@@ -95,7 +95,17 @@ class SyncProxy:
             await response.prepare(request)
             try:
                 async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
+                    try:
+                        await response.write(chunk)
+                    except ConnectionError:
+                        # Caught around the write alone, where only the client can have failed:
+                        # aiohttp's ClientConnectionResetError is also a ClientError, and the
+                        # handler below would blame the function for the client leaving.
+                        log.info(
+                            "client went away during the response",
+                            extra=call_context(call.call_id, function.name),
+                        )
+                        return response
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Headers are gone already; all that is left is to cut the response short.
                 log.warning(
@@ -104,11 +114,5 @@ class SyncProxy:
                     extra=call_context(call.call_id, function.name),
                 )
                 raise
-            except ConnectionResetError:
-                log.info(
-                    "client went away during the response",
-                    extra=call_context(call.call_id, function.name),
-                )
-                return response
             await response.write_eof()
         return response

@@ -66,6 +66,18 @@ class CallbackSender:
                     type(exc).__name__,
                     extra=call_context(call.call_id, call.function),
                 )
+            except ValueError as exc:
+                # The client refused to build the request (say, a host name IDNA cannot
+                # encode): every attempt would fail alike. Raising instead would leave the
+                # message unsettled, and the function would run again on redelivery.
+                log.warning(
+                    "callback to %s cannot be sent: %s: %s",
+                    call.callback_url,
+                    type(exc).__name__,
+                    exc,
+                    extra=call_context(call.call_id, call.function),
+                )
+                return CallbackResult(delivered=False, attempts=attempt, last_status=None)
             verdict = judge_callback_attempt(
                 status,
                 attempt,

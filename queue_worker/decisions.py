@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class Settle(enum.Enum):
     ACK = "ack"  # done: the stream forgets the message
     NAK = "nak"  # not done here: redeliver, at once, to any worker
+    NAK_LATER = "nak_later"  # not done here: redeliver after a pause (one ack_wait)
     TERM = "term"  # can never succeed: drop without redelivery
 
 
@@ -16,6 +17,7 @@ class Ending(enum.Enum):
     COMPLETED = "completed"  # the function was called and its outcome reported (or given up)
     MALFORMED = "malformed"  # the message cannot be read
     INTERRUPTED = "interrupted"  # shutdown cut the call short
+    CRASHED = "crashed"  # the worker's own handling failed unexpectedly
 
 
 def settle(ending: Ending) -> Settle:
@@ -24,6 +26,8 @@ def settle(ending: Ending) -> Settle:
         Ending.COMPLETED: Settle.ACK,
         Ending.MALFORMED: Settle.TERM,
         Ending.INTERRUPTED: Settle.NAK,
+        # Keep the call rather than lose it, but not in a hot loop of the same failure.
+        Ending.CRASHED: Settle.NAK_LATER,
     }[ending]
 
 
@@ -31,8 +35,13 @@ def outcome_label(status_code: int) -> str:
     return "succeeded" if 200 <= status_code < 300 else "failed"
 
 
-# Statuses that say "try again later" rather than "this request is wrong".
-RETRYABLE_CALLBACK_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+# Statuses below 500 that say "try again later" rather than "this request is wrong"; every
+# 5xx is retried too, as the README promises.
+RETRYABLE_CALLBACK_STATUSES = frozenset({408, 425, 429})
+
+# 2 ** 62 times any sane initial wait is far past any max wait, and a float can still hold it;
+# a larger exponent would raise OverflowError once callback_max_attempts is set above ~1000.
+MAX_BACKOFF_DOUBLINGS = 62
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,16 +61,24 @@ def judge_callback_attempt(
     """After attempt number ``attempt`` (1-based) ended with ``status_code`` (None: no answer).
 
     2xx is delivered. No answer, 408, 425, 429 and 5xx are retried with exponential backoff and
-    full jitter until ``max_attempts``; any other status is final, since sending the same
-    request again would get the same answer.
+    jitter, never waiting more than ``max_wait_s``, until ``max_attempts``; any other status is
+    final, since sending the same request again would get the same answer.
     """
     if status_code is not None and 200 <= status_code < 300:
         return CallbackVerdict(delivered=True, retry_after_s=None)
-    retryable = status_code is None or status_code in RETRYABLE_CALLBACK_STATUSES
+    retryable = (
+        status_code is None
+        or 500 <= status_code < 600
+        or status_code in RETRYABLE_CALLBACK_STATUSES
+    )
     if not retryable or attempt >= max_attempts:
         return CallbackVerdict(delivered=False, retry_after_s=None)
-    ceiling_s = min(max_wait_s, initial_wait_s * 2 ** (attempt - 1))
-    return CallbackVerdict(delivered=False, retry_after_s=jitter(initial_wait_s / 2, ceiling_s))
+    doublings = min(attempt - 1, MAX_BACKOFF_DOUBLINGS)
+    ceiling_s = min(max_wait_s, initial_wait_s * 2.0**doublings)
+    # The floor keeps retries from bunching up at once; it must not lift a wait above
+    # max_wait_s when that is set below half the initial wait.
+    floor_s = min(initial_wait_s / 2, ceiling_s)
+    return CallbackVerdict(delivered=False, retry_after_s=jitter(floor_s, ceiling_s))
 
 
 def heartbeat_interval_s(ack_wait_s: float) -> float:

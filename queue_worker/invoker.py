@@ -82,7 +82,10 @@ class FunctionInvoker:
                 f"function {function.name!r} exceeded its timeout (exec {exec_timeout_s:g}s)",
                 time.monotonic() - started,
             )
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, ValueError) as exc:
+            # ValueError: the client refused to build the request (a host name IDNA cannot
+            # encode, a header with a line break). Raising instead would leave the message
+            # unsettled, so it would come back after ack_wait and fail again, forever.
             return failure(
                 502,
                 f"function {function.name!r} is unreachable: {type(exc).__name__}: {exc}",

@@ -8,7 +8,7 @@ class WorkerMetrics:
         self.registry = registry or CollectorRegistry()
         self.processed = Counter(
             "queue_worker_messages_processed_total",
-            "Queued calls finished, by outcome (succeeded, failed, malformed).",
+            "Queued calls finished, by outcome (succeeded, failed, malformed, crashed).",
             ["function_name", "outcome"],
             registry=self.registry,
         )

@@ -54,6 +54,7 @@ class Worker:
         self._forced = asyncio.Event()
         self._finished = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._reconnected = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
@@ -141,9 +142,28 @@ class Worker:
         return True
 
     async def _connect_and_bind(self) -> None:
-        self._nc = await jetstream.connect(self.settings, "faas-queue-worker")
+        self._nc = await jetstream.connect(
+            self.settings, "faas-queue-worker", on_reconnected=self._on_reconnected
+        )
         self._js = self._nc.jetstream()
-        await self._bind()
+        await self._bind_once_jetstream_answers()
+
+    async def _bind_once_jetstream_answers(self) -> None:
+        """Retry until bound; a stream conflict is raised, since waiting cannot fix it."""
+        retry_wait_s = 0.1
+        while True:
+            try:
+                await self._bind()
+                return
+            except (nats.errors.Error, TimeoutError) as exc:
+                # JetStream can answer later than the server (a cluster still electing its
+                # leaders, a server restarted with it enabled): wait for it, as the gateway does.
+                log.warning("cannot set up stream and consumer yet: %s", exc)
+            await asyncio.sleep(retry_wait_s)
+            retry_wait_s = min(retry_wait_s * 2, 2.0)
+
+    async def _on_reconnected(self) -> None:
+        self._reconnected.set()
 
     async def _bind(self) -> None:
         assert self._js is not None
@@ -165,6 +185,9 @@ class Worker:
             if free <= 0:
                 self._slot_freed.clear()
                 await self._wait_for(self._slot_freed, timeout_s=None)
+                continue
+            if not self._is_connected():
+                await self._wait_until_connected()
                 continue
             assert self._sub is not None
             try:
@@ -196,6 +219,21 @@ class Worker:
                 task = asyncio.create_task(self._process(msg))
                 self._tasks.add(task)
                 task.add_done_callback(self._task_done)
+
+    def _is_connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def _wait_until_connected(self) -> None:
+        """Hold fetching while NATS is away.
+
+        nats-py buffers a pull request made while disconnected and sends it on reconnect, long
+        after its fetch gave up here; the server then delivers to every such orphan, and the
+        next fetch hands all of those messages over at once, far past max_inflight.
+        """
+        while not self._is_connected() and not self._stopping.is_set():
+            self._reconnected.clear()
+            # The timeout only guards against a missed callback; reconnecting sets the event.
+            await self._wait_for(self._reconnected, timeout_s=1.0)
 
     async def _rebind(self) -> None:
         try:
@@ -230,6 +268,14 @@ class Worker:
                 )
                 await self._settle(msg, settle(Ending.INTERRUPTED))
                 raise
+            except Exception:
+                log.exception(
+                    "handling failed; the call goes back to the queue",
+                    extra=call_context(call.call_id, call.function),
+                )
+                self.metrics.processed.labels(call.function, Ending.CRASHED.value).inc()
+                await self._settle(msg, settle(Ending.CRASHED))
+                return
             await self._settle(msg, settle(Ending.COMPLETED))
             self.completed += 1
         finally:
@@ -279,6 +325,8 @@ class Worker:
                 await msg.ack()
             elif action is Settle.NAK:
                 await msg.nak()
+            elif action is Settle.NAK_LATER:
+                await msg.nak(delay=self.settings.ack_wait_s)
             else:
                 await msg.term()
         except nats.errors.Error as exc:

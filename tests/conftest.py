@@ -30,9 +30,7 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
 @pytest.fixture
 async def nats_client(nats_server: NatsServer) -> AsyncIterator[NatsClient]:
     """A plain client for the test to look into the stream; reconnects across restarts."""
-    client = await nats.connect(
-        nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1
-    )
+    client = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
     yield client
     await client.close()
 
@@ -79,6 +77,7 @@ class RunningGateway:
 
 
 def gateway_settings(nats_url: str, **overrides: Any) -> GatewaySettings:
+    """Settings for a gateway under test; ``overrides`` win, ``nats_url`` included."""
     values: dict[str, Any] = {
         "nats_url": nats_url,
         "nats_reconnect_wait_s": 0.1,
@@ -112,7 +111,7 @@ async def start_gateway(
     running: list[TestServer] = []
 
     async def start(registry: Registry, **overrides: Any) -> RunningGateway:
-        settings = gateway_settings(nats_server.url, **overrides)
+        settings = gateway_settings(overrides.pop("nats_url", nats_server.url), **overrides)
         app = create_app(settings, registry)
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
@@ -132,7 +131,8 @@ async def start_worker(
     running: list[tuple[Worker, asyncio.Task[None]]] = []
 
     async def start(registry: Registry, **overrides: Any) -> Worker:
-        worker = Worker(worker_settings(nats_server.url, **overrides), registry)
+        settings = worker_settings(overrides.pop("nats_url", nats_server.url), **overrides)
+        worker = Worker(settings, registry)
         task = asyncio.create_task(worker.main())
         running.append((worker, task))
         ready = asyncio.create_task(worker.ready.wait())
@@ -144,7 +144,7 @@ async def start_worker(
         return worker
 
     yield start
-    for worker, task in running:
+    for worker, _ in running:
         worker.request_stop()
         worker.request_stop()  # tests end at once: running calls go back to the queue
     for _, task in running:

@@ -70,6 +70,20 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     async def start(self, timeout_s: float = 15.0) -> None:
+        start_offset = self._spawn()
+
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"nats-server exited: {self.log_path.read_text()[-2000:]}")
+            with self.log_path.open("rb") as reader:
+                reader.seek(start_offset)
+                return b"Server is ready" in reader.read()
+
+        await wait_until(ready, timeout_s, "nats-server to be ready")
+
+    def _spawn(self) -> int:
+        """Start the process; return where its lines begin in the (appended) log."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         start_offset = log.tell()
@@ -88,16 +102,7 @@ class NatsServer:
             stderr=log,
         )
         log.close()
-
-        def ready() -> bool:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"nats-server exited: {self.log_path.read_text()[-2000:]}")
-            with self.log_path.open("rb") as reader:
-                reader.seek(start_offset)
-                return b"Server is ready" in reader.read()
-
-        await wait_until(ready, timeout_s, "nats-server to be ready")
+        return start_offset
 
     def kill(self) -> None:
         """SIGKILL: a crash, as far as JetStream's file store can tell."""

@@ -1,0 +1,1004 @@
+"""Async calls: POST /async-function/... -> JetStream -> queue-worker -> function -> callback.
+
+Every part is real: a nats-server subprocess, the gateway and the workers in-process, functions
+and callback receivers as aiohttp servers. Waits have deadlines; that something did not happen is
+asserted only after a later event shows that processing had finished.
+"""
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDictProxy
+from nats.aio.client import Client as NatsClient
+from nats.js.api import RawStreamMsg, StreamState
+from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
+
+from faas_common.message import SCHEMA_VERSION, QueuedCall
+from faas_common.registry import Registry
+from queue_worker.worker import Worker
+from tests.conftest import RunningGateway, stream_message_count
+from tests.harness import RecordedRequest, Recorder, Responder, registry_of, wait_until
+
+STREAM = "faas-async"
+SUBJECT_PREFIX = "faas.async"
+# Generous: other test runs share this small machine.
+DEADLINE_S = 30.0
+
+StartGateway = Callable[..., Awaitable[RunningGateway]]
+StartWorker = Callable[..., Awaitable[Worker]]
+StartRecorder = Callable[..., Awaitable[Recorder]]
+
+
+# helpers
+
+
+async def status_of(http: aiohttp.ClientSession, url: str) -> int:
+    async with http.get(url) as response:
+        await response.read()
+        return response.status
+
+
+async def ready_gateway(
+    start_gateway: StartGateway,
+    http: aiohttp.ClientSession,
+    registry: Registry,
+    **overrides: Any,
+) -> RunningGateway:
+    """A gateway that is connected to NATS with the stream in place."""
+    gateway = await start_gateway(registry, **overrides)
+    healthz = gateway.url("/healthz")
+
+    async def healthy() -> bool:
+        return await status_of(http, healthz) == 200
+
+    await wait_until(healthy, DEADLINE_S, "the gateway to reach NATS")
+    return gateway
+
+
+async def post_accepted(
+    http: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    path: str = "/async-function/echo",
+    *,
+    data: Any = b"",
+    headers: Any = None,
+) -> str:
+    """POST an async call that must be accepted; the call id."""
+    async with http.post(gateway.url(path), data=data, headers=headers or {}) as response:
+        payload = await response.json()
+        assert response.status == 202, payload
+        call_id = response.headers["X-Call-Id"]
+    assert payload == {"callId": call_id}
+    return call_id
+
+
+async def post_rejected(
+    http: aiohttp.ClientSession,
+    url: str,
+    status: int,
+    *,
+    method: str = "POST",
+    data: Any = b"",
+    headers: Any = None,
+) -> tuple[dict[str, Any], CIMultiDictProxy[str]]:
+    """Send a request that must get ``status`` as a JSON error; the payload and headers."""
+    async with http.request(method, url, data=data, headers=headers or {}) as response:
+        assert response.status == status, await response.text()
+        assert response.content_type == "application/json"
+        payload = await response.json()
+        response_headers = response.headers
+    assert set(payload) == {"error", "callId"}
+    assert isinstance(payload["error"], str) and payload["error"]
+    assert payload["callId"] == response_headers.get("X-Call-Id")
+    return payload, response_headers
+
+
+async def stream_state(nats_client: NatsClient) -> StreamState:
+    await wait_until(lambda: nats_client.is_connected, DEADLINE_S, "the test's NATS client")
+    info = await nats_client.jetstream().stream_info(STREAM)
+    return info.state
+
+
+async def stored_messages(nats_client: NatsClient) -> list[RawStreamMsg]:
+    """Every message still in the stream, oldest first (only meaningful with no worker)."""
+    state = await stream_state(nats_client)
+    js = nats_client.jetstream()
+    return [await js.get_msg(STREAM, seq) for seq in range(state.first_seq, state.last_seq + 1)]
+
+
+async def assert_nothing_enqueued_then_control(
+    http: aiohttp.ClientSession, gateway: RunningGateway, nats_client: NatsClient
+) -> None:
+    """No rejected request reached the stream: a control call after them is message number one.
+
+    The control's ack comes after anything the gateway had published before it, so once it is
+    accepted the stream shows every earlier publish too.
+    """
+    assert await stream_message_count(nats_client) == 0
+    control = await post_accepted(http, gateway)
+    state = await stream_state(nats_client)
+    assert (state.messages, state.last_seq) == (1, 1)
+    [stored] = await stored_messages(nats_client)
+    assert QueuedCall.decode(stored.data or b"").call_id == control
+
+
+async def scrape(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.get(url) as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        return await response.text()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample ``name`` with exactly ``labels``, None when absent."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return float(found.value)
+    return None
+
+
+def samples_named(text: str, name: str) -> list[dict[str, str]]:
+    return [
+        found.labels
+        for family in text_string_to_metric_families(text)
+        for found in family.samples
+        if found.name == name
+    ]
+
+
+def json_body(recorded: RecordedRequest) -> dict[str, Any]:
+    payload = json.loads(recorded.body)
+    assert isinstance(payload, dict)
+    return payload
+
+
+def raw_url(gateway: RunningGateway, path_and_query: str) -> URL:
+    """A URL sent exactly as written: yarl would otherwise normalize %2F, %7E and the like."""
+    return URL(str(gateway.server.make_url("/")).rstrip("/") + path_and_query, encoded=True)
+
+
+def worker_url(worker: Worker, path: str) -> str:
+    return f"http://127.0.0.1:{worker.status_port}{path}"
+
+
+async def wait_stream_empty(nats_client: NatsClient) -> None:
+    async def empty() -> bool:
+        return await stream_message_count(nats_client) == 0
+
+    await wait_until(empty, DEADLINE_S, "the stream to empty")
+
+
+async def wait_completed(worker: Worker, count: int) -> None:
+    await wait_until(lambda: worker.completed >= count, DEADLINE_S, f"{count} completed calls")
+
+
+def respond(
+    status: int = 200,
+    body: bytes = b"ok",
+    content_type: str = "text/plain",
+    headers: dict[str, str] | None = None,
+) -> Responder:
+    async def responder(request: web.Request, recorded: RecordedRequest) -> web.StreamResponse:
+        response = web.Response(status=status, body=body, headers=headers)
+        response.content_type = content_type
+        return response
+
+    return responder
+
+
+def answer_in_turn(*statuses: int) -> Responder:
+    """Answer the statuses in order, then the last one forever."""
+    remaining = list(statuses)
+
+    async def responder(request: web.Request, recorded: RecordedRequest) -> web.StreamResponse:
+        status = remaining.pop(0) if len(remaining) > 1 else remaining[0]
+        return web.Response(status=status, body=b"receiver says %d" % status)
+
+    return responder
+
+
+def wait_for(gate: asyncio.Event) -> Responder:
+    async def responder(request: web.Request, recorded: RecordedRequest) -> web.StreamResponse:
+        await gate.wait()
+        return web.Response(status=200, body=b"released")
+
+    return responder
+
+
+@pytest.fixture
+async def gate(recorder: StartRecorder) -> AsyncIterator[asyncio.Event]:
+    """Holds blocked functions; opened at teardown, before the recorders close."""
+    event = asyncio.Event()
+    yield event
+    event.set()
+
+
+async def publish_raw(nats_client: NatsClient, subject: str, payload: bytes) -> None:
+    ack = await nats_client.jetstream().publish(subject, payload, stream=STREAM)
+    assert ack.stream == STREAM
+
+
+# gateway: what is accepted, what is queued
+
+
+async def test_accepted_call_is_stored_before_202_with_every_field(
+    nats_client, recorder, start_gateway, http
+):
+    function = await recorder()
+    gateway = await ready_gateway(start_gateway, http, registry_of(echo=function.url))
+
+    async with http.post(
+        raw_url(gateway, "/async-function/echo/sub/a%2Fb%20c?x=1&y=%2F&z=a+b&v=%7E"),
+        data=b"line one\nline two\x00\xff",
+        headers=[
+            ("X-Callback-Url", "http://127.0.0.1:1/cb?token=t"),
+            ("Content-Type", "application/x-test"),
+            ("X-Custom", "custom value"),
+            ("X-Multi", "first"),
+            ("X-Multi", "second"),
+        ],
+    ) as response:
+        assert response.status == 202
+        payload = await response.json()
+        call_id = response.headers["X-Call-Id"]
+        start_time_ns = int(response.headers["X-Start-Time"])
+        # Counted right away, not polled: the 202 must come after the publish ack.
+        assert await stream_message_count(nats_client) == 1
+    assert payload == {"callId": call_id}
+
+    [stored] = await stored_messages(nats_client)
+    assert stored.subject == f"{SUBJECT_PREFIX}.echo"
+    assert (stored.headers or {}).get("Nats-Msg-Id") == call_id
+    queued = QueuedCall.decode(stored.data or b"")
+    assert queued.schema_version == SCHEMA_VERSION
+    assert queued.call_id == call_id
+    assert queued.function == "echo"
+    assert queued.method == "POST"
+    assert queued.path == "/sub/a%2Fb%20c"
+    assert queued.query == "x=1&y=%2F&z=a+b&v=%7E"
+    assert queued.body == b"line one\nline two\x00\xff"
+    assert queued.callback_url == "http://127.0.0.1:1/cb?token=t"
+    assert queued.accepted_at_ns == start_time_ns
+    names = [name.lower() for name, _ in queued.headers]
+    assert ("Content-Type", "application/x-test") in queued.headers
+    assert ("X-Custom", "custom value") in queued.headers
+    assert [value for name, value in queued.headers if name == "X-Multi"] == ["first", "second"]
+    # The client's connection to the gateway is not part of the call.
+    assert "host" not in names
+    assert "content-length" not in names
+
+
+async def test_call_without_subpath_or_callback_is_queued_as_such(
+    nats_client, recorder, start_gateway, http
+):
+    function = await recorder()
+    gateway = await ready_gateway(start_gateway, http, registry_of(echo=function.url))
+
+    call_id = await post_accepted(http, gateway, "/async-function/echo", data=b"x")
+
+    [stored] = await stored_messages(nats_client)
+    queued = QueuedCall.decode(stored.data or b"")
+    assert (queued.call_id, queued.path, queued.query, queued.callback_url) == (
+        call_id,
+        "",
+        "",
+        None,
+    )
+
+
+async def test_same_call_id_within_duplicate_window_is_queued_once(
+    nats_client, recorder, start_gateway, http
+):
+    function = await recorder()
+    gateway = await ready_gateway(start_gateway, http, registry_of(echo=function.url))
+
+    first = await post_accepted(http, gateway, data=b"one", headers={"X-Call-Id": "order-42"})
+    again = await post_accepted(http, gateway, data=b"two", headers={"X-Call-Id": "order-42"})
+    other = await post_accepted(http, gateway, data=b"three")
+
+    assert first == again == "order-42"
+    state = await stream_state(nats_client)
+    assert (state.messages, state.last_seq) == (2, 2)
+    stored = [QueuedCall.decode(msg.data or b"") for msg in await stored_messages(nats_client)]
+    assert [(call.call_id, call.body) for call in stored] == [
+        ("order-42", b"one"),
+        (other, b"three"),
+    ]
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "OPTIONS"])
+async def test_methods_other_than_post_get_405_with_allow(
+    method, nats_client, recorder, start_gateway, http
+):
+    function = await recorder()
+    gateway = await ready_gateway(start_gateway, http, registry_of(echo=function.url))
+
+    _, headers = await post_rejected(
+        http, gateway.url("/async-function/echo/sub"), 405, method=method, data=b"body"
+    )
+
+    assert headers["Allow"] == "POST"
+    await assert_nothing_enqueued_then_control(http, gateway, nats_client)
+
+
+async def test_unknown_function_gets_404_and_invalid_names_400(
+    nats_client, recorder, start_gateway, http
+):
+    function = await recorder()
+    gateway = await ready_gateway(start_gateway, http, registry_of(echo=function.url))
+
+    payload, _ = await post_rejected(
+        http,
+        gateway.url("/async-function/missing"),
+        404,
+        headers={"X-Call-Id": "my-call"},
+    )
+    assert payload["callId"] == "my-call"
+    assert "missing" in payload["error"]
+    for bad_name in ("-starts-with-dash", "a" * 64, "bad%20name", "bad$name"):
+        await post_rejected(http, gateway.url(f"/async-function/{bad_name}"), 400)
+
+    await assert_nothing_enqueued_then_control(http, gateway, nats_client)
+
+
+@pytest.mark.parametrize(
+    "callback_url",
+    [
+        "ftp://x",
+        "/relative",
+        "relative/path",
+        "http://",
+        "http://host:99999",
+        "http://host:port",
+        "https:///no-host",
+        "",
+        "http://[::1",  # unclosed IPv6 bracket
+        "http://a..b/",  # a host name the worker's client could never encode
+        "http://" + "a" * 64 + ".example/",
+    ],
+)
+async def test_invalid_callback_url_gets_400(
+    callback_url, nats_client, recorder, start_gateway, http
+):
+    function = await recorder()
+    gateway = await ready_gateway(start_gateway, http, registry_of(echo=function.url))
+
+    payload, _ = await post_rejected(
+        http,
+        gateway.url("/async-function/echo"),
+        400,
+        data=b"body",
+        headers={"X-Callback-Url": callback_url},
+    )
+
+    assert "X-Callback-Url" in payload["error"]
+    await assert_nothing_enqueued_then_control(http, gateway, nats_client)
+
+
+@pytest.mark.parametrize(
+    "callback_url", ["http://127.0.0.1:8000/cb", "https://hooks.example/x?y=1", "http://[::1]:81/"]
+)
+async def test_absolute_http_callback_urls_are_accepted(
+    callback_url, nats_client, recorder, start_gateway, http
+):
+    function = await recorder()
+    gateway = await ready_gateway(start_gateway, http, registry_of(echo=function.url))
+
+    await post_accepted(http, gateway, headers={"X-Callback-Url": callback_url})
+
+    [stored] = await stored_messages(nats_client)
+    assert QueuedCall.decode(stored.data or b"").callback_url == callback_url
+
+
+async def test_invalid_call_id_gets_400(nats_client, recorder, start_gateway, http):
+    function = await recorder()
+    gateway = await ready_gateway(start_gateway, http, registry_of(echo=function.url))
+
+    for bad_id in ("has space", "-leading-dash", "x" * 129, "semi;colon"):
+        payload, _ = await post_rejected(
+            http, gateway.url("/async-function/echo"), 400, headers={"X-Call-Id": bad_id}
+        )
+        # Never echoed into headers and logs (post_rejected: the body's callId is the header's).
+        assert payload["callId"] != bad_id
+
+    await assert_nothing_enqueued_then_control(http, gateway, nats_client)
+
+
+async def test_body_over_limit_with_content_length_gets_413(
+    nats_client, recorder, start_gateway, http
+):
+    function = await recorder()
+    gateway = await ready_gateway(
+        start_gateway, http, registry_of(echo=function.url), max_async_body_bytes=16
+    )
+
+    payload, _ = await post_rejected(http, gateway.url("/async-function/echo"), 413, data=b"x" * 17)
+
+    assert "16" in payload["error"]
+    await assert_nothing_enqueued_then_control(http, gateway, nats_client)
+    # The limit itself is allowed.
+    call_id = await post_accepted(http, gateway, data=b"y" * 16)
+    stored = await stored_messages(nats_client)
+    assert QueuedCall.decode(stored[-1].data or b"").call_id == call_id
+    assert QueuedCall.decode(stored[-1].data or b"").body == b"y" * 16
+
+
+async def test_declared_oversize_body_is_refused_before_it_arrives(
+    nats_client, recorder, start_gateway, http
+):
+    function = await recorder()
+    gateway = await ready_gateway(
+        start_gateway, http, registry_of(echo=function.url), max_async_body_bytes=16
+    )
+    assert gateway.server.port is not None
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.server.port)
+    try:
+        # Most of the declared body never comes: only a check of Content-Length can answer.
+        writer.write(
+            b"POST /async-function/echo HTTP/1.1\r\nHost: gateway\r\n"
+            b"Content-Length: 1000000\r\n\r\n" + b"x" * 10
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE_S)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    assert status_line.startswith("HTTP/1.1 413 ")
+    assert "content-type: application/json" in {line.lower() for line in header_lines}
+    await assert_nothing_enqueued_then_control(http, gateway, nats_client)
+
+
+async def test_chunked_body_over_limit_gets_413(nats_client, recorder, start_gateway, http):
+    function = await recorder()
+    gateway = await ready_gateway(
+        start_gateway, http, registry_of(echo=function.url), max_async_body_bytes=16
+    )
+
+    async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    await post_rejected(
+        http, gateway.url("/async-function/echo"), 413, data=chunks(b"a" * 10, b"b" * 10)
+    )
+
+    await assert_nothing_enqueued_then_control(http, gateway, nats_client)
+    # A chunked body within the limit arrives whole.
+    await post_accepted(http, gateway, data=chunks(b"c" * 8, b"d" * 8))
+    stored = await stored_messages(nats_client)
+    assert QueuedCall.decode(stored[-1].data or b"").body == b"c" * 8 + b"d" * 8
+
+
+async def test_default_body_limit_leaves_room_for_the_envelope(
+    nats_client, recorder, start_gateway, http
+):
+    function = await recorder()
+    gateway = await ready_gateway(start_gateway, http, registry_of(echo=function.url))
+    # nats-server's default max_payload is 1 MiB; the gateway keeps 64 KiB for the envelope.
+    limit_bytes = 1024 * 1024 - 64 * 1024
+
+    await post_rejected(
+        http, gateway.url("/async-function/echo"), 413, data=b"z" * (limit_bytes + 1)
+    )
+
+    await assert_nothing_enqueued_then_control(http, gateway, nats_client)
+    await post_accepted(http, gateway, data=b"z" * limit_bytes)
+    stored = await stored_messages(nats_client)
+    assert len(QueuedCall.decode(stored[-1].data or b"").body) == limit_bytes
+
+
+async def test_queue_down_gets_503_and_the_call_is_not_enqueued_later(
+    nats_server, nats_client, recorder, start_gateway, http
+):
+    function = await recorder()
+    gateway = await ready_gateway(
+        start_gateway, http, registry_of(echo=function.url), publish_timeout_s=0.5
+    )
+    healthz = gateway.url("/healthz")
+
+    nats_server.kill()
+    payload, _ = await post_rejected(
+        http,
+        gateway.url("/async-function/echo"),
+        503,
+        data=b"during the outage",
+        headers={"X-Call-Id": "during-outage"},
+    )
+    assert payload["callId"] == "during-outage"
+
+    async def unhealthy() -> bool:
+        return await status_of(http, healthz) == 503
+
+    await wait_until(unhealthy, DEADLINE_S, "the gateway to notice NATS is gone")
+    async with http.get(healthz) as response:
+        assert response.status == 503
+        health = await response.json()
+    assert health["status"] == "unavailable"
+    assert health["nats"] == "disconnected"
+    await post_rejected(
+        http, gateway.url("/async-function/echo"), 503, headers={"X-Call-Id": "after-outage-seen"}
+    )
+
+    await nats_server.start()
+
+    async def healthy() -> bool:
+        return await status_of(http, healthz) == 200
+
+    await wait_until(healthy, DEADLINE_S, "the gateway to reconnect")
+    # Anything the client had held back would have gone out on reconnecting, before the gateway
+    # set the stream up again and reported healthy.
+    assert await stream_message_count(nats_client) == 0
+    control = await post_accepted(http, gateway)
+    [stored] = await stored_messages(nats_client)
+    assert QueuedCall.decode(stored.data or b"").call_id == control
+    metrics = await scrape(http, gateway.url("/metrics"))
+    assert (
+        sample(
+            metrics,
+            "gateway_async_requests_total",
+            function_name="echo",
+            outcome="rejected",
+            code="503",
+        )
+        == 2
+    )
+
+
+async def test_publish_without_ack_gets_503_and_the_gateway_sets_the_stream_up_again(
+    nats_client, recorder, start_gateway, http
+):
+    function = await recorder()
+    gateway = await ready_gateway(start_gateway, http, registry_of(echo=function.url))
+
+    # Connected, but no stream takes the subject: the publish gets no ack.
+    await nats_client.jetstream().delete_stream(STREAM)
+    payload, _ = await post_rejected(
+        http,
+        gateway.url("/async-function/echo"),
+        503,
+        data=b"nowhere to go",
+        headers={"X-Call-Id": "no-stream"},
+    )
+
+    assert payload["callId"] == "no-stream"
+
+    async def healthy() -> bool:
+        return await status_of(http, gateway.url("/healthz")) == 200
+
+    await wait_until(healthy, DEADLINE_S, "the gateway to create the stream again")
+    await assert_nothing_enqueued_then_control(http, gateway, nats_client)
+
+
+async def test_gateway_healthz_reports_the_stream_when_connected(
+    nats_client, recorder, start_gateway, http
+):
+    function = await recorder()
+    gateway = await ready_gateway(start_gateway, http, registry_of(echo=function.url))
+    await post_accepted(http, gateway)
+
+    async with http.get(gateway.url("/healthz")) as response:
+        assert response.status == 200
+        assert response.content_type == "application/json"
+        health = await response.json()
+
+    assert health["status"] == "ok"
+    assert health["nats"] == "connected"
+    assert health["stream"] == STREAM
+    assert health["messages"] == 1
+
+
+async def test_gateway_metrics_count_async_requests_per_function_and_outcome(
+    nats_client, recorder, start_gateway, http
+):
+    function = await recorder()
+    gateway = await ready_gateway(
+        start_gateway,
+        http,
+        registry_of(echo=function.url, other=function.url),
+        max_async_body_bytes=4,
+    )
+    echo = gateway.url("/async-function/echo")
+
+    await post_accepted(http, gateway)
+    await post_accepted(http, gateway, "/async-function/echo/sub")
+    await post_accepted(http, gateway, "/async-function/other")
+    await post_rejected(http, echo, 400, headers={"X-Callback-Url": "ftp://x"})
+    await post_rejected(http, echo, 413, data=b"12345")
+    await post_rejected(http, gateway.url("/async-function/missing"), 404)
+    await post_rejected(http, echo, 405, method="GET")
+
+    metrics = await scrape(http, gateway.url("/metrics"))
+    name = "gateway_async_requests_total"
+    expected = {
+        ("echo", "accepted", "202"): 2,
+        ("other", "accepted", "202"): 1,
+        ("echo", "rejected", "400"): 1,
+        ("echo", "rejected", "413"): 1,
+        ("(unknown)", "rejected", "404"): 1,
+        ("(unknown)", "rejected", "405"): 1,
+    }
+    counted = {
+        (labels["function_name"], labels["outcome"], labels["code"]): sample(
+            metrics, name, **labels
+        )
+        for labels in samples_named(metrics, name)
+    }
+    assert counted == expected
+
+
+# end to end with a worker
+
+
+async def test_function_gets_the_request_and_the_callback_gets_its_response(
+    nats_client, recorder, start_gateway, start_worker, http
+):
+    function = await recorder(
+        respond(201, b'{"made": true}', "application/vnd.test+json", {"X-Fn": "yes"})
+    )
+    receiver = await recorder()
+    registry = registry_of(echo=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    await start_worker(registry)
+
+    async with http.post(
+        raw_url(gateway, "/async-function/echo/sub/a%2Fb%20c?x=1&y=%2F&z=a+b&v=%7E"),
+        data=b"the body",
+        headers=[
+            ("X-Callback-Url", receiver.url + "/cb?token=t"),
+            ("Content-Type", "application/x-test"),
+            ("X-Custom", "custom value"),
+            ("X-Multi", "first"),
+            ("X-Multi", "second"),
+        ],
+    ) as response:
+        assert response.status == 202
+        call_id = (await response.json())["callId"]
+        start_time = response.headers["X-Start-Time"]
+
+    [callback] = await receiver.wait_for_requests(1, DEADLINE_S)
+    [invocation] = function.requests
+    assert invocation.method == "POST"
+    assert invocation.path == "/sub/a%2Fb%20c"
+    assert invocation.query_string == "x=1&y=%2F&z=a+b&v=%7E"
+    assert invocation.body == b"the body"
+    assert invocation.headers["Content-Type"] == "application/x-test"
+    assert invocation.headers["X-Custom"] == "custom value"
+    assert invocation.headers.getall("X-Multi") == ["first", "second"]
+    assert invocation.headers["X-Call-Id"] == call_id
+    assert invocation.headers["X-Start-Time"] == start_time
+    assert invocation.headers["Host"] == function.url.removeprefix("http://")
+
+    assert callback.method == "POST"
+    assert (callback.path, callback.query_string) == ("/cb", "token=t")
+    assert callback.body == b'{"made": true}'
+    assert callback.headers["Content-Type"] == "application/vnd.test+json"
+    assert callback.headers["X-Fn"] == "yes"
+    assert callback.headers["X-Call-Id"] == call_id
+    assert callback.headers["X-Function-Name"] == "echo"
+    assert callback.headers["X-Function-Status"] == "201"
+    assert float(callback.headers["X-Duration-Seconds"]) >= 0
+    await wait_stream_empty(nats_client)
+
+
+async def test_function_error_status_is_reported_once_and_not_retried(
+    nats_client, recorder, start_gateway, start_worker, http
+):
+    function = await recorder(respond(500, b"it broke", "text/plain"))
+    receiver = await recorder()
+    registry = registry_of(echo=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    worker = await start_worker(registry)
+
+    call_id = await post_accepted(http, gateway, headers={"X-Callback-Url": receiver.url})
+
+    [callback] = await receiver.wait_for_requests(1, DEADLINE_S)
+    assert callback.headers["X-Function-Status"] == "500"
+    assert callback.headers["X-Call-Id"] == call_id
+    assert callback.body == b"it broke"
+    await wait_completed(worker, 1)
+    await wait_stream_empty(nats_client)
+    assert len(function.requests) == 1
+    assert len(receiver.requests) == 1
+    metrics = await scrape(http, worker_url(worker, "/metrics"))
+    processed = "queue_worker_messages_processed_total"
+    assert sample(metrics, processed, function_name="echo", outcome="failed") == 1
+    assert sample(metrics, processed, function_name="echo", outcome="succeeded") is None
+
+
+async def test_unreachable_function_gives_a_502_callback(
+    nats_client, recorder, start_gateway, start_worker, http
+):
+    receiver = await recorder()
+    # Bound but not listening: connections are refused, and no one else can take the port.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed_port:
+        closed_port.bind(("127.0.0.1", 0))
+        port = closed_port.getsockname()[1]
+        registry = registry_of(echo=f"http://127.0.0.1:{port}")
+        gateway = await ready_gateway(start_gateway, http, registry)
+        worker = await start_worker(registry)
+
+        call_id = await post_accepted(http, gateway, headers={"X-Callback-Url": receiver.url})
+
+        [callback] = await receiver.wait_for_requests(1, DEADLINE_S)
+    assert callback.headers["X-Call-Id"] == call_id
+    assert callback.headers["X-Function-Status"] == "502"
+    assert callback.headers["Content-Type"] == "application/json"
+    assert "unreachable" in json_body(callback)["error"]
+    await wait_completed(worker, 1)
+    await wait_stream_empty(nats_client)
+
+
+async def test_function_url_the_client_cannot_use_gives_one_502_callback(
+    nats_client, recorder, start_gateway, start_worker, http
+):
+    receiver = await recorder()
+    # The registry accepts this URL, but no HTTP client can encode its host name.
+    registry = registry_of(echo="http://bad..host:8080")
+    gateway = await ready_gateway(start_gateway, http, registry)
+    worker = await start_worker(registry)
+
+    call_id = await post_accepted(http, gateway, headers={"X-Callback-Url": receiver.url})
+
+    [callback] = await receiver.wait_for_requests(1, DEADLINE_S)
+    assert callback.headers["X-Call-Id"] == call_id
+    assert callback.headers["X-Function-Status"] == "502"
+    await wait_completed(worker, 1)
+    await wait_stream_empty(nats_client)
+    assert len(receiver.requests) == 1
+
+
+async def test_function_over_its_exec_timeout_gives_a_504_callback(
+    nats_client, recorder, gate, start_gateway, start_worker, http
+):
+    function = await recorder(wait_for(gate))
+    receiver = await recorder()
+    registry = registry_of(echo={"url": function.url, "exec_timeout": "0.3s"})
+    gateway = await ready_gateway(start_gateway, http, registry)
+    worker = await start_worker(registry)
+
+    call_id = await post_accepted(http, gateway, headers={"X-Callback-Url": receiver.url})
+
+    [callback] = await receiver.wait_for_requests(1, DEADLINE_S)
+    assert callback.headers["X-Call-Id"] == call_id
+    assert callback.headers["X-Function-Status"] == "504"
+    assert "timeout" in json_body(callback)["error"]
+    assert len(function.requests) == 1  # it was called, then given up on
+    await wait_completed(worker, 1)
+    await wait_stream_empty(nats_client)
+
+
+async def test_call_without_callback_url_is_invoked_and_acked(
+    nats_client, recorder, start_gateway, start_worker, http
+):
+    function = await recorder()
+    registry = registry_of(echo=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    worker = await start_worker(registry)
+
+    call_id = await post_accepted(http, gateway, data=b"fire and forget")
+
+    [invocation] = await function.wait_for_requests(1, DEADLINE_S)
+    assert invocation.headers["X-Call-Id"] == call_id
+    assert invocation.body == b"fire and forget"
+    await wait_completed(worker, 1)
+    await wait_stream_empty(nats_client)
+    metrics = await scrape(http, worker_url(worker, "/metrics"))
+    assert (
+        sample(
+            metrics,
+            "queue_worker_messages_processed_total",
+            function_name="echo",
+            outcome="succeeded",
+        )
+        == 1
+    )
+    assert samples_named(metrics, "queue_worker_callbacks_total") == []
+
+
+async def test_duplicate_call_id_invokes_the_function_once(
+    nats_client, recorder, start_gateway, start_worker, http
+):
+    function = await recorder()
+    receiver = await recorder()
+    registry = registry_of(echo=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    worker = await start_worker(registry, max_inflight=1)
+    headers = {"X-Call-Id": "pay-once", "X-Callback-Url": receiver.url}
+
+    await post_accepted(http, gateway, headers=headers)
+    await receiver.wait_for_requests(1, DEADLINE_S)
+    # Already processed and gone from the stream, yet still inside the duplicate window.
+    assert await post_accepted(http, gateway, headers=headers) == "pay-once"
+    marker = await post_accepted(http, gateway, headers={"X-Callback-Url": receiver.url})
+
+    await wait_until(lambda: marker in receiver.by_call_id(), DEADLINE_S, "the marker's callback")
+    await wait_completed(worker, 2)
+    await wait_stream_empty(nats_client)
+    assert [request.headers["X-Call-Id"] for request in function.requests] == ["pay-once", marker]
+    assert (await stream_state(nats_client)).last_seq == 2
+
+
+async def test_callback_answered_503_is_retried_until_delivered(
+    nats_client, recorder, start_gateway, start_worker, http
+):
+    function = await recorder()
+    receiver = await recorder(answer_in_turn(503, 503, 200))
+    registry = registry_of(echo=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    worker = await start_worker(registry)
+
+    call_id = await post_accepted(http, gateway, headers={"X-Callback-Url": receiver.url})
+
+    attempts = await receiver.wait_for_requests(3, DEADLINE_S)
+    await wait_completed(worker, 1)
+    await wait_stream_empty(nats_client)
+    assert len(receiver.requests) == 3
+    assert {attempt.headers["X-Call-Id"] for attempt in attempts} == {call_id}
+    assert {attempt.body for attempt in attempts} == {b"ok"}
+    assert len(function.requests) == 1
+    metrics = await scrape(http, worker_url(worker, "/metrics"))
+    callbacks = "queue_worker_callbacks_total"
+    assert sample(metrics, callbacks, function_name="echo", outcome="delivered") == 1
+    assert sample(metrics, callbacks, function_name="echo", outcome="failed") is None
+
+
+async def test_callback_answered_400_is_attempted_once(
+    nats_client, recorder, start_gateway, start_worker, http
+):
+    function = await recorder()
+    receiver = await recorder(answer_in_turn(400, 200))
+    registry = registry_of(echo=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    worker = await start_worker(registry)
+
+    await post_accepted(http, gateway, headers={"X-Callback-Url": receiver.url})
+
+    await wait_completed(worker, 1)
+    await wait_stream_empty(nats_client)
+    assert len(receiver.requests) == 1
+    assert len(function.requests) == 1
+    metrics = await scrape(http, worker_url(worker, "/metrics"))
+    callbacks = "queue_worker_callbacks_total"
+    assert sample(metrics, callbacks, function_name="echo", outcome="failed") == 1
+    assert sample(metrics, callbacks, function_name="echo", outcome="delivered") is None
+
+
+async def test_callback_gives_up_after_max_attempts(
+    nats_client, recorder, start_gateway, start_worker, http
+):
+    function = await recorder()
+    receiver = await recorder(answer_in_turn(503))
+    registry = registry_of(echo=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    worker = await start_worker(registry, callback_max_attempts=3)
+
+    await post_accepted(http, gateway, headers={"X-Callback-Url": receiver.url})
+
+    await wait_completed(worker, 1)
+    await wait_stream_empty(nats_client)
+    assert len(receiver.requests) == 3
+    assert len(function.requests) == 1
+
+
+async def test_callback_url_the_client_cannot_use_still_acks_the_call(
+    nats_client, recorder, start_gateway, start_worker, http
+):
+    """A queued call whose callback URL fails inside the HTTP client (not over the network)
+    completes after one invocation instead of staying unacked and running again."""
+    function = await recorder()
+    registry = registry_of(echo=function.url)
+    worker = await start_worker(registry)
+    call = QueuedCall(
+        call_id="bad-callback-host",
+        function="echo",
+        method="POST",
+        path="",
+        query="",
+        headers=[],
+        body=b"x",
+        callback_url="http://bad..host/cb",  # published by something other than our gateway
+        accepted_at_ns=1,
+    )
+
+    await publish_raw(nats_client, f"{SUBJECT_PREFIX}.echo", call.encode())
+
+    await wait_completed(worker, 1)
+    await wait_stream_empty(nats_client)
+    assert [request.headers["X-Call-Id"] for request in function.requests] == ["bad-callback-host"]
+    metrics = await scrape(http, worker_url(worker, "/metrics"))
+    assert (
+        sample(metrics, "queue_worker_callbacks_total", function_name="echo", outcome="failed") == 1
+    )
+
+
+async def test_unreadable_message_is_dropped_without_calling_anything(
+    nats_client, recorder, start_worker, http
+):
+    function = await recorder()
+    worker = await start_worker(registry_of(echo=function.url))
+
+    await publish_raw(nats_client, f"{SUBJECT_PREFIX}.echo", b"not a queued call")
+
+    async def counted() -> bool:
+        metrics = await scrape(http, worker_url(worker, "/metrics"))
+        processed = "queue_worker_messages_processed_total"
+        return sample(metrics, processed, function_name="", outcome="malformed") == 1
+
+    await wait_until(counted, DEADLINE_S, "the malformed message to be counted")
+    await wait_stream_empty(nats_client)
+    assert function.requests == []
+    assert worker.completed == 0
+
+
+# the worker's status listener
+
+
+async def test_worker_healthz_is_ok_while_consuming(nats_client, recorder, start_worker, http):
+    function = await recorder()
+    worker = await start_worker(registry_of(echo=function.url), max_inflight=7)
+
+    async with http.get(worker_url(worker, "/healthz")) as response:
+        assert response.status == 200
+        assert response.content_type == "application/json"
+        health = await response.json()
+
+    assert health["status"] == "ok"
+    assert health["nats"] == "connected"
+    assert health["consumer"] == "faas-queue-worker"
+    assert health["maxInflight"] == 7
+    assert health["pending"] == 0
+
+
+async def test_worker_metrics_show_pending_and_inflight_calls(
+    nats_client, recorder, gate, start_gateway, start_worker, http
+):
+    function = await recorder(wait_for(gate))
+    registry = registry_of(echo=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    worker = await start_worker(registry, max_inflight=1)
+    metrics_url = worker_url(worker, "/metrics")
+
+    for _ in range(3):
+        await post_accepted(http, gateway)
+    await function.wait_for_requests(1, DEADLINE_S)
+
+    async def waiting_behind_the_running_call() -> str | None:
+        metrics = await scrape(http, metrics_url)
+        pending = sample(metrics, "queue_worker_pending_messages") or 0
+        return metrics if pending > 0 else None
+
+    metrics = await wait_until(waiting_behind_the_running_call, DEADLINE_S, "pending > 0")
+    inflight = "queue_worker_function_invocation_inflight"
+    assert sample(metrics, inflight, function_name="echo") == 1
+    async with http.get(worker_url(worker, "/healthz")) as response:
+        assert (await response.json())["pending"] > 0
+
+    gate.set()
+    await wait_completed(worker, 3)
+    await wait_stream_empty(nats_client)
+    metrics = await scrape(http, metrics_url)
+    assert sample(metrics, "queue_worker_pending_messages") == 0
+    assert sample(metrics, inflight, function_name="echo") == 0
+    assert (
+        sample(
+            metrics,
+            "queue_worker_messages_processed_total",
+            function_name="echo",
+            outcome="succeeded",
+        )
+        == 3
+    )
+    assert len(function.requests) == 3
