@@ -1,9 +1,11 @@
 """NATS connection and the async-call stream, set up the same way by whichever process is first."""
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
@@ -68,6 +70,31 @@ async def connect(
         **options,
     )
     return client
+
+
+async def retry_until_jetstream_answers(
+    setup: Callable[[], Awaitable[None]],
+    what: str,
+    on_failure: Callable[[Exception], None] | None = None,
+    max_wait_s: float = 2.0,
+) -> None:
+    """Run ``setup`` until it succeeds, backing off between attempts.
+
+    JetStream can answer later than the server (a cluster still electing its leaders, a server
+    restarted with JetStream enabled), so NATS errors and timeouts are waited out. A stream
+    conflict is raised at once: waiting cannot fix it.
+    """
+    wait_s = 0.1
+    while True:
+        try:
+            await setup()
+            return
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("cannot set up %s yet: %s", what, exc)
+            if on_failure is not None:
+                on_failure(exc)
+        await asyncio.sleep(wait_s)
+        wait_s = min(wait_s * 2, max_wait_s)
 
 
 def desired_stream_config(settings: CommonSettings) -> StreamConfig:

@@ -78,18 +78,12 @@ class Publisher:
         await self._ensure_stream_until_ready()
 
     async def _ensure_stream_until_ready(self) -> None:
-        delay_s = 0.1
-        while True:
-            try:
-                await self._ensure_stream()
-                return
-            except jetstream.StreamConfigConflictError:
-                raise
-            except (TimeoutError, nats.errors.Error) as exc:
-                self._stream_problem = f"stream setup failed: {exc}"
-                log.warning("cannot set up stream %s yet: %s", self._settings.nats_stream, exc)
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, 5.0)
+        def note(exc: Exception) -> None:
+            self._stream_problem = f"stream setup failed: {exc}"
+
+        await jetstream.retry_until_jetstream_answers(
+            self._ensure_stream, f"stream {self._settings.nats_stream}", note, max_wait_s=5.0
+        )
 
     async def _ensure_stream(self) -> None:
         assert self._js is not None

@@ -146,21 +146,7 @@ class Worker:
             self.settings, "faas-queue-worker", on_reconnected=self._on_reconnected
         )
         self._js = self._nc.jetstream()
-        await self._bind_once_jetstream_answers()
-
-    async def _bind_once_jetstream_answers(self) -> None:
-        """Retry until bound; a stream conflict is raised, since waiting cannot fix it."""
-        retry_wait_s = 0.1
-        while True:
-            try:
-                await self._bind()
-                return
-            except (nats.errors.Error, TimeoutError) as exc:
-                # JetStream can answer later than the server (a cluster still electing its
-                # leaders, a server restarted with it enabled): wait for it, as the gateway does.
-                log.warning("cannot set up stream and consumer yet: %s", exc)
-            await asyncio.sleep(retry_wait_s)
-            retry_wait_s = min(retry_wait_s * 2, 2.0)
+        await jetstream.retry_until_jetstream_answers(self._bind, "stream and consumer")
 
     async def _on_reconnected(self) -> None:
         self._reconnected.set()
