@@ -55,6 +55,11 @@ class CommonSettings(BaseSettings):
     nats_reconnect_wait_s: Seconds = setting(
         2.0, "nats_reconnect_wait", "Pause between attempts to reach NATS; attempts never stop."
     )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = setting(
+        "auto",
+        "event_loop",
+        "auto: uvloop when installed (it is, on Linux and macOS), else asyncio.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = setting(
         "info", "log_level", "Log level."
     )

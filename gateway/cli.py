@@ -5,14 +5,12 @@ import sys
 from pathlib import Path
 
 import prometheus_client
-from aiohttp import web
 
 from faas_common import __version__
 from faas_common.cli import load_settings, new_parser
-from faas_common.jetstream import StreamConfigConflictError
 from faas_common.logs import configure_logging
 from faas_common.registry import FunctionsFileError, load_functions_file
-from gateway.app import create_app
+from gateway.processes import process_count, serve, serve_in_processes
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")
@@ -53,14 +51,6 @@ def main(argv: list[str] | None = None) -> None:
         settings.gateway_host,
         settings.gateway_port,
     )
-    try:
-        web.run_app(
-            create_app(settings, registry),
-            host=settings.gateway_host,
-            port=settings.gateway_port,
-            shutdown_timeout=settings.shutdown_grace_s,
-            access_log=None,
-            print=None,
-        )
-    except StreamConfigConflictError as exc:
-        sys.exit(f"faas-gateway: {exc}")
+    if process_count(settings) > 1:
+        sys.exit(serve_in_processes(settings, registry))
+    serve(settings, registry)

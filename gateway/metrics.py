@@ -1,6 +1,9 @@
 """Prometheus metrics of the gateway, with the OpenFaaS names and labels."""
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # Requests for names that are invalid or not registered are counted under this label value,
 # which no function can have, so random paths cannot create unbounded series.
@@ -29,6 +32,7 @@ class GatewayMetrics:
             "Function invocations started (only ever increases).",
             ["function_name"],
             registry=self.registry,
+            multiprocess_mode="sum",
         )
         self.async_requests = Counter(
             "gateway_async_requests_total",
@@ -47,4 +51,9 @@ class GatewayMetrics:
         self.async_requests.labels(function, outcome, str(code)).inc()
 
     def render(self) -> bytes:
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            # Several gateway processes (gateway_workers): report the sum over all of them.
+            combined = CollectorRegistry()
+            MultiProcessCollector(combined)  # type: ignore[no-untyped-call]  # untyped upstream
+            return generate_latest(combined)
         return generate_latest(self.registry)

@@ -2,9 +2,11 @@
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from faas_common.headers import CALL_ID, START_TIME, end_to_end
 from faas_common.logs import call_context
@@ -20,6 +22,9 @@ log = logging.getLogger("faas.gateway")
 # The client's headers go upstream as they are; aiohttp must not add its own defaults.
 SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 REQUEST_HEADERS_NOT_FORWARDED = frozenset({"host", "expect"})
+# Bodies up to this size, with a known length, are read whole rather than streamed; larger ones
+# and those of unknown length (chunked, event streams) are streamed in both directions.
+SMALL_BODY_BYTES = 64 * 1024
 
 
 class SyncProxy:
@@ -34,6 +39,7 @@ class SyncProxy:
         self._registry = registry
         self._session = session
         self._metrics = metrics
+        self._limits_by_name: dict[str, CallLimits] = {}
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         call = request[CALL]
@@ -58,24 +64,18 @@ class SyncProxy:
         headers = forwarded_headers(request, REQUEST_HEADERS_NOT_FORWARDED)
         headers[CALL_ID] = call.call_id
         headers[START_TIME] = str(call.start_ns)
-
-        exec_timeout_s = function.exec_timeout_s or self._settings.upstream_timeout_s
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=function.write_timeout_s or self._settings.write_timeout_s,
-            sock_read=function.read_timeout_s or self._settings.read_timeout_s,
-        )
+        limits = self._limits(function)
         url = function.url_for(raw_subpath(request), request.rel_url.raw_query_string)
         try:
-            async with asyncio.timeout(exec_timeout_s):
+            async with asyncio.timeout(limits.exec_timeout_s):
                 upstream = await self._session.request(
                     request.method,
                     url,
                     headers=headers,
-                    data=request.content if request.body_exists else None,
+                    data=await request_body(request),
                     allow_redirects=False,
                     skip_auto_headers=SKIP_AUTO_HEADERS,
-                    timeout=timeout,
+                    timeout=limits.client_timeout,
                 )
         except TimeoutError as exc:
             raise UpstreamTimeoutError(
@@ -87,32 +87,112 @@ class SyncProxy:
             ) from exc
 
         async with upstream:
-            code = upstream.status
-            self._metrics.observe_sync(function.name, code, call.elapsed_s())
-            response = web.StreamResponse(status=code, reason=upstream.reason)
-            response.headers.extend(end_to_end(upstream.headers.items()))
-            call.apply_to(response.headers)
-            await response.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_any():
-                    try:
-                        await response.write(chunk)
-                    except ConnectionError:
-                        # Caught around the write alone, where only the client can have failed:
-                        # aiohttp's ClientConnectionResetError is also a ClientError, and the
-                        # handler below would blame the function for the client leaving.
-                        log.info(
-                            "client went away during the response",
-                            extra=call_context(call.call_id, function.name),
-                        )
-                        return response
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                # Headers are gone already; all that is left is to cut the response short.
-                log.warning(
-                    "function response broke off: %s",
-                    type(exc).__name__,
-                    extra=call_context(call.call_id, function.name),
+            self._metrics.observe_sync(function.name, upstream.status, call.elapsed_s())
+            response_headers = end_to_end(upstream.headers.items())
+            call.apply_to(response_headers)
+            if is_small_and_whole(request, upstream):
+                # One read and one write instead of a chunk loop: most function responses are
+                # small, and this path is the gateway's hot path. Nothing was sent yet, so a
+                # function that breaks off still gets a clean 502 rather than a cut body.
+                try:
+                    body = await upstream.read()
+                except TimeoutError as exc:
+                    raise UpstreamTimeoutError(
+                        f"function {function.name!r} stopped sending its response"
+                    ) from exc
+                except aiohttp.ClientError as exc:
+                    raise UpstreamUnavailableError(
+                        f"function {function.name!r} broke off its response: {type(exc).__name__}"
+                    ) from exc
+                return web.Response(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    headers=response_headers,
+                    body=body,
                 )
-                raise
+            return await self._stream_back(request, upstream, response_headers, function, call)
+
+    async def _stream_back(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        function: FunctionSpec,
+        call: CallContext,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(headers)
+        try:
+            await response.prepare(request)
+            chunks = upstream.content.iter_any()
+            while True:
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    # Headers are gone already; all that is left is to cut the response short.
+                    log.warning(
+                        "function response broke off: %s",
+                        type(exc).__name__,
+                        extra=call_context(call.call_id, function.name),
+                    )
+                    raise
+                await response.write(chunk)
             await response.write_eof()
+        except ConnectionError:
+            # Only writes to the client raise this here (reads from the function are handled
+            # above): the client left, which is neither the function's fault nor ours.
+            log.info(
+                "client went away during the response",
+                extra=call_context(call.call_id, function.name),
+            )
         return response
+
+    def _limits(self, function: FunctionSpec) -> "CallLimits":
+        limits = self._limits_by_name.get(function.name)
+        if limits is None or limits.function is not function:  # new, or redeployed
+            limits = CallLimits.of(function, self._settings)
+            self._limits_by_name[function.name] = limits
+        return limits
+
+
+@dataclass(frozen=True, slots=True)
+class CallLimits:
+    function: FunctionSpec
+    exec_timeout_s: float
+    client_timeout: aiohttp.ClientTimeout
+
+    @classmethod
+    def of(cls, function: FunctionSpec, settings: GatewaySettings) -> "CallLimits":
+        return cls(
+            function=function,
+            exec_timeout_s=function.exec_timeout_s or settings.upstream_timeout_s,
+            client_timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=function.write_timeout_s or settings.write_timeout_s,
+                sock_read=function.read_timeout_s or settings.read_timeout_s,
+            ),
+        )
+
+
+async def request_body(request: web.Request) -> bytes | aiohttp.StreamReader | None:
+    """Small bodies of known length are read at once; anything else streams through."""
+    if not request.body_exists:
+        return None
+    length = request.content_length
+    if length is not None and length <= SMALL_BODY_BYTES:
+        return await request.read()
+    return request.content
+
+
+def is_small_and_whole(request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
+    """A response that may be read whole before it is sent on, without changing its meaning."""
+    length = upstream.content_length
+    return (
+        length is not None
+        and length <= SMALL_BODY_BYTES
+        and request.method != "HEAD"  # its Content-Length describes a body that is not sent
+        and upstream.status not in (204, 304)
+        and upstream.status >= 200
+    )

@@ -4,6 +4,11 @@ from faas_common.settings import CommonSettings, Seconds, setting
 class GatewaySettings(CommonSettings):
     gateway_host: str = setting("127.0.0.1", "gateway_host", "Address the gateway listens on.")
     gateway_port: int = setting(8080, "gateway_port", "Port the gateway listens on.")
+    gateway_workers: int = setting(
+        1,
+        "gateway_workers",
+        "Gateway processes sharing the port (SO_REUSEPORT); 0: one per CPU core.",
+    )
     read_timeout_s: Seconds = setting(
         60.0, "read_timeout", "Sync calls: longest wait for the next bytes from a function."
     )

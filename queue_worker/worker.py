@@ -20,6 +20,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from faas_common import jetstream
 from faas_common.logs import call_context
+from faas_common.loops import new_event_loop
 from faas_common.message import MalformedMessageError, QueuedCall
 from faas_common.registry import Registry
 from queue_worker.callback import CallbackSender
@@ -67,7 +68,10 @@ class Worker:
     # lifecycle
 
     def run(self) -> None:
-        asyncio.run(self.main())
+        with asyncio.Runner(
+            loop_factory=lambda: new_event_loop(self.settings.event_loop)
+        ) as runner:
+            runner.run(self.main())
 
     async def main(self) -> None:
         if self.handle_signals:

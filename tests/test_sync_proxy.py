@@ -917,21 +917,35 @@ async def test_connection_closed_before_response_is_502_json(start_gateway, http
             await assert_json_error(response, 502)
 
 
-async def test_truncated_response_is_not_passed_off_as_complete(start_gateway, http):
-    """Once headers went out the status cannot change: the client must see a broken body."""
-
+def truncating_function(declared_bytes: int, sent_bytes: int):
     async def truncate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"p" * 10)
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {declared_bytes}\r\n\r\n".encode()
+        writer.write(head + b"p" * sent_bytes)
         await writer.drain()
         reset_connection(writer)
 
-    async with raw_tcp_server(truncate) as url:
+    return truncate
+
+
+async def test_truncated_large_response_is_not_passed_off_as_complete(start_gateway, http):
+    """A streamed response: once headers went out the status cannot change, so the client must
+    see a broken body."""
+    async with raw_tcp_server(truncating_function(10_000_000, 200_000)) as url:
         gateway = await start_gateway(registry_of(truncated=url))
         async with http.get(gateway.url("/function/truncated")) as response:
             assert response.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await asyncio.wait_for(response.read(), DEADLINE_S)
+
+
+async def test_truncated_small_response_is_a_502(start_gateway, http):
+    """A small response is read whole before anything is sent, so a break is still a 502."""
+    async with raw_tcp_server(truncating_function(1000, 10)) as url:
+        gateway = await start_gateway(registry_of(truncated=url))
+        async with http.get(gateway.url("/function/truncated")) as response:
+            body = await assert_json_error(response, 502)
+        assert "truncated" in body["error"]
 
 
 async def test_exec_timeout_is_504_json(serve, start_gateway, http):

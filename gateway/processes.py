@@ -1,0 +1,101 @@
+"""Serving in one process, or in several that share the listening port (SO_REUSEPORT).
+
+One Python process proxies on one core. With ``gateway_workers`` > 1, the kernel spreads
+connections over that many gateway processes, each with its own event loop, client session and
+NATS connection; this process only supervises them. Metrics then use prometheus-client's
+multiprocess mode, so any process's /metrics answers for all of them.
+"""
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from types import FrameType
+
+import prometheus_client
+from aiohttp import web
+
+from faas_common.jetstream import StreamConfigConflictError
+from faas_common.logs import configure_logging
+from faas_common.loops import new_event_loop
+from faas_common.registry import Registry
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("faas.gateway")
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def serve(settings: GatewaySettings, registry: Registry, *, reuse_port: bool = False) -> None:
+    try:
+        web.run_app(
+            create_app(settings, registry),
+            host=settings.gateway_host,
+            port=settings.gateway_port,
+            reuse_port=reuse_port or None,
+            shutdown_timeout=settings.shutdown_grace_s,
+            access_log=None,
+            print=None,
+            loop=new_event_loop(settings.event_loop),
+        )
+    except StreamConfigConflictError as exc:
+        sys.exit(f"faas-gateway: {exc}")
+
+
+def process_count(settings: GatewaySettings) -> int:
+    return settings.gateway_workers or os.cpu_count() or 1
+
+
+def serve_in_processes(settings: GatewaySettings, registry: Registry) -> int:
+    """Run ``process_count`` gateway processes until SIGTERM/SIGINT; return an exit code."""
+    count = process_count(settings)
+    metrics_dir = tempfile.mkdtemp(prefix="faas-gateway-metrics-")
+    os.environ[MULTIPROC_DIR_ENV] = metrics_dir  # inherited by the children before they import
+    context = multiprocessing.get_context("spawn")
+    children = [
+        context.Process(
+            target=_child, args=(settings, registry), name=f"faas-gateway-{index}", daemon=False
+        )
+        for index in range(count)
+    ]
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.is_alive() and child.pid is not None:
+                os.kill(child.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for child in children:
+        child.start()
+    log.info("%d gateway processes share port %d", count, settings.gateway_port)
+    exit_code = 0
+    try:
+        running = list(children)
+        while running:
+            multiprocessing.connection.wait([child.sentinel for child in running])
+            for child in [child for child in running if not child.is_alive()]:
+                running.remove(child)
+                if not stopping:
+                    log.error("%s exited with %s; stopping the others", child.name, child.exitcode)
+                    exit_code = 1
+                    stop(signal.SIGTERM, None)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return exit_code
+
+
+def _child(settings: GatewaySettings, registry: Registry) -> None:
+    # Our own process group: Ctrl-C reaches the supervisor, which stops us in order.
+    os.setpgrp()
+    configure_logging(settings.log_level)
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
+    serve(settings, registry, reuse_port=True)
