@@ -8,10 +8,11 @@ from aiohttp import web
 
 from faas_common.registry import Registry
 from gateway.async_calls import AsyncInvoker
+from gateway.calls import CallContext
 from gateway.metrics import GatewayMetrics
-from gateway.middleware import call_identity, json_errors
 from gateway.proxy import SyncProxy
 from gateway.publisher import Publisher
+from gateway.routes import invocation, no_such_route, read_only
 from gateway.settings import GatewaySettings
 
 SETTINGS = web.AppKey("settings", GatewaySettings)
@@ -28,21 +29,21 @@ def create_app(
     settings: GatewaySettings, registry: Registry, metrics: GatewayMetrics | None = None
 ) -> web.Application:
     # Request bodies pass through as sent: a gzip upload reaches the function still gzipped.
-    app = web.Application(
-        middlewares=[json_errors, call_identity], handler_args={"auto_decompress": False}
-    )
+    app = web.Application(handler_args={"auto_decompress": False})
     app[SETTINGS] = settings
     app[REGISTRY] = registry
     app[METRICS] = metrics or GatewayMetrics()
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_queue_publisher)
 
+    sync_call, async_call = invocation(_sync_call), invocation(_async_call)
     for pattern in ("/function/{name}", "/function/{name}/", "/function/{name}/{path:.*}"):
-        app.router.add_route("*", pattern, _sync_call)
+        app.router.add_route("*", pattern, sync_call)
     for pattern in ("/async-function/{name}", "/async-function/{name}/{path:.*}"):
-        app.router.add_route("*", pattern, _async_call)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/metrics", _metrics)
+        app.router.add_route("*", pattern, async_call)
+    app.router.add_route("*", "/healthz", read_only(_healthz))
+    app.router.add_route("*", "/metrics", read_only(_metrics))
+    app.router.add_route("*", "/{tail:.*}", no_such_route)
     return app
 
 
@@ -73,15 +74,15 @@ async def _queue_publisher(app: web.Application) -> AsyncIterator[None]:
         await publisher.close()
 
 
-async def _sync_call(request: web.Request) -> web.StreamResponse:
-    return await request.app[SYNC_PROXY].handle(request)
+async def _sync_call(request: web.Request, call: CallContext) -> web.StreamResponse:
+    return await request.app[SYNC_PROXY].handle(request, call)
 
 
-async def _async_call(request: web.Request) -> web.StreamResponse:
-    return await request.app[ASYNC_INVOKER].handle(request)
+async def _async_call(request: web.Request, call: CallContext) -> web.StreamResponse:
+    return await request.app[ASYNC_INVOKER].handle(request, call)
 
 
-async def _healthz(request: web.Request) -> web.Response:
+async def _healthz(request: web.Request) -> web.StreamResponse:
     healthy, details = await request.app[PUBLISHER].health()
     details["status"] = "ok" if healthy else "unavailable"
     return web.Response(
@@ -91,7 +92,7 @@ async def _healthz(request: web.Request) -> web.Response:
     )
 
 
-async def _metrics(request: web.Request) -> web.Response:
+async def _metrics(request: web.Request) -> web.StreamResponse:
     response = web.Response(body=request.app[METRICS].render())
     response.headers["Content-Type"] = PROMETHEUS_CONTENT_TYPE
     return response

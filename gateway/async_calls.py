@@ -9,7 +9,7 @@ from faas_common.headers import CALLBACK_URL
 from faas_common.logs import call_context
 from faas_common.message import QueuedCall
 from faas_common.registry import Registry
-from gateway.calls import CALL
+from gateway.calls import CallContext
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -40,8 +40,7 @@ class AsyncInvoker:
         self._publisher = publisher
         self._metrics = metrics
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        call = request[CALL]
+    async def handle(self, request: web.Request, call: CallContext) -> web.StreamResponse:
         label = UNKNOWN_FUNCTION
         try:
             if request.method != "POST":

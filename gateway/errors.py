@@ -1,4 +1,4 @@
-"""The gateway's one error type and its kinds; middleware.py turns them into responses."""
+"""The gateway's one error type and its kinds; routes.py turns them into responses."""
 
 import json
 

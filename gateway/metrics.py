@@ -13,6 +13,8 @@ UNKNOWN_FUNCTION = "(unknown)"
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._started: dict[str, Gauge] = {}
+        self._sync: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.invocation_total = Counter(
             "gateway_function_invocation_total",
             "Function invocations by final status code.",
@@ -41,10 +43,24 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+    def started(self, function: str) -> None:
+        child = self._started.get(function)
+        if child is None:
+            child = self._started[function] = self.invocation_started.labels(function)
+        child.inc()
+
     def observe_sync(self, function: str, code: int, duration_s: float) -> None:
-        label = str(code)
-        self.invocation_total.labels(function, label).inc()
-        self.functions_seconds.labels(function, label).observe(duration_s)
+        # Label lookups cost more than the increments; the children are kept per series.
+        children = self._sync.get((function, code))
+        if children is None:
+            label = str(code)
+            children = (
+                self.invocation_total.labels(function, label),
+                self.functions_seconds.labels(function, label),
+            )
+            self._sync[(function, code)] = children
+        children[0].inc()
+        children[1].observe(duration_s)
 
     def observe_async(self, function: str, code: int) -> None:
         outcome = "accepted" if code == 202 else "rejected"

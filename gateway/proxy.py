@@ -1,6 +1,5 @@
 """Synchronous invocation: stream the request to the function and its response back."""
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -11,7 +10,7 @@ from multidict import CIMultiDict
 from faas_common.headers import CALL_ID, START_TIME, end_to_end
 from faas_common.logs import call_context
 from faas_common.registry import FunctionSpec, Registry
-from gateway.calls import CALL, CallContext
+from gateway.calls import CallContext
 from gateway.errors import GatewayError, UpstreamTimeoutError, UpstreamUnavailableError
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from gateway.routing import forwarded_headers, raw_subpath, resolve_function
@@ -41,15 +40,14 @@ class SyncProxy:
         self._metrics = metrics
         self._limits_by_name: dict[str, CallLimits] = {}
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        call = request[CALL]
+    async def handle(self, request: web.Request, call: CallContext) -> web.StreamResponse:
         name = request.match_info["name"]
         try:
             function = resolve_function(self._registry, name)
         except GatewayError as exc:
             self._metrics.observe_sync(UNKNOWN_FUNCTION, exc.status, call.elapsed_s())
             raise
-        self._metrics.invocation_started.labels(function.name).inc()
+        self._metrics.started(function.name)
         try:
             response = await self._forward(request, function, call)
         except GatewayError as exc:
@@ -67,16 +65,15 @@ class SyncProxy:
         limits = self._limits(function)
         url = function.url_for(raw_subpath(request), request.rel_url.raw_query_string)
         try:
-            async with asyncio.timeout(limits.exec_timeout_s):
-                upstream = await self._session.request(
-                    request.method,
-                    url,
-                    headers=headers,
-                    data=await request_body(request),
-                    allow_redirects=False,
-                    skip_auto_headers=SKIP_AUTO_HEADERS,
-                    timeout=limits.client_timeout,
-                )
+            upstream = await self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=await request_body(request),
+                allow_redirects=False,
+                skip_auto_headers=SKIP_AUTO_HEADERS,
+                timeout=limits.client_timeout,
+            )
         except TimeoutError as exc:
             raise UpstreamTimeoutError(
                 f"function {function.name!r} did not answer within its timeout"
@@ -88,7 +85,7 @@ class SyncProxy:
 
         async with upstream:
             self._metrics.observe_sync(function.name, upstream.status, call.elapsed_s())
-            response_headers = end_to_end(upstream.headers.items())
+            response_headers = end_to_end(upstream.headers)
             call.apply_to(response_headers)
             if is_small_and_whole(request, upstream):
                 # One read and one write instead of a chunk loop: most function responses are
@@ -159,17 +156,19 @@ class SyncProxy:
 
 @dataclass(frozen=True, slots=True)
 class CallLimits:
+    """The whole call, body included, within exec_timeout (or upstream_timeout), as OpenFaaS's
+    gateway limits it; connecting within write_timeout; each wait for bytes within
+    read_timeout."""
+
     function: FunctionSpec
-    exec_timeout_s: float
     client_timeout: aiohttp.ClientTimeout
 
     @classmethod
     def of(cls, function: FunctionSpec, settings: GatewaySettings) -> "CallLimits":
         return cls(
             function=function,
-            exec_timeout_s=function.exec_timeout_s or settings.upstream_timeout_s,
             client_timeout=aiohttp.ClientTimeout(
-                total=None,
+                total=function.exec_timeout_s or settings.upstream_timeout_s,
                 sock_connect=function.write_timeout_s or settings.write_timeout_s,
                 sock_read=function.read_timeout_s or settings.read_timeout_s,
             ),

@@ -14,14 +14,14 @@ from gateway.errors import FunctionNotFoundError, InvalidRequestError
 
 
 def resolve_function(registry: Registry, name: str) -> FunctionSpec:
+    function = registry.get(name)
+    if function is not None:  # registered names were checked when registered
+        return function
     if not is_valid_function_name(name):
         raise InvalidRequestError(
             f"invalid function name {name!r}: names match {FUNCTION_NAME_PATTERN.pattern}"
         )
-    function = registry.get(name)
-    if function is None:
-        raise FunctionNotFoundError(f"function {name!r} not found")
-    return function
+    raise FunctionNotFoundError(f"function {name!r} not found")
 
 
 def raw_subpath(request: web.Request) -> str:
@@ -32,7 +32,7 @@ def raw_subpath(request: web.Request) -> str:
 
 def forwarded_headers(request: web.Request, also_drop: frozenset[str]) -> CIMultiDict[str]:
     """The client's end-to-end headers plus X-Forwarded-For and X-Forwarded-Host."""
-    headers = end_to_end(request.headers.items(), also_drop)
+    headers = end_to_end(request.headers, also_drop)
     forwarded_for = request.remote or ""
     if FORWARDED_FOR in headers:
         forwarded_for = f"{headers[FORWARDED_FOR]}, {forwarded_for}"

@@ -18,7 +18,7 @@ class GatewaySettings(CommonSettings):
     upstream_timeout_s: Seconds = setting(
         60.0,
         "upstream_timeout",
-        "Sync calls: longest wait for a function's response headers, unless the function "
+        "Sync calls: limit on a whole call, response body included, unless the function "
         "sets its own exec_timeout.",
     )
     max_async_body_bytes: int | None = setting(

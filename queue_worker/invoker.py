@@ -71,7 +71,7 @@ class FunctionInvoker:
                 return Outcome(
                     status_code=response.status,
                     headers=list(
-                        end_to_end(response.headers.items(), frozenset({"content-length"})).items()
+                        end_to_end(response.headers, frozenset({"content-length"})).items()
                     ),
                     body=body,
                     duration_s=time.monotonic() - started,

@@ -1,0 +1,387 @@
+"""The scenarios of the benchmark issue. Each returns a Result with its figures and target.
+
+Speed figures are ratios against a baseline measured in the same run, interleaved round by
+round and summarised as medians, because these machines are shared and noisy.
+"""
+
+import asyncio
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import nats
+
+from bench.load import LoadResult, run_load
+from bench.stack import BenchStack, Proc
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class Result:
+    number: int
+    title: str
+    figure: str  # what was measured, in words, with numbers
+    value: float | None  # the number the target is about
+    target: str
+    met: bool | None  # None: could not be measured
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    stack: BenchStack
+    tool: str
+    seconds: float
+    rounds: int
+    quick: bool
+    gateway_workers: int
+    gateway: Proc
+    gateway_multi: Proc
+    peers: list[str]
+    log: Callable[[str], None]
+    results: dict[int, Result] = field(default_factory=dict)
+
+    def gateway_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.stack.ports.gateway}{path}"
+
+    def gateway_multi_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.stack.ports.gateway_multi}{path}"
+
+
+async def measure_interleaved(
+    ctx: Context, targets: dict[str, str], connections: int, **load: Any
+) -> dict[str, list[LoadResult]]:
+    """Each target once per round, in turn, after one warm-up run each."""
+    for url in targets.values():
+        await run_load(ctx.tool, url, connections=connections, seconds=1, **load)
+    runs: dict[str, list[LoadResult]] = {name: [] for name in targets}
+    for round_number in range(ctx.rounds):
+        for name, url in targets.items():
+            result = await run_load(
+                ctx.tool, url, connections=connections, seconds=ctx.seconds, **load
+            )
+            runs[name].append(result)
+            ctx.log(
+                f"  round {round_number + 1}/{ctx.rounds} {name}: {result.requests_per_s:,.0f} req/s, "
+                f"p50 {result.p50_ms:.3f} ms, errors {result.errors}"
+            )
+    return runs
+
+
+def median_rate(results: list[LoadResult]) -> float:
+    return statistics.median(result.requests_per_s for result in results)
+
+
+def median_p50(results: list[LoadResult]) -> float:
+    return statistics.median(result.p50_ms for result in results)
+
+
+def sync_targets(ctx: Context) -> dict[str, str]:
+    targets = {
+        "direct": f"{ctx.stack.services_url}/",
+        "gateway x1": ctx.gateway_url("/function/echo"),
+        f"gateway x{ctx.gateway_workers}": ctx.gateway_multi_url("/function/echo"),
+    }
+    for peer in ctx.peers:
+        targets[f"peer {peer}"] = peer.rstrip("/") + "/function/echo"
+    return targets
+
+
+async def sync_throughput(ctx: Context) -> Result:
+    runs = await measure_interleaved(ctx, sync_targets(ctx), connections=50, body_bytes=1024)
+    direct = median_rate(runs["direct"])
+    rates = {name: median_rate(results) for name, results in runs.items()}
+    ratios = {name: rate / direct for name, rate in rates.items() if name != "direct"}
+    ours = {name: ratio for name, ratio in ratios.items() if name.startswith("gateway")}
+    best_name = max(ours, key=ours.__getitem__)
+    figure = f"direct {direct:,.0f} req/s; " + "; ".join(
+        f"{name} {rates[name]:,.0f} req/s ({ratios[name]:.2f})" for name in ratios
+    )
+    return Result(
+        1,
+        "Sync proxy, 1 KiB POST echo, 50 connections",
+        figure,
+        ours[best_name],
+        ">= 0.45 x direct",
+        ours[best_name] >= 0.45,
+        {"rates": rates, "ratios": ratios, "runs": _dump(runs)},
+    )
+
+
+async def sync_latency(ctx: Context) -> Result:
+    targets = sync_targets(ctx)
+    runs = await measure_interleaved(ctx, targets, connections=1, body_bytes=1024)
+    direct = median_p50(runs["direct"])
+    added = {
+        name: median_p50(results) - direct for name, results in runs.items() if name != "direct"
+    }
+    figure = f"direct p50 {direct:.3f} ms; " + "; ".join(
+        f"{name} +{value:.3f} ms" for name, value in added.items()
+    )
+    value = added["gateway x1"]
+    return Result(
+        2,
+        "Sync proxy, 1 connection: added p50 latency",
+        figure,
+        value,
+        "<= 0.35 ms added (gateway x1)",
+        value <= 0.35,
+        {"added_ms": added, "direct_p50_ms": direct, "runs": _dump(runs)},
+    )
+
+
+async def _chunks(total_bytes: int, chunk_bytes: int = 256 * 1024) -> AsyncIterator[bytes]:
+    chunk = b"\0" * chunk_bytes
+    sent = 0
+    while sent < total_bytes:
+        piece = chunk[: min(chunk_bytes, total_bytes - sent)]
+        sent += len(piece)
+        yield piece
+
+
+async def big_bodies(ctx: Context) -> Result:
+    size = 100 * MIB
+    gateway = ctx.gateway
+    growth: dict[str, float] = {}
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        # Upload
+        before = gateway.rss_bytes()
+        gateway.reset_peak()
+        async with session.post(
+            ctx.gateway_url("/function/sink"),
+            data=_chunks(size),
+            timeout=aiohttp.ClientTimeout(total=300),
+        ) as response:
+            received = int(await response.text())
+        if received != size:
+            raise RuntimeError(f"upload: the function received {received} of {size} bytes")
+        growth["upload"] = (gateway.peak_rss_bytes() - before) / MIB
+        # Download
+        before = gateway.rss_bytes()
+        gateway.reset_peak()
+        read = 0
+        async with session.get(
+            ctx.gateway_url(f"/function/big?bytes={size}"), timeout=aiohttp.ClientTimeout(total=300)
+        ) as response:
+            async for chunk in response.content.iter_any():
+                read += len(chunk)
+        if read != size:
+            raise RuntimeError(f"download: read {read} of {size} bytes")
+        growth["download"] = (gateway.peak_rss_bytes() - before) / MIB
+    worst = max(growth.values())
+    return Result(
+        3,
+        "Sync proxy, 100 MiB upload and download: gateway RSS growth",
+        f"upload +{growth['upload']:.1f} MiB, download +{growth['download']:.1f} MiB (peak RSS over the start)",
+        worst,
+        "<= 20 MiB",
+        worst <= 20,
+        {"growth_mib": growth},
+    )
+
+
+async def purge(ctx: Context, *streams: str) -> None:
+    client = await nats.connect(ctx.stack.nats_url)
+    try:
+        js = client.jetstream()
+        for stream in streams:
+            await js.purge_stream(stream)
+    finally:
+        await client.close()
+
+
+async def async_accept(ctx: Context) -> Result:
+    targets = {
+        "minimal publisher": f"http://127.0.0.1:{ctx.stack.ports.baseline}/publish",
+        "gateway x1": ctx.gateway_url("/async-function/echo"),
+        f"gateway x{ctx.gateway_workers}": ctx.gateway_multi_url("/async-function/echo"),
+    }
+    try:
+        runs = await measure_interleaved(ctx, targets, connections=50, body_bytes=1024)
+    finally:
+        await purge(ctx, "faas-async", "bench-baseline")
+    baseline = median_rate(runs["minimal publisher"])
+    rates = {name: median_rate(results) for name, results in runs.items()}
+    ratios = {name: rate / baseline for name, rate in rates.items() if name != "minimal publisher"}
+    best = max(ratios.values())
+    figure = f"minimal publisher {baseline:,.0f} req/s; " + "; ".join(
+        f"{name} {rates[name]:,.0f} req/s ({ratios[name]:.2f})" for name in ratios
+    )
+    return Result(
+        4,
+        "Async accept, 1 KiB POST, 50 connections",
+        figure,
+        best,
+        ">= 0.8 x minimal publisher",
+        best >= 0.8,
+        {"rates": rates, "ratios": ratios, "runs": _dump(runs)},
+    )
+
+
+async def enqueue(ctx: Context, path: str, count: int, concurrency: int = 50) -> float:
+    """Post ``count`` async calls through the gateway; return the accept rate."""
+    callback = f"{ctx.stack.services_url}/callback"
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(count):
+        queue.put_nowait(index)
+    started = time.perf_counter()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def poster() -> None:
+            while not queue.empty():
+                queue.get_nowait()
+                async with session.post(
+                    ctx.gateway_url(path), data=b"x" * 1024, headers={"X-Callback-Url": callback}
+                ) as response:
+                    if response.status != 202:
+                        raise RuntimeError(
+                            f"enqueue got {response.status}: {await response.text()}"
+                        )
+
+        await asyncio.gather(*(poster() for _ in range(concurrency)))
+    return count / (time.perf_counter() - started)
+
+
+async def callback_stats(ctx: Context) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{ctx.stack.services_url}/stats") as r,
+    ):
+        stats: dict[str, Any] = await r.json()
+        return stats
+
+
+async def reset_callbacks(ctx: Context) -> None:
+    async with aiohttp.ClientSession() as session, session.post(f"{ctx.stack.services_url}/reset"):
+        pass
+
+
+async def drain_with_one_worker(
+    ctx: Context, path: str, count: int, max_inflight: int, deadline_s: float
+) -> dict[str, Any]:
+    """Queue ``count`` calls, then let one fresh worker run them; completion rate from callbacks."""
+    await reset_callbacks(ctx)
+    accept_rate = await enqueue(ctx, path, count)
+    worker = await ctx.stack.start_worker("worker", max_inflight)
+    worker.reset_peak()
+    try:
+        give_up = time.monotonic() + deadline_s
+        while True:
+            stats = await callback_stats(ctx)
+            if stats["unique"] >= count or time.monotonic() > give_up:
+                break
+            await asyncio.sleep(0.2)
+        peak_rss = worker.peak_rss_bytes()
+    finally:
+        await worker.stop()
+    span_s = (stats["last"] or 0) - (stats["first"] or 0)
+    completed_per_s = (stats["unique"] - 1) / span_s if span_s > 0 else 0.0
+    return {
+        "calls": count,
+        "completed": stats["unique"],
+        "duplicate_callbacks": stats["duplicates"],
+        "completed_per_s": completed_per_s,
+        "enqueue_per_s": accept_rate,
+        "worker_peak_rss_mib": peak_rss / MIB,
+    }
+
+
+async def async_slow_function(ctx: Context) -> Result:
+    max_inflight = 100
+    target_rate = 0.9 * max_inflight / 0.1
+    count = int(max(target_rate * ctx.seconds, 2 * max_inflight))
+    run = await drain_with_one_worker(ctx, "/async-function/sleep?ms=100", count, max_inflight, 120)
+    ratio = run["completed_per_s"] / (max_inflight / 0.1)
+    complete = run["completed"] == count and run["duplicate_callbacks"] == 0
+    return Result(
+        5,
+        f"Async end to end, 100 ms function, one worker (max_inflight {max_inflight})",
+        f"{run['completed_per_s']:,.0f} completions/s of {count} calls "
+        f"({ratio:.2f} x max_inflight/0.1 s); {run['completed']} completed, "
+        f"{run['duplicate_callbacks']} duplicate callbacks",
+        ratio,
+        ">= 0.9 x max_inflight / 0.1 s",
+        ratio >= 0.9 and complete,
+        run,
+    )
+
+
+async def async_instant_function(ctx: Context) -> Result:
+    sync_rate = ctx.results[1].details["rates"]["gateway x1"] if 1 in ctx.results else None
+    count = int(max(0.5 * (sync_rate or 2000) * ctx.seconds, 1000))
+    run = await drain_with_one_worker(ctx, "/async-function/instant", count, 100, 120)
+    complete = run["completed"] == count and run["duplicate_callbacks"] == 0
+    if sync_rate is None:
+        return Result(
+            6,
+            "Async end to end, instant function, one worker",
+            f"{run['completed_per_s']:,.0f} completions/s (scenario 1 not run: no ratio)",
+            None,
+            ">= 0.5 x scenario 1 gateway req/s",
+            None,
+            run,
+        )
+    ratio = run["completed_per_s"] / sync_rate
+    return Result(
+        6,
+        "Async end to end, instant function, one worker",
+        f"{run['completed_per_s']:,.0f} completions/s ({ratio:.2f} x the sync gateway x1 "
+        f"{sync_rate:,.0f} req/s); {run['completed']}/{count} completed, "
+        f"{run['duplicate_callbacks']} duplicate callbacks",
+        ratio,
+        ">= 0.5 x scenario 1 gateway req/s",
+        ratio >= 0.5 and complete,
+        run,
+    )
+
+
+async def capacity(ctx: Context) -> Result:
+    calls = 5000
+    sleep_s = 5 if ctx.quick else 30
+    run = await drain_with_one_worker(
+        ctx, f"/async-function/sleep?ms={sleep_s * 1000}", calls, calls, sleep_s + 180
+    )
+    all_once = run["completed"] == calls and run["duplicate_callbacks"] == 0
+    peak = run["worker_peak_rss_mib"]
+    return Result(
+        7,
+        f"Capacity: {calls} concurrent calls to a {sleep_s} s function, one worker",
+        f"{run['completed']}/{calls} completed, {run['duplicate_callbacks']} duplicate callbacks, "
+        f"worker peak RSS {peak:.0f} MiB" + (" (quick: 5 s instead of 30 s)" if ctx.quick else ""),
+        peak,
+        "all complete, none twice, peak RSS <= 400 MiB",
+        all_once and peak <= 400,
+        run,
+    )
+
+
+async def activations(ctx: Context) -> Result:
+    return Result(
+        8,
+        "Activations: list 30 of 100,000 records; recording cost",
+        "not measured: activation records (issue 4) have not landed",
+        None,
+        "p50 <= 50 ms; cost <= 10% of scenario 6",
+        None,
+    )
+
+
+SCENARIOS = {
+    1: sync_throughput,
+    2: sync_latency,
+    3: big_bodies,
+    4: async_accept,
+    5: async_slow_function,
+    6: async_instant_function,
+    7: capacity,
+    8: activations,
+}
+
+
+def _dump(runs: dict[str, list[LoadResult]]) -> dict[str, list[dict[str, object]]]:
+    return {name: [result.as_dict() for result in results] for name, results in runs.items()}

@@ -1,0 +1,64 @@
+"""How handlers become routes: the one place where errors turn into JSON responses.
+
+No aiohttp middleware: middlewares wrap every request in extra coroutines, and the proxy route
+is the gateway's hot path. Invocation handlers are wrapped here instead.
+"""
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from faas_common.headers import CALL_ID
+from gateway.calls import CallContext, InvalidCallIdError, new_call_id, resolve_call_id
+from gateway.errors import GatewayError, MethodNotAllowedError, error_response
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+InvocationHandler = Callable[[web.Request, CallContext], Awaitable[web.StreamResponse]]
+
+
+def invocation(handle: InvocationHandler) -> Handler:
+    """Give the call its id, map GatewayError to JSON, stamp the call headers on the response."""
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        try:
+            call = CallContext(resolve_call_id(request.headers.get(CALL_ID)))
+        except InvalidCallIdError as exc:
+            # Rejected, but still an invocation response: a new call id (the invalid one is
+            # never echoed into headers or logs) and the timing headers.
+            call = CallContext(new_call_id())
+            return _error(400, str(exc), call)
+        try:
+            response = await handle(request, call)
+        except GatewayError as exc:
+            return _error(exc.status, exc.message, call, exc.headers)
+        if not response.prepared:
+            call.apply_to(response.headers)
+        return response
+
+    return route
+
+
+def _error(
+    status: int, message: str, call: CallContext, headers: dict[str, str] | None = None
+) -> web.Response:
+    response = error_response(status, message, call.call_id, headers)
+    call.apply_to(response.headers)
+    return response
+
+
+def read_only(handle: Handler) -> Handler:
+    """GET and HEAD; any other method gets a JSON 405."""
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            error = MethodNotAllowedError(
+                f"{request.path} accepts GET only", {"Allow": "GET, HEAD"}
+            )
+            return error_response(error.status, error.message, None, error.headers)
+        return await handle(request)
+
+    return route
+
+
+async def no_such_route(request: web.Request) -> web.Response:
+    return error_response(404, f"no route {request.path}", None)
