@@ -114,7 +114,16 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     # Plain aiohttp on asyncio's own loop: the upstream the reference figures used.
-    web.run_app(build_app(), host=args.host, port=args.port, access_log=None, print=None)
+    web.run_app(
+        build_app(),
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=None,
+        loop=__import__("uvloop").new_event_loop()
+        if __import__("os").environ.get("SERVICES_UVLOOP")
+        else None,
+    )
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
 import json
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 
 from faas_common.registry import Registry
+from faas_common.upstream import UpstreamClient
 from gateway.async_calls import AsyncInvoker
 from gateway.calls import CallContext
 from gateway.metrics import GatewayMetrics
@@ -33,7 +33,7 @@ def create_app(
     app[SETTINGS] = settings
     app[REGISTRY] = registry
     app[METRICS] = metrics or GatewayMetrics()
-    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_queue_publisher)
 
     sync_call, async_call = invocation(_sync_call), invocation(_async_call)
@@ -47,20 +47,16 @@ def create_app(
     return app
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    connector = aiohttp.TCPConnector(
-        limit=settings.upstream_max_conns,
-        limit_per_host=0,
-        keepalive_timeout=settings.upstream_keepalive_s,
-    )
-    # No cookie jar: cookies from one caller's function response must never reach another.
-    # No decompression: bodies pass through byte for byte with their Content-Encoding.
-    async with aiohttp.ClientSession(
-        connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
-    ) as session:
-        app[SYNC_PROXY] = SyncProxy(settings, app[REGISTRY], session, app[METRICS])
+    # Keeps no cookies and never decompresses: bodies pass through byte for byte, and
+    # nothing of one caller's call can reach another's.
+    client = UpstreamClient(keepalive_s=settings.upstream_keepalive_s)
+    app[SYNC_PROXY] = SyncProxy(settings, app[REGISTRY], client, app[METRICS])
+    try:
         yield
+    finally:
+        await client.close()
 
 
 async def _queue_publisher(app: web.Application) -> AsyncIterator[None]:

@@ -1,15 +1,21 @@
 """Synchronous invocation: stream the request to the function and its response back."""
 
 import logging
-from dataclasses import dataclass
+from collections.abc import AsyncIterable
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from faas_common.headers import CALL_ID, START_TIME, end_to_end
 from faas_common.logs import call_context
 from faas_common.registry import FunctionSpec, Registry
+from faas_common.upstream import (
+    Timeouts,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamResponse,
+)
+from faas_common.upstream import UpstreamTimeoutError as ClientTimeoutError
 from gateway.calls import CallContext
 from gateway.errors import GatewayError, UpstreamTimeoutError, UpstreamUnavailableError
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
@@ -18,8 +24,6 @@ from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")
 
-# The client's headers go upstream as they are; aiohttp must not add its own defaults.
-SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 REQUEST_HEADERS_NOT_FORWARDED = frozenset({"host", "expect"})
 # Bodies up to this size, with a known length, are read whole rather than streamed; larger ones
 # and those of unknown length (chunked, event streams) are streamed in both directions.
@@ -31,14 +35,14 @@ class SyncProxy:
         self,
         settings: GatewaySettings,
         registry: Registry,
-        session: aiohttp.ClientSession,
+        client: UpstreamClient,
         metrics: GatewayMetrics,
     ) -> None:
         self._settings = settings
         self._registry = registry
-        self._session = session
+        self._client = client
         self._metrics = metrics
-        self._limits_by_name: dict[str, CallLimits] = {}
+        self._timeouts_by_name: dict[str, tuple[FunctionSpec, Timeouts]] = {}
 
     async def handle(self, request: web.Request, call: CallContext) -> web.StreamResponse:
         name = request.match_info["name"]
@@ -62,26 +66,17 @@ class SyncProxy:
         headers = forwarded_headers(request, REQUEST_HEADERS_NOT_FORWARDED)
         headers[CALL_ID] = call.call_id
         headers[START_TIME] = str(call.start_ns)
-        limits = self._limits(function)
         url = function.url_for(raw_subpath(request), request.rel_url.raw_query_string)
         try:
-            upstream = await self._session.request(
+            upstream = await self._client.request(
                 request.method,
                 url,
-                headers=headers,
-                data=await request_body(request),
-                allow_redirects=False,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
-                timeout=limits.client_timeout,
+                headers.items(),
+                await request_body(request),
+                self._timeouts(function),
             )
-        except TimeoutError as exc:
-            raise UpstreamTimeoutError(
-                f"function {function.name!r} did not answer within its timeout"
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailableError(
-                f"function {function.name!r} is unreachable: {type(exc).__name__}"
-            ) from exc
+        except (UpstreamError, ValueError) as exc:
+            raise as_gateway_error(function, exc, "did not answer") from exc
 
         async with upstream:
             self._metrics.observe_sync(function.name, upstream.status, call.elapsed_s())
@@ -93,14 +88,8 @@ class SyncProxy:
                 # function that breaks off still gets a clean 502 rather than a cut body.
                 try:
                     body = await upstream.read()
-                except TimeoutError as exc:
-                    raise UpstreamTimeoutError(
-                        f"function {function.name!r} stopped sending its response"
-                    ) from exc
-                except aiohttp.ClientError as exc:
-                    raise UpstreamUnavailableError(
-                        f"function {function.name!r} broke off its response: {type(exc).__name__}"
-                    ) from exc
+                except UpstreamError as exc:
+                    raise as_gateway_error(function, exc, "broke off its response") from exc
                 return web.Response(
                     status=upstream.status,
                     reason=upstream.reason,
@@ -112,7 +101,7 @@ class SyncProxy:
     async def _stream_back(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         headers: CIMultiDict[str],
         function: FunctionSpec,
         call: CallContext,
@@ -121,17 +110,17 @@ class SyncProxy:
         response.headers.extend(headers)
         try:
             await response.prepare(request)
-            chunks = upstream.content.iter_any()
+            chunks = upstream.chunks()
             while True:
                 try:
                     chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                except UpstreamError as exc:
                     # Headers are gone already; all that is left is to cut the response short.
                     log.warning(
                         "function response broke off: %s",
-                        type(exc).__name__,
+                        exc,
                         extra=call_context(call.call_id, function.name),
                     )
                     raise
@@ -146,46 +135,40 @@ class SyncProxy:
             )
         return response
 
-    def _limits(self, function: FunctionSpec) -> "CallLimits":
-        limits = self._limits_by_name.get(function.name)
-        if limits is None or limits.function is not function:  # new, or redeployed
-            limits = CallLimits.of(function, self._settings)
-            self._limits_by_name[function.name] = limits
-        return limits
-
-
-@dataclass(frozen=True, slots=True)
-class CallLimits:
-    """The whole call, body included, within exec_timeout (or upstream_timeout), as OpenFaaS's
-    gateway limits it; connecting within write_timeout; each wait for bytes within
-    read_timeout."""
-
-    function: FunctionSpec
-    client_timeout: aiohttp.ClientTimeout
-
-    @classmethod
-    def of(cls, function: FunctionSpec, settings: GatewaySettings) -> "CallLimits":
-        return cls(
-            function=function,
-            client_timeout=aiohttp.ClientTimeout(
-                total=function.exec_timeout_s or settings.upstream_timeout_s,
-                sock_connect=function.write_timeout_s or settings.write_timeout_s,
-                sock_read=function.read_timeout_s or settings.read_timeout_s,
-            ),
+    def _timeouts(self, function: FunctionSpec) -> Timeouts:
+        """The whole call, body included, within the function's exec_timeout (else
+        upstream_timeout), as OpenFaaS's gateway limits it; connecting within write_timeout;
+        each wait for bytes within read_timeout."""
+        cached = self._timeouts_by_name.get(function.name)
+        if cached is not None and cached[0] is function:
+            return cached[1]
+        settings = self._settings
+        timeouts = Timeouts(
+            connect_s=function.write_timeout_s or settings.write_timeout_s,
+            read_s=function.read_timeout_s or settings.read_timeout_s,
+            total_s=function.exec_timeout_s or settings.upstream_timeout_s,
         )
+        self._timeouts_by_name[function.name] = (function, timeouts)
+        return timeouts
 
 
-async def request_body(request: web.Request) -> bytes | aiohttp.StreamReader | None:
+def as_gateway_error(function: FunctionSpec, exc: Exception, what: str) -> GatewayError:
+    if isinstance(exc, ClientTimeoutError):
+        return UpstreamTimeoutError(f"function {function.name!r} did not answer within its timeout")
+    return UpstreamUnavailableError(f"function {function.name!r} {what}: {exc}")
+
+
+async def request_body(request: web.Request) -> bytes | AsyncIterable[bytes] | None:
     """Small bodies of known length are read at once; anything else streams through."""
     if not request.body_exists:
         return None
     length = request.content_length
     if length is not None and length <= SMALL_BODY_BYTES:
         return await request.read()
-    return request.content
+    return request.content.iter_any()
 
 
-def is_small_and_whole(request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
+def is_small_and_whole(request: web.Request, upstream: UpstreamResponse) -> bool:
     """A response that may be read whole before it is sent on, without changing its meaning."""
     length = upstream.content_length
     return (
@@ -193,5 +176,4 @@ def is_small_and_whole(request: web.Request, upstream: aiohttp.ClientResponse) -
         and length <= SMALL_BODY_BYTES
         and request.method != "HEAD"  # its Content-Length describes a body that is not sent
         and upstream.status not in (204, 304)
-        and upstream.status >= 200
     )

@@ -36,9 +36,6 @@ class GatewaySettings(CommonSettings):
         "How long start-up waits for NATS before serving sync calls without it (it keeps "
         "trying in the background).",
     )
-    upstream_max_conns: int = setting(
-        0, "upstream_max_conns", "Cap on open connections to all functions (0: no cap)."
-    )
     upstream_keepalive_s: Seconds = setting(
         30.0, "upstream_keepalive", "Idle keep-alive connections to functions close after this."
     )

@@ -4,14 +4,15 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from faas_common.headers import CALL_ID, DURATION_SECONDS, FUNCTION_NAME, FUNCTION_STATUS
 from faas_common.logs import call_context
 from faas_common.message import QueuedCall
+from faas_common.upstream import Timeouts, UpstreamClient, UpstreamError
 from queue_worker.decisions import judge_callback_attempt
-from queue_worker.invoker import SKIP_AUTO_HEADERS, Outcome
+from queue_worker.invoker import Outcome
 from queue_worker.settings import WorkerSettings
 
 log = logging.getLogger("faas.worker")
@@ -35,40 +36,39 @@ def callback_headers(call: QueuedCall, outcome: Outcome) -> CIMultiDict[str]:
 
 
 class CallbackSender:
-    def __init__(self, settings: WorkerSettings, session: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: WorkerSettings, client: UpstreamClient) -> None:
         self._settings = settings
-        self._session = session
+        self._client = client
 
     async def deliver(self, call: QueuedCall, outcome: Outcome) -> CallbackResult:
         assert call.callback_url is not None
-        headers = callback_headers(call, outcome)
-        timeout = aiohttp.ClientTimeout(total=self._settings.callback_timeout_s)
+        headers = list(callback_headers(call, outcome).items())
+        limit_s = self._settings.callback_timeout_s
+        timeouts = Timeouts(connect_s=limit_s, read_s=limit_s, total_s=limit_s)
         attempt = 0
         while True:
             attempt += 1
             status: int | None = None
             try:
-                async with self._session.post(
-                    call.callback_url,
-                    data=outcome.body,
-                    headers=headers,
-                    allow_redirects=False,
-                    skip_auto_headers=SKIP_AUTO_HEADERS,
-                    timeout=timeout,
+                url = URL(call.callback_url)
+                if url.scheme not in ("http", "https") or not url.raw_host:
+                    raise ValueError("not an absolute http or https URL")
+                async with await self._client.request(
+                    "POST", url, headers, outcome.body, timeouts
                 ) as response:
                     status = response.status
                     await response.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except UpstreamError as exc:
                 log.info(
                     "callback attempt %d to %s failed: %s",
                     attempt,
                     call.callback_url,
-                    type(exc).__name__,
+                    exc,
                     extra=call_context(call.call_id, call.function),
                 )
             except ValueError as exc:
-                # The client refused to build the request (say, a host name IDNA cannot
-                # encode): every attempt would fail alike. Raising instead would leave the
+                # The request cannot be built (a host name IDNA cannot encode, say): every
+                # attempt would fail alike. Raising instead would leave the
                 # message unsettled, and the function would run again on redelivery.
                 log.warning(
                     "callback to %s cannot be sent: %s: %s",

@@ -4,15 +4,13 @@ import json
 import time
 from dataclasses import dataclass
 
-import aiohttp
 from multidict import CIMultiDict
 
 from faas_common.headers import CALL_ID, START_TIME, end_to_end
 from faas_common.message import QueuedCall
 from faas_common.registry import FunctionSpec
+from faas_common.upstream import Timeouts, UpstreamClient, UpstreamError, UpstreamTimeoutError
 from queue_worker.settings import WorkerSettings
-
-SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,32 +38,30 @@ def failure(status_code: int, error: str, duration_s: float) -> Outcome:
 
 
 class FunctionInvoker:
-    def __init__(self, settings: WorkerSettings, session: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: WorkerSettings, client: UpstreamClient) -> None:
         self._settings = settings
-        self._session = session
+        self._client = client
 
     async def invoke(self, call: QueuedCall, function: FunctionSpec | None) -> Outcome:
         started = time.monotonic()
         if function is None:
             return failure(404, f"function {call.function!r} is no longer registered", 0.0)
         exec_timeout_s = function.exec_timeout_s or self._settings.exec_timeout_s
-        timeout = aiohttp.ClientTimeout(
-            total=exec_timeout_s,
-            sock_connect=function.write_timeout_s or self._settings.write_timeout_s,
-            sock_read=function.read_timeout_s or self._settings.read_timeout_s,
+        timeouts = Timeouts(
+            connect_s=function.write_timeout_s or self._settings.write_timeout_s,
+            read_s=function.read_timeout_s or self._settings.read_timeout_s,
+            total_s=exec_timeout_s,
         )
         headers = CIMultiDict(call.headers)
         headers[CALL_ID] = call.call_id
         headers[START_TIME] = str(call.accepted_at_ns)
         try:
-            async with self._session.request(
+            async with await self._client.request(
                 call.method,
                 function.url_for(call.path, call.query),
-                headers=headers,
-                data=call.body,
-                allow_redirects=False,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
-                timeout=timeout,
+                headers.items(),
+                call.body,
+                timeouts,
             ) as response:
                 body = await response.read()
                 return Outcome(
@@ -76,16 +72,16 @@ class FunctionInvoker:
                     body=body,
                     duration_s=time.monotonic() - started,
                 )
-        except TimeoutError:
+        except UpstreamTimeoutError:
             return failure(
                 504,
                 f"function {function.name!r} exceeded its timeout (exec {exec_timeout_s:g}s)",
                 time.monotonic() - started,
             )
-        except (aiohttp.ClientError, ValueError) as exc:
-            # ValueError: the client refused to build the request (a host name IDNA cannot
-            # encode, a header with a line break). Raising instead would leave the message
-            # unsettled, so it would come back after ack_wait and fail again, forever.
+        except (UpstreamError, ValueError) as exc:
+            # ValueError: the request cannot be framed (a header with a line break). Raising
+            # instead would leave the message unsettled, so it would come back after ack_wait
+            # and fail again, forever.
             return failure(
                 502,
                 f"function {function.name!r} is unreachable: {type(exc).__name__}: {exc}",

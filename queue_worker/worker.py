@@ -9,9 +9,9 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -23,6 +23,7 @@ from faas_common.logs import call_context
 from faas_common.loops import new_event_loop
 from faas_common.message import MalformedMessageError, QueuedCall
 from faas_common.registry import Registry
+from faas_common.upstream import UpstreamClient
 from queue_worker.callback import CallbackSender
 from queue_worker.consumer import ensure_consumer
 from queue_worker.decisions import Ending, Settle, heartbeat_interval_s, outcome_label, settle
@@ -57,10 +58,12 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._reconnected = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Slots held by messages not yet past their function call; the rest are calling back.
+        self._invoking = 0
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._client: UpstreamClient | None = None
         self._invoker: FunctionInvoker | None = None
         self._callbacks: CallbackSender | None = None
         self._status: StatusServer | None = None
@@ -108,13 +111,9 @@ class Worker:
 
     async def _start(self) -> bool:
         """Connect and bind the consumer; False when asked to stop before that succeeded."""
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-        )
-        self._invoker = FunctionInvoker(self.settings, self._session)
-        self._callbacks = CallbackSender(self.settings, self._session)
+        self._client = UpstreamClient()
+        self._invoker = FunctionInvoker(self.settings, self._client)
+        self._callbacks = CallbackSender(self.settings, self._client)
         self._status = StatusServer(
             self.settings.worker_host,
             self.settings.worker_port,
@@ -171,7 +170,7 @@ class Worker:
     async def _consume(self) -> None:
         retry_wait_s = 0.1
         while not self._stopping.is_set():
-            free = self.settings.max_inflight - len(self._tasks)
+            free = self._free_slots()
             if free <= 0:
                 self._slot_freed.clear()
                 await self._wait_for(self._slot_freed, timeout_s=None)
@@ -206,9 +205,21 @@ class Worker:
                 if self._stopping.is_set():
                     await self._settle(msg, Settle.NAK)
                     continue
+                self._invoking += 1  # claimed now, before the task runs, so no fetch overshoots
                 task = asyncio.create_task(self._process(msg))
                 self._tasks.add(task)
                 task.add_done_callback(self._task_done)
+
+    def _free_slots(self) -> int:
+        """How many more messages to take: up to max_inflight function calls at once.
+
+        A call whose function has returned no longer holds a slot while its callback is sent,
+        but messages held in all stay below twice max_inflight, so a receiver that is down
+        slows intake instead of piling up results in memory.
+        """
+        calls = self.settings.max_inflight - self._invoking
+        held = 2 * self.settings.max_inflight - len(self._tasks)
+        return min(calls, held)
 
     def _is_connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
@@ -238,8 +249,13 @@ class Worker:
         if not task.cancelled() and task.exception() is not None:
             log.error("call handling failed", exc_info=task.exception())
 
+    def _release_slot(self) -> None:
+        self._invoking -= 1
+        self._slot_freed.set()
+
     async def _process(self, msg: Msg) -> None:
         lease = asyncio.create_task(self._keep_lease(msg))
+        slot = SlotRelease(self._release_slot)
         try:
             try:
                 call = QueuedCall.decode(msg.data)
@@ -249,7 +265,7 @@ class Worker:
                 await self._settle(msg, settle(Ending.MALFORMED))
                 return
             try:
-                await self._run_call(call)
+                await self._run_call(call, slot)
             except asyncio.CancelledError:
                 self.interrupted += 1
                 log.info(
@@ -269,9 +285,10 @@ class Worker:
             await self._settle(msg, settle(Ending.COMPLETED))
             self.completed += 1
         finally:
+            slot.release()
             lease.cancel()
 
-    async def _run_call(self, call: QueuedCall) -> None:
+    async def _run_call(self, call: QueuedCall, slot: "SlotRelease") -> None:
         assert self._invoker is not None and self._callbacks is not None
         context = call_context(call.call_id, call.function)
         inflight = self.metrics.inflight.labels(call.function)
@@ -281,12 +298,15 @@ class Worker:
             outcome = await self._invoker.invoke(call, function)
         finally:
             inflight.dec()
+            slot.release()
         label = outcome_label(outcome.status_code)
         self.metrics.processed.labels(call.function, label).inc()
         self.metrics.duration.labels(call.function, str(outcome.status_code)).observe(
             outcome.duration_s
         )
-        log.info(
+        # One line per call at debug; calls that failed at info, so they show by default.
+        log.log(
+            logging.DEBUG if outcome.succeeded else logging.INFO,
             "%s with %d in %.3fs%s",
             label,
             outcome.status_code,
@@ -353,8 +373,8 @@ class Worker:
             with contextlib.suppress(nats.errors.Error, TimeoutError):
                 await self._nc.flush(timeout=2)
             await self._nc.close()
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
         if self._status is not None:
             await self._status.close()
 
@@ -396,6 +416,20 @@ class Worker:
                 self.settings.nats_stream, self.settings.nats_consumer, timeout=1.0
             )
             self.metrics.pending.set(info.num_pending or 0)
+
+
+class SlotRelease:
+    """Gives a message's slot back exactly once: when its function returns, or at the end."""
+
+    __slots__ = ("_release",)
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release()
+            self._release = None
 
 
 def _sequence(msg: Msg) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 import aiohttp
 import nats
 import pytest
+import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
@@ -17,6 +18,14 @@ from gateway.settings import GatewaySettings
 from queue_worker.settings import WorkerSettings
 from queue_worker.worker import Worker
 from tests.harness import NatsServer, Recorder, Responder, default_responder
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Tests run on uvloop, the loop both processes use in production; the HTTP client's own
+    tests run on both loops, since its transports must work with either."""
+    if item.module is not None and item.module.__name__.endswith("test_upstream_client"):
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture
