@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint format install clean
+.PHONY: run test lint format install clean bench bench-quick
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -20,6 +20,12 @@ run: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PY) -m pytest
+
+bench: $(INSTALLED)
+	$(PY) -m bench
+
+bench-quick: $(INSTALLED)
+	$(PY) -m bench --quick
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

@@ -61,13 +61,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--gateway-workers",
         type=int,
         default=os.cpu_count() or 2,
-        help="processes of the multi-process gateway measured beside the single one (default: CPUs)",
+        help="processes of the multi-process gateway measured beside the single one "
+        "(default: CPUs)",
     )
     parser.add_argument(
         "--load", choices=["auto", "wrk", "builtin"], default="auto", help="load generator"
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the run folder (logs, NATS store)"
+    )
+    parser.add_argument(
+        "--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON and markdown go"
     )
     return parser.parse_args(argv)
 
@@ -93,7 +97,8 @@ async def run(args: argparse.Namespace) -> int:
         f"load generator: {tool}" + ("" if tool == "wrk" else " (install wrk for steadier figures)")
     )
     log(
-        f"upstream for --peer gateways: {f'http://127.0.0.1:{ports.services}'} (route /function/echo to it)"
+        f"upstream for --peer gateways: http://127.0.0.1:{ports.services} "
+        "(route their /function/echo to it)"
     )
     log(f"run folder: {run_dir}")
     stack = BenchStack(run_dir, ports)
@@ -151,7 +156,13 @@ async def run(args: argparse.Namespace) -> int:
     ordered = [results[number] for number in sorted(results)]
     table = markdown_table(ordered)
     print("\n" + table)
-    save(meta, ordered, table, write_summary=not args.quick and set(numbers) == set(SCENARIOS))
+    save(
+        meta,
+        ordered,
+        table,
+        args.results_dir,
+        write_summary=not args.quick and set(numbers) == set(SCENARIOS),
+    )
     return 0
 
 
@@ -179,16 +190,21 @@ def verdict(met: bool | None) -> str:
 def markdown_table(results: list[Result]) -> str:
     lines = ["| # | scenario | measured | target | met |", "|---|---|---|---|---|"]
     for result in results:
-        lines.append(
-            f"| {result.number} | {result.title} | {result.figure} | {result.target} | {verdict(result.met)} |"
-        )
+        cells = [str(result.number), result.title, result.figure, result.target]
+        lines.append("| " + " | ".join([*cells, verdict(result.met)]) + " |")
     return "\n".join(lines)
 
 
-def save(meta: dict[str, object], results: list[Result], table: str, write_summary: bool) -> None:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def save(
+    meta: dict[str, object],
+    results: list[Result],
+    table: str,
+    results_dir: Path,
+    write_summary: bool,
+) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (RESULTS_DIR / f"{stamp}.json").write_text(
+    (results_dir / f"{stamp}.json").write_text(
         json.dumps({"meta": meta, "results": [asdict(result) for result in results]}, indent=2)
     )
     summary = "\n".join(
@@ -204,9 +220,9 @@ def save(meta: dict[str, object], results: list[Result], table: str, write_summa
             "",
         ]
     )
-    (RESULTS_DIR / f"{stamp}.md").write_text(summary)
-    (RESULTS_DIR / "latest.md").write_text(summary)
-    print(f"\nwrote {RESULTS_DIR / (stamp + '.json')} and {RESULTS_DIR / (stamp + '.md')}")
+    (results_dir / f"{stamp}.md").write_text(summary)
+    (results_dir / "latest.md").write_text(summary)
+    print(f"\nwrote {results_dir / (stamp + '.json')} and {results_dir / (stamp + '.md')}")
     if write_summary:
         SUMMARY.write_text(summary)
         print(f"wrote {SUMMARY}")

@@ -2,12 +2,12 @@
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -68,25 +68,28 @@ async def _wrk(
         lines.append(f'wrk.body = string.rep("x", {body_bytes})')
     for name, value in headers.items():
         lines.append(f"wrk.headers[{_lua_string(name)}] = {_lua_string(value)}")
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write("\n".join(lines) + "\n")
-    try:
-        process = await asyncio.create_subprocess_exec(
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{max(1, round(seconds))}s",
-            "--latency",
-            "-s",
-            script.name,
-            url,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        output = (await process.communicate())[0].decode()
-    finally:
-        Path(script.name).unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="faas-bench-wrk-") as scratch:
+        script_path = os.path.join(scratch, "request.lua")
+        with open(script_path, "w") as script:  # noqa: ASYNC230 - a few bytes, once per run
+            script.write("\n".join(lines) + "\n")
+        output = await _run_wrk(script_path, url, connections, seconds)
     return parse_wrk(output)
+
+
+async def _run_wrk(script_path: str, url: str, connections: int, seconds: float) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "-s",
+        script_path,
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    return (await process.communicate())[0].decode()
 
 
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}

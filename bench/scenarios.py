@@ -66,8 +66,9 @@ async def measure_interleaved(
             )
             runs[name].append(result)
             ctx.log(
-                f"  round {round_number + 1}/{ctx.rounds} {name}: {result.requests_per_s:,.0f} req/s, "
-                f"p50 {result.p50_ms:.3f} ms, errors {result.errors}"
+                f"  round {round_number + 1}/{ctx.rounds} {name}: "
+                f"{result.requests_per_s:,.0f} req/s, p50 {result.p50_ms:.3f} ms, "
+                f"errors {result.errors}"
             )
     return runs
 
@@ -176,7 +177,8 @@ async def big_bodies(ctx: Context) -> Result:
     return Result(
         3,
         "Sync proxy, 100 MiB upload and download: gateway RSS growth",
-        f"upload +{growth['upload']:.1f} MiB, download +{growth['download']:.1f} MiB (peak RSS over the start)",
+        f"upload +{growth['upload']:.1f} MiB, download +{growth['download']:.1f} MiB "
+        "(peak RSS over the start)",
         worst,
         "<= 20 MiB",
         worst <= 20,

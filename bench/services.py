@@ -120,9 +120,6 @@ def main() -> None:
         port=args.port,
         access_log=None,
         print=None,
-        loop=__import__("uvloop").new_event_loop()
-        if __import__("os").environ.get("SERVICES_UVLOOP")
-        else None,
     )
 
 
