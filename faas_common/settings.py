@@ -55,6 +55,12 @@ class CommonSettings(BaseSettings):
     nats_reconnect_wait_s: Seconds = setting(
         2.0, "nats_reconnect_wait", "Pause between attempts to reach NATS; attempts never stop."
     )
+    upstream_keepalive_s: Seconds = setting(
+        4.0,
+        "upstream_keepalive",
+        "Idle keep-alive connections to functions and callback receivers close after this; "
+        "shorter than the 5 s of Node.js and uvicorn servers, so we close first.",
+    )
     event_loop: Literal["auto", "uvloop", "asyncio"] = setting(
         "auto",
         "event_loop",

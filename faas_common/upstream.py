@@ -26,6 +26,7 @@ from yarl import URL
 
 # Methods whose requests carry no body unless given one; others get "Content-Length: 0".
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
+_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Framing is ours to decide: these request headers from the caller are replaced.
 _FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 # A response body buffered beyond this stops reading from the socket until it is consumed.
@@ -49,6 +50,10 @@ class UpstreamTimeoutError(UpstreamError, TimeoutError):
     """No bytes within the read timeout, or the whole exchange over its total timeout."""
 
 
+class _UnaskedResponse(Exception):
+    """Raised from a parser callback to stop parsing at a response nobody asked for."""
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     connect_s: float
@@ -69,6 +74,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.received_any = False  # any byte of a response to the exchange in flight
         self._parser: httptools.HttpResponseParser | None = None
         self._head_only = False
         self._reusable = False
@@ -104,6 +110,7 @@ class _Connection(asyncio.Protocol):
             self._drain_waiter.set_exception(UpstreamDisconnectedError("connection lost"))
 
     def data_received(self, data: bytes) -> None:
+        self.received_any = True
         if self._parser is None or self._complete:
             # Bytes nobody asked for: the connection is in an unknown state.
             self._reusable = False
@@ -115,7 +122,9 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamDisconnectedError("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamDisconnectedError(f"invalid HTTP response: {exc}"))
+            # A callback's own exception, if one failed, says more than the parser's.
+            cause = exc.__context__ or exc
+            self._fail(UpstreamDisconnectedError(f"invalid HTTP response: {cause}"))
 
     def pause_writing(self) -> None:
         self._paused_writing = True
@@ -126,6 +135,12 @@ class _Connection(asyncio.Protocol):
             self._drain_waiter.set_result(None)
 
     # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # A second response to one request, in the same read as the first: its status
+            # and headers must not overwrite ours, and the stream is out of step.
+            raise _UnaskedResponse("a second response to one request")
 
     def on_status(self, status: bytes) -> None:
         self.reason += status.decode("latin-1")
@@ -175,12 +190,25 @@ class _Connection(asyncio.Protocol):
         self._body.clear()
         self._buffered_bytes = 0
         self._complete = False
+        self.received_any = False
         self._headers_waiter = self._loop.create_future()
+        if self._reading_paused:
+            # The read that completed the last response paused reading, and its body was
+            # left unread: nothing else would resume it, and this response would never come.
+            assert self.transport is not None
+            self.transport.resume_reading()
+            self._reading_paused = False
 
     def _ends_at_close(self) -> bool:
-        """A body with neither Content-Length nor chunked framing ends when the peer closes."""
-        names = {name.lower() for name, _ in self.headers}
-        return "content-length" not in names and "transfer-encoding" not in names
+        """A body with neither Content-Length nor chunked framing ends when the peer closes.
+
+        Chunked framing means chunked as the last transfer coding (RFC 9112 6.3): under any
+        other, such as "gzip", the body ends at the close, Content-Length or not.
+        """
+        codings = [value for name, value in self.headers if name.lower() == "transfer-encoding"]
+        if codings:
+            return codings[-1].rsplit(",", 1)[-1].strip().lower() != "chunked"
+        return all(name.lower() != "content-length" for name, _ in self.headers)
 
     def _finish_message(self) -> None:
         self._complete = True
@@ -202,9 +230,27 @@ class _Connection(asyncio.Protocol):
         if self._body_waiter is not None and not self._body_waiter.done():
             self._body_waiter.set_result(None)
 
-    async def wait_for_headers(self, deadline: float) -> None:
+    async def wait_for_headers(
+        self, read_s: float, total_deadline: float, upload: "asyncio.Task[None] | None"
+    ) -> None:
         assert self._headers_waiter is not None
+        if upload is not None and not upload.done():
+            # The read timeout starts once the request is sent whole, as in aiohttp and in
+            # Go's ResponseHeaderTimeout: a slow upload (a slow client's, passed through) is
+            # no silence of the upstream's. Until then only the total timeout applies.
+            await self._wait_for_either(upload, total_deadline)
+        deadline = min(self._loop.time() + read_s, total_deadline)
         await self._wait(self._headers_waiter, deadline, "no response headers")
+
+    async def _wait_for_either(self, upload: "asyncio.Task[None]", deadline: float) -> None:
+        assert self._headers_waiter is not None
+        timeout_s = None if deadline == float("inf") else max(0.0, deadline - self._loop.time())
+        done, _ = await asyncio.wait(
+            (self._headers_waiter, upload), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            # Past the total deadline: the wait for the headers that follows raises this.
+            _expire(self._headers_waiter, UpstreamTimeoutError("no response headers"))
 
     async def next_chunk(self, read_s: float, total_deadline: float) -> bytes | None:
         """The next piece of the body, or None at its end."""
@@ -355,39 +401,45 @@ class UpstreamClient:
         host = url.raw_host or ""
         port = url.port or (443 if scheme == "https" else 80)
         key = (scheme, host, port)
-        connection = await self._connect(key, timeouts, total_deadline)
+        # Framed before connecting: a request that cannot be sent must not cost a connection.
         head, chunked = _request_head(method, url, headers, body)
-        connection.start_exchange(head_only=method == "HEAD")
-        transport = connection.transport
-        assert transport is not None
-        upload: asyncio.Task[None] | None = None
-        try:
-            if body is None:
-                transport.write(head)
-            elif isinstance(body, bytes | bytearray | memoryview):
-                transport.write(head + body if len(body) < 65536 else head)
-                if len(body) >= 65536:
-                    transport.write(body)
-            else:
-                transport.write(head)
-                upload = loop.create_task(_upload(connection, body, chunked))
-            await connection.wait_for_headers(min(loop.time() + timeouts.read_s, total_deadline))
-        except BaseException:
-            if upload is not None:
-                upload.cancel()
-            connection.abandon()
-            raise
-        return UpstreamResponse(self, key, connection, timeouts.read_s, total_deadline, upload)
+        replayable = body is None or isinstance(body, bytes | bytearray | memoryview)
+        for attempt in (1, 2):
+            connection, reused = await self._connect(key, timeouts, total_deadline)
+            upload: asyncio.Task[None] | None = None
+            try:
+                upload = _send(connection, method, head, body, chunked)
+                await connection.wait_for_headers(timeouts.read_s, total_deadline, upload)
+            except BaseException as exc:
+                if upload is not None:
+                    upload.cancel()
+                connection.abandon()
+                # A kept-alive connection the server closed just as we sent on it: the server
+                # read nothing, but only for idempotent methods can we be sure of that (RFC
+                # 9110 9.2.2), so only they go again, once, on a new connection.
+                if (
+                    isinstance(exc, UpstreamDisconnectedError)
+                    and attempt == 1
+                    and reused
+                    and replayable
+                    and method in _IDEMPOTENT_METHODS
+                    and not connection.received_any
+                ):
+                    continue
+                raise
+            return UpstreamResponse(self, key, connection, timeouts.read_s, total_deadline, upload)
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _connect(
         self, key: tuple[str, str, int], timeouts: Timeouts, total_deadline: float
-    ) -> _Connection:
+    ) -> tuple[_Connection, bool]:
+        """A connection, and whether it was kept alive from an earlier request."""
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
             connection = idle.pop()
             if not connection.closed and now - connection.idle_since < self._keepalive_s:
-                return connection
+                return connection, True
             connection.abandon()
         loop = asyncio.get_running_loop()
         scheme, host, port = key
@@ -404,7 +456,7 @@ class UpstreamClient:
             raise UpstreamConnectError(f"connecting to {host}:{port} timed out") from exc
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
-        return connection
+        return connection, False
 
     def _release(self, key: tuple[str, str, int], connection: _Connection) -> None:
         if self._closed or not connection.reusable:
@@ -433,6 +485,31 @@ class UpstreamClient:
         self._idle.clear()
 
 
+def _send(
+    connection: _Connection,
+    method: str,
+    head: bytes,
+    body: bytes | AsyncIterable[bytes] | None,
+    chunked: bool,
+) -> "asyncio.Task[None] | None":
+    """Write the request; a streamed body goes on in a task of its own, which is returned."""
+    connection.start_exchange(head_only=method == "HEAD")
+    transport = connection.transport
+    assert transport is not None
+    if body is None:
+        transport.write(head)
+        return None
+    if isinstance(body, bytes | bytearray | memoryview):
+        if len(body) < 65536:
+            transport.write(head + body)
+        else:
+            transport.write(head)
+            transport.write(body)
+        return None
+    transport.write(head)
+    return asyncio.get_running_loop().create_task(_upload(connection, body, chunked))
+
+
 def _request_head(
     method: str,
     url: URL,
@@ -451,7 +528,7 @@ def _request_head(
         lowered = name.lower()
         if lowered in _FRAMING_HEADERS:
             if lowered == "content-length":
-                given_length = value
+                given_length = value.strip()
             continue
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
             raise ValueError(f"header {name!r} cannot be sent: it holds a line break or colon")
@@ -463,6 +540,9 @@ def _request_head(
     elif isinstance(body, bytes | bytearray | memoryview):
         lines.append(f"Content-Length: {len(body)}")
     elif given_length is not None:
+        if not given_length.isascii() or not given_length.isdigit():
+            # Sent as given, it must be a number: anything else would be a header of its own.
+            raise ValueError(f"Content-Length {given_length!r} is not a number")
         lines.append(f"Content-Length: {given_length}")
     else:
         lines.append("Transfer-Encoding: chunked")

@@ -36,9 +36,6 @@ class GatewaySettings(CommonSettings):
         "How long start-up waits for NATS before serving sync calls without it (it keeps "
         "trying in the background).",
     )
-    upstream_keepalive_s: Seconds = setting(
-        30.0, "upstream_keepalive", "Idle keep-alive connections to functions close after this."
-    )
     shutdown_grace_s: Seconds = setting(
         60.0, "shutdown_grace", "On SIGTERM/SIGINT, how long running sync calls may finish."
     )

@@ -111,7 +111,7 @@ class Worker:
 
     async def _start(self) -> bool:
         """Connect and bind the consumer; False when asked to stop before that succeeded."""
-        self._client = UpstreamClient()
+        self._client = UpstreamClient(keepalive_s=self.settings.upstream_keepalive_s)
         self._invoker = FunctionInvoker(self.settings, self._client)
         self._callbacks = CallbackSender(self.settings, self._client)
         self._status = StatusServer(
