@@ -106,7 +106,7 @@ async def run(args: argparse.Namespace) -> int:
     results: dict[int, Result] = {}
     try:
         await stack.start_nats()
-        await stack.start_services()
+        services = await stack.start_services()
         gateway = await stack.start_gateway("gateway", ports.gateway, workers=1)
         gateway_multi = await stack.start_gateway(
             "gateway-multi", ports.gateway_multi, workers=args.gateway_workers
@@ -119,6 +119,7 @@ async def run(args: argparse.Namespace) -> int:
             rounds=rounds,
             quick=args.quick,
             gateway_workers=args.gateway_workers,
+            services=services,
             gateway=gateway,
             gateway_multi=gateway_multi,
             peers=args.peer,

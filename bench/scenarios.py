@@ -39,6 +39,7 @@ class Context:
     rounds: int
     quick: bool
     gateway_workers: int
+    services: Proc
     gateway: Proc
     gateway_multi: Proc
     peers: list[str]
@@ -53,17 +54,31 @@ class Context:
 
 
 async def measure_interleaved(
-    ctx: Context, targets: dict[str, str], connections: int, **load: Any
+    ctx: Context,
+    targets: dict[str, str],
+    connections: int,
+    cpu_of: dict[str, Proc] | None = None,
+    cpu_us: dict[str, list[float]] | None = None,
+    **load: Any,
 ) -> dict[str, list[LoadResult]]:
-    """Each target once per round, in turn, after one warm-up run each."""
+    """Each target once per round, in turn, after one warm-up run each.
+
+    With ``cpu_of``, the CPU time the named process spent per request goes to ``cpu_us``: a
+    steadier figure than req/s on a shared machine, whose speed varies from minute to minute.
+    """
     for url in targets.values():
         await run_load(ctx.tool, url, connections=connections, seconds=1, **load)
     runs: dict[str, list[LoadResult]] = {name: [] for name in targets}
     for round_number in range(ctx.rounds):
         for name, url in targets.items():
+            proc = (cpu_of or {}).get(name)
+            cpu_before = proc.cpu_seconds() if proc else 0.0
             result = await run_load(
                 ctx.tool, url, connections=connections, seconds=ctx.seconds, **load
             )
+            if proc is not None and cpu_us is not None and result.requests:
+                spent_us = (proc.cpu_seconds() - cpu_before) * 1e6 / result.requests
+                cpu_us.setdefault(name, []).append(spent_us)
             runs[name].append(result)
             ctx.log(
                 f"  round {round_number + 1}/{ctx.rounds} {name}: "
@@ -93,14 +108,26 @@ def sync_targets(ctx: Context) -> dict[str, str]:
 
 
 async def sync_throughput(ctx: Context) -> Result:
-    runs = await measure_interleaved(ctx, sync_targets(ctx), connections=50, body_bytes=1024)
+    cpu_of = {
+        "direct": ctx.services,
+        "gateway x1": ctx.gateway,
+        f"gateway x{ctx.gateway_workers}": ctx.gateway_multi,
+    }
+    cpu_us: dict[str, list[float]] = {}
+    runs = await measure_interleaved(
+        ctx, sync_targets(ctx), connections=50, cpu_of=cpu_of, cpu_us=cpu_us, body_bytes=1024
+    )
     direct = median_rate(runs["direct"])
     rates = {name: median_rate(results) for name, results in runs.items()}
     ratios = {name: rate / direct for name, rate in rates.items() if name != "direct"}
     ours = {name: ratio for name, ratio in ratios.items() if name.startswith("gateway")}
     best_name = max(ours, key=ours.__getitem__)
-    figure = f"direct {direct:,.0f} req/s; " + "; ".join(
-        f"{name} {rates[name]:,.0f} req/s ({ratios[name]:.2f})" for name in ratios
+    cpu = {name: statistics.median(values) for name, values in cpu_us.items()}
+    figure = (
+        f"direct {direct:,.0f} req/s; "
+        + "; ".join(f"{name} {rates[name]:,.0f} req/s ({ratios[name]:.2f})" for name in ratios)
+        + "; CPU per request: "
+        + ", ".join(f"{name} {value:.0f} µs" for name, value in cpu.items())
     )
     return Result(
         1,
@@ -109,7 +136,7 @@ async def sync_throughput(ctx: Context) -> Result:
         ours[best_name],
         ">= 0.45 x direct",
         ours[best_name] >= 0.45,
-        {"rates": rates, "ratios": ratios, "runs": _dump(runs)},
+        {"rates": rates, "ratios": ratios, "cpu_us_per_request": cpu, "runs": _dump(runs)},
     )
 
 

@@ -59,6 +59,18 @@ class Proc:
                 return int(line.split()[1])
         raise RuntimeError(f"no {field} for {self.name}")
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU time of the process and its children still running (the
+        processes of a multi-process gateway)."""
+        total = 0.0
+        for pid in [self.pid, *_children(self.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
     def rss_bytes(self) -> int:
         return self._status_kib("VmRSS") * 1024
 
@@ -78,6 +90,18 @@ class Proc:
         except TimeoutError:
             self.process.kill()
             await self.process.wait()
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ValueError):
+            continue
+        for child in children:
+            found += [child, *_children(child)]
+    return found
 
 
 def nats_server_binary() -> str:

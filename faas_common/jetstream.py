@@ -97,6 +97,25 @@ async def retry_until_jetstream_answers(
         wait_s = min(wait_s * 2, max_wait_s)
 
 
+async def close_quietly(client: NatsClient) -> None:
+    """Close a client whatever state its connection is in.
+
+    nats-py's close() flushes what it buffered while disconnected; on a dead socket that
+    raises, and the rest of its cleanup is skipped, leaving the transport open (an event
+    loop then cannot close). Nothing buffered can be saved at that point anyway: unsent acks
+    mean redeliveries. So the error is logged and the transport closed here.
+    """
+    if client.is_closed:
+        return
+    try:
+        await client.close()
+    except Exception as exc:  # uvloop raises RuntimeError on a closed transport; any will do
+        log.debug("closing the NATS connection: %r", exc)
+        transport = getattr(client, "_transport", None)
+        if transport is not None:
+            transport.close()
+
+
 def desired_stream_config(settings: CommonSettings) -> StreamConfig:
     return StreamConfig(
         name=settings.nats_stream,

@@ -63,8 +63,8 @@ class Publisher:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._client is not None and not self._client.is_closed:
-            await self._client.close()
+        if self._client is not None:
+            await jetstream.close_quietly(self._client)
 
     async def _connect(self) -> None:
         self._client = await jetstream.connect(

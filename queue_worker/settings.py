@@ -33,6 +33,12 @@ class WorkerSettings(CommonSettings):
         "max_ack_pending",
         "Consumer limit on fetched, unacknowledged messages across all workers.",
     )
+    prefetch: int | None = setting(
+        None,
+        "prefetch",
+        "Messages fetched ahead of free slots, so a freed slot starts its next call at once. "
+        "Default: a quarter of max_inflight.",
+    )
     max_fetch_batch: int = setting(100, "max_fetch_batch", "Most messages taken in one fetch.")
     fetch_wait_s: Seconds = setting(
         1.0, "fetch_wait", "How long one fetch waits on an empty queue before asking again."

@@ -58,8 +58,12 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._reconnected = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        # Slots held by messages not yet past their function call; the rest are calling back.
-        self._invoking = 0
+        # Messages taken that have not finished their function call yet: running it, or
+        # fetched ahead and waiting for a slot. The rest of self._tasks are calling back.
+        self._claimed = 0
+        self._running = 0
+        self._slots = asyncio.Semaphore(settings.max_inflight)
+        self._waiting_for_slot: set[asyncio.Task[Any]] = set()
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
@@ -107,6 +111,12 @@ class Worker:
 
     @property
     def inflight(self) -> int:
+        """Function calls running now (at most max_inflight)."""
+        return self._running
+
+    @property
+    def held(self) -> int:
+        """Messages this worker holds: running, fetched ahead, or calling back."""
         return len(self._tasks)
 
     async def _start(self) -> bool:
@@ -205,21 +215,30 @@ class Worker:
                 if self._stopping.is_set():
                     await self._settle(msg, Settle.NAK)
                     continue
-                self._invoking += 1  # claimed now, before the task runs, so no fetch overshoots
+                self._claimed += 1  # counted now, before the task runs, so no fetch overshoots
                 task = asyncio.create_task(self._process(msg))
                 self._tasks.add(task)
                 task.add_done_callback(self._task_done)
 
     def _free_slots(self) -> int:
-        """How many more messages to take: up to max_inflight function calls at once.
+        """How many more messages to take.
 
-        A call whose function has returned no longer holds a slot while its callback is sent,
-        but messages held in all stay below twice max_inflight, so a receiver that is down
-        slows intake instead of piling up results in memory.
+        Up to max_inflight function calls run at once, and a few more messages are fetched
+        ahead, so that a slot that frees up starts its next call at once instead of after a
+        fetch round trip. A call whose function has returned no longer holds a slot while its
+        callback is sent, but messages held in all stay below twice max_inflight (plus those
+        fetched ahead), so a receiver that is down slows intake instead of piling up results.
         """
-        calls = self.settings.max_inflight - self._invoking
-        held = 2 * self.settings.max_inflight - len(self._tasks)
+        ahead = self.prefetch
+        calls = self.settings.max_inflight + ahead - self._claimed
+        held = 2 * self.settings.max_inflight + ahead - len(self._tasks)
         return min(calls, held)
+
+    @property
+    def prefetch(self) -> int:
+        if self.settings.prefetch is not None:
+            return self.settings.prefetch
+        return max(1, self.settings.max_inflight // 4)
 
     def _is_connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
@@ -249,13 +268,13 @@ class Worker:
         if not task.cancelled() and task.exception() is not None:
             log.error("call handling failed", exc_info=task.exception())
 
-    def _release_slot(self) -> None:
-        self._invoking -= 1
+    def _release_claim(self) -> None:
+        self._claimed -= 1
         self._slot_freed.set()
 
     async def _process(self, msg: Msg) -> None:
         lease = asyncio.create_task(self._keep_lease(msg))
-        slot = SlotRelease(self._release_slot)
+        slot = SlotRelease(self._release_claim)
         try:
             try:
                 call = QueuedCall.decode(msg.data)
@@ -291,13 +310,17 @@ class Worker:
     async def _run_call(self, call: QueuedCall, slot: "SlotRelease") -> None:
         assert self._invoker is not None and self._callbacks is not None
         context = call_context(call.call_id, call.function)
+        await self._take_slot()
         inflight = self.metrics.inflight.labels(call.function)
         inflight.inc()
+        self._running += 1
         try:
             function = self.registry.get(call.function)
             outcome = await self._invoker.invoke(call, function)
         finally:
             inflight.dec()
+            self._running -= 1
+            self._slots.release()
             slot.release()
         label = outcome_label(outcome.status_code)
         self.metrics.processed.labels(call.function, label).inc()
@@ -319,6 +342,16 @@ class Worker:
             self.metrics.callbacks.labels(
                 call.function, "delivered" if result.delivered else "failed"
             ).inc()
+
+    async def _take_slot(self) -> None:
+        """Wait for one of the max_inflight slots; a stop cancels the waiters (see _drain)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting_for_slot.add(task)
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting_for_slot.discard(task)
 
     async def _keep_lease(self, msg: Msg) -> None:
         interval_s = heartbeat_interval_s(self.settings.ack_wait_s)
@@ -346,6 +379,10 @@ class Worker:
     # stopping
 
     async def _drain(self) -> None:
+        # Messages fetched ahead and still waiting for a slot go back at once; only calls
+        # already running get the grace period.
+        for task in list(self._waiting_for_slot):
+            task.cancel()
         if self._tasks:
             log.info("waiting for %d running calls", len(self._tasks))
             deadline = time.monotonic() + self.settings.shutdown_grace_s
@@ -372,7 +409,7 @@ class Worker:
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(nats.errors.Error, TimeoutError):
                 await self._nc.flush(timeout=2)
-            await self._nc.close()
+            await jetstream.close_quietly(self._nc)
         if self._client is not None:
             await self._client.close()
         if self._status is not None:
@@ -394,6 +431,7 @@ class Worker:
             "nats": "connected" if self._nc and self._nc.is_connected else "disconnected",
             "consumer": self.settings.nats_consumer,
             "inflight": self.inflight,
+            "held": self.held,
             "maxInflight": self.settings.max_inflight,
         }
         if self._js is None or not self.ready.is_set() or not self._nc or not self._nc.is_connected:

@@ -1,4 +1,5 @@
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
 
+from faas_common.jetstream import close_quietly
 from faas_common.registry import Registry
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
@@ -25,6 +27,8 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     tests run on both loops, since its transports must work with either."""
     if item.module is not None and item.module.__name__.endswith("test_upstream_client"):
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    if os.environ.get("FAAS_TEST_LOOP") == "asyncio":  # for debugging with asyncio's tools
+        return {"asyncio": asyncio.new_event_loop}
     return {"uvloop": uvloop.new_event_loop}
 
 
@@ -41,7 +45,7 @@ async def nats_client(nats_server: NatsServer) -> AsyncIterator[NatsClient]:
     """A plain client for the test to look into the stream; reconnects across restarts."""
     client = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
     yield client
-    await client.close()
+    await close_quietly(client)
 
 
 async def stream_message_count(client: NatsClient, stream: str = "faas-async") -> int:

@@ -531,7 +531,8 @@ async def test_worker_idle_through_an_outage_takes_no_more_than_max_inflight_aft
     registry = registry_of(blocker=blocker.url, held=function.url)
     gateway = await start_gateway(registry)
     # Short fetches: a worker that kept fetching while NATS is away would try many times.
-    worker = await start_worker(registry, max_inflight=2, fetch_wait_s=0.05)
+    # No fetching ahead, so that both slots are free, and nothing held, during the outage.
+    worker = await start_worker(registry, max_inflight=2, fetch_wait_s=0.05, prefetch=0)
     for _ in range(2):
         await accepted(http, gateway, "blocker", receiver.url)
     await blocker.wait_for_requests(2, WAIT_S)
@@ -548,7 +549,7 @@ async def test_worker_idle_through_an_outage_takes_no_more_than_max_inflight_aft
     # Both slots come free while NATS is down; the acks wait in the client for the reconnect.
     blocking.released.set()
     await receiver.wait_for_requests(2, WAIT_S)
-    await wait_until(lambda: worker.inflight == 0, WAIT_S, "both slots to be free")
+    await wait_until(lambda: worker.held == 0, WAIT_S, "both slots to be free")
     await nats_server.start()
 
     await function.wait_for_requests(2, WAIT_S)
