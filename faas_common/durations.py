@@ -51,7 +51,8 @@ def _parse_text(text: str) -> float:
 
 
 def format_duration_s(seconds: float) -> str:
-    """Shortest readable form, for help texts and logs."""
-    if seconds == int(seconds):
-        return f"{int(seconds)}s"
-    return f"{seconds:g}s"
+    """Shortest readable form, for help texts and logs: 90s, 2.5s, 72h, 1h30m."""
+    if seconds != int(seconds) or seconds < 3600 or seconds % 60:
+        return f"{int(seconds)}s" if seconds == int(seconds) else f"{seconds:g}s"
+    hours, minutes = divmod(int(seconds) // 60, 60)
+    return f"{hours}h" + (f"{minutes}m" if minutes else "")

@@ -1,12 +1,16 @@
 """NATS connection and the async-call stream, set up the same way by whichever process is first."""
 
 import asyncio
+import contextlib
+import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
@@ -168,3 +172,34 @@ async def ensure_stream(js: JetStreamContext, settings: CommonSettings) -> None:
 
 def _value(enum_or_none: Any) -> str:
     return str(getattr(enum_or_none, "value", enum_or_none))
+
+
+async def direct_get_batch(
+    client: NatsClient, stream: str, request: dict[str, Any], timeout_s: float
+) -> list[Msg]:
+    """A batched direct get (NATS 2.11+): the messages the server sends until end of batch.
+
+    ``request`` is JetStream's: ``{"seq": N, "batch": K, "next_by_subj": ...}`` for K messages
+    from sequence N, or ``{"multi_last": [subjects]}`` for the last message of each subject.
+    """
+    inbox = client.new_inbox()
+    subscription = await client.subscribe(inbox)
+    try:
+        await client.publish(
+            f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox
+        )
+        deadline = time.monotonic() + timeout_s
+        messages = []
+        while True:
+            msg = await subscription.next_msg(timeout=max(deadline - time.monotonic(), 0.001))
+            status = (msg.headers or {}).get("Status")
+            if status is None:
+                messages.append(msg)
+            elif status in ("204", "404"):  # end of batch; nothing matched
+                return messages
+            else:
+                description = (msg.headers or {}).get("Description", "")
+                raise nats.errors.Error(f"direct get on {stream}: {status} {description}")
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await subscription.unsubscribe()

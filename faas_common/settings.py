@@ -52,6 +52,30 @@ class CommonSettings(BaseSettings):
         "duplicate_window",
         "A re-post with the same X-Call-Id within this window is not enqueued again.",
     )
+    activation_bucket: str = setting(
+        "faas-activations", "activation_bucket", "NATS key-value bucket of activation records."
+    )
+    activation_index_stream: str = setting(
+        "faas-activations-index",
+        "activation_index_stream",
+        "JetStream stream indexing activations in the order accepted, for listing.",
+    )
+    activation_retention_s: Seconds = setting(
+        72 * 3600.0,
+        "activation_retention",
+        "How long activation records and their results are kept.",
+    )
+    activation_max_result_bytes: int = setting(
+        1024 * 1024,
+        "activation_max_result_bytes",
+        "Most bytes of a function's response body kept with its record; the rest is cut off "
+        "and the record says truncated (callbacks still get the whole body).",
+    )
+    record_activations: bool = setting(
+        True,
+        "record_activations",
+        "Write activation records. Off only to measure what recording costs (make bench).",
+    )
     nats_reconnect_wait_s: Seconds = setting(
         2.0, "nats_reconnect_wait", "Pause between attempts to reach NATS; attempts never stop."
     )
@@ -65,6 +89,18 @@ class CommonSettings(BaseSettings):
         "auto",
         "event_loop",
         "auto: uvloop when installed (it is, on Linux and macOS), else asyncio.",
+    )
+    callback_max_attempts: int = setting(
+        5, "callback_max_attempts", "Attempts to deliver a callback before giving up on it."
+    )
+    callback_timeout_s: Seconds = setting(
+        10.0, "callback_timeout", "Limit on one callback delivery attempt."
+    )
+    callback_initial_wait_s: Seconds = setting(
+        0.5, "callback_initial_wait", "Wait before the first callback retry; doubles each time."
+    )
+    callback_max_wait_s: Seconds = setting(
+        10.0, "callback_max_wait", "Longest wait between callback attempts."
     )
     log_level: Literal["debug", "info", "warning", "error"] = setting(
         "info", "log_level", "Log level."

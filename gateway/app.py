@@ -5,22 +5,28 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from faas_common.callbacks import CallbackSender
 from faas_common.registry import Registry
 from faas_common.upstream import UpstreamClient
+from gateway.activation_api import ActivationApi
+from gateway.activations import ActivationQueries
 from gateway.async_calls import AsyncInvoker
 from gateway.calls import CallContext
+from gateway.demotion import Demotions
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import SyncProxy
 from gateway.publisher import Publisher
-from gateway.routes import invocation, no_such_route, read_only
+from gateway.routes import invocation, no_such_route, read_only, system
 from gateway.settings import GatewaySettings
 
 SETTINGS = web.AppKey("settings", GatewaySettings)
 REGISTRY = web.AppKey("registry", Registry)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 PUBLISHER = web.AppKey("publisher", Publisher)
+UPSTREAM_CLIENT = web.AppKey("upstream_client", UpstreamClient)
 SYNC_PROXY = web.AppKey("sync_proxy", SyncProxy)
 ASYNC_INVOKER = web.AppKey("async_invoker", AsyncInvoker)
+ACTIVATION_API = web.AppKey("activation_api", ActivationApi)
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -33,14 +39,19 @@ def create_app(
     app[SETTINGS] = settings
     app[REGISTRY] = registry
     app[METRICS] = metrics or GatewayMetrics()
+    # Cleaned up in reverse: calls that turned async finish while NATS and the client live.
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_queue_publisher)
+    app.cleanup_ctx.append(_sync_proxy)
 
     sync_call, async_call = invocation(_sync_call), invocation(_async_call)
     for pattern in ("/function/{name}", "/function/{name}/", "/function/{name}/{path:.*}"):
         app.router.add_route("*", pattern, sync_call)
     for pattern in ("/async-function/{name}", "/async-function/{name}/{path:.*}"):
         app.router.add_route("*", pattern, async_call)
+    app.router.add_route("*", "/system/activations", system(_list_activations))
+    app.router.add_route("*", "/system/activations/{call_id}", system(_activation))
+    app.router.add_route("*", "/system/activations/{call_id}/result", system(_activation_result))
     app.router.add_route("*", "/healthz", read_only(_healthz))
     app.router.add_route("*", "/metrics", read_only(_metrics))
     app.router.add_route("*", "/{tail:.*}", no_such_route)
@@ -52,7 +63,7 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     # Keeps no cookies and never decompresses: bodies pass through byte for byte, and
     # nothing of one caller's call can reach another's.
     client = UpstreamClient(keepalive_s=settings.upstream_keepalive_s)
-    app[SYNC_PROXY] = SyncProxy(settings, app[REGISTRY], client, app[METRICS])
+    app[UPSTREAM_CLIENT] = client
     try:
         yield
     finally:
@@ -62,12 +73,26 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
 async def _queue_publisher(app: web.Application) -> AsyncIterator[None]:
     publisher = Publisher(app[SETTINGS])
     app[PUBLISHER] = publisher
-    app[ASYNC_INVOKER] = AsyncInvoker(app[SETTINGS], app[REGISTRY], publisher, app[METRICS])
+    queries = ActivationQueries(app[SETTINGS], publisher)
+    app[ACTIVATION_API] = ActivationApi(queries)
+    app[ASYNC_INVOKER] = AsyncInvoker(
+        app[SETTINGS], app[REGISTRY], publisher, queries, app[METRICS]
+    )
     try:
         await publisher.start()
         yield
     finally:
         await publisher.close()
+
+
+async def _sync_proxy(app: web.Application) -> AsyncIterator[None]:
+    settings, client = app[SETTINGS], app[UPSTREAM_CLIENT]
+    demotions = Demotions(settings, app[PUBLISHER], CallbackSender(settings, client))
+    app[SYNC_PROXY] = SyncProxy(settings, app[REGISTRY], client, app[METRICS], demotions)
+    try:
+        yield
+    finally:
+        await demotions.close()
 
 
 async def _sync_call(request: web.Request, call: CallContext) -> web.StreamResponse:
@@ -76,6 +101,18 @@ async def _sync_call(request: web.Request, call: CallContext) -> web.StreamRespo
 
 async def _async_call(request: web.Request, call: CallContext) -> web.StreamResponse:
     return await request.app[ASYNC_INVOKER].handle(request, call)
+
+
+async def _list_activations(request: web.Request) -> web.StreamResponse:
+    return await request.app[ACTIVATION_API].newest(request)
+
+
+async def _activation(request: web.Request) -> web.StreamResponse:
+    return await request.app[ACTIVATION_API].record(request)
+
+
+async def _activation_result(request: web.Request) -> web.StreamResponse:
+    return await request.app[ACTIVATION_API].result(request)
 
 
 async def _healthz(request: web.Request) -> web.StreamResponse:

@@ -5,10 +5,13 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from faas_common.activations import Activation, ActivationStoreError
 from faas_common.headers import CALLBACK_URL
 from faas_common.logs import call_context
 from faas_common.message import QueuedCall
 from faas_common.registry import Registry
+from gateway.activation_api import location_of, result_response, unfinished_response
+from gateway.activations import ActivationQueries
 from gateway.calls import CallContext
 from gateway.errors import (
     GatewayError,
@@ -17,6 +20,7 @@ from gateway.errors import (
     PayloadTooLargeError,
 )
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
+from gateway.prefer import PREFER, PREFERENCE_APPLIED, parse_prefer, wait_applied
 from gateway.publisher import Publisher
 from gateway.routing import forwarded_headers, raw_subpath, resolve_function
 from gateway.settings import GatewaySettings
@@ -33,11 +37,13 @@ class AsyncInvoker:
         settings: GatewaySettings,
         registry: Registry,
         publisher: Publisher,
+        queries: ActivationQueries,
         metrics: GatewayMetrics,
     ) -> None:
         self._settings = settings
         self._registry = registry
         self._publisher = publisher
+        self._queries = queries
         self._metrics = metrics
 
     async def handle(self, request: web.Request, call: CallContext) -> web.StreamResponse:
@@ -70,14 +76,43 @@ class AsyncInvoker:
             self._metrics.observe_async(label, exc.status)
             raise
         self._metrics.observe_async(label, 202)
+        context = call_context(call.call_id, function.name)
         log.debug(
             "queued as %s #%d%s",
             ack.stream,
             ack.seq,
             " (duplicate)" if ack.duplicate else "",
-            extra=call_context(call.call_id, function.name),
+            extra=context,
         )
-        return web.json_response({"callId": call.call_id}, status=202)
+        if self._settings.record_activations and not ack.duplicate:
+            try:
+                await self._publisher.activations().create(Activation.queued(queued))
+            except (ActivationStoreError, GatewayError) as exc:
+                # The call is queued, and the worker writes a whole record when it starts
+                # it; only the 'queued' state (and the listing entry) is missing meanwhile.
+                log.warning("accepted, but its record was not written: %s", exc, extra=context)
+        prefer = parse_prefer(request.headers.getall(PREFER, []))
+        if prefer.wait_s is not None:
+            return await self._wait_for_result(call, min(prefer.wait_s, self._max_wait_s()))
+        response = web.json_response({"callId": call.call_id}, status=202)
+        response.headers["Location"] = location_of(call.call_id)
+        return response
+
+    def _max_wait_s(self) -> float:
+        return self._settings.max_wait_s
+
+    async def _wait_for_result(self, call: CallContext, wait_s: float) -> web.StreamResponse:
+        """Prefer: wait=N: the result if the call finishes within N seconds, else a 202."""
+        stored = await self._queries.wait_until_final(call.call_id, wait_s)
+        if stored is not None and stored.is_final:
+            response = await result_response(self._queries, stored)
+            response.headers[PREFERENCE_APPLIED] = wait_applied(wait_s)
+            return response
+        if stored is None:
+            response = web.json_response({"callId": call.call_id}, status=202)
+            response.headers["Location"] = location_of(call.call_id)
+            return response
+        return unfinished_response(stored)
 
 
 def validate_callback_url(value: str | None) -> str | None:

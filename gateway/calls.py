@@ -8,9 +8,10 @@ from multidict import CIMultiDict
 
 from faas_common.headers import CALL_ID, DURATION_SECONDS, START_TIME
 
-# A call id also names a JetStream message (Nats-Msg-Id) and, later, a key-value entry, so it
-# is held to characters every one of those accepts.
-CALL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_=.-]{0,127}")
+# A call id also names a JetStream message (Nats-Msg-Id) and a key-value entry (a NATS subject
+# token, where dots separate tokens), so it is held to what all of those accept: no empty
+# token between dots, none at the end.
+CALL_ID_PATTERN = re.compile(r"(?=.{1,128}\Z)[A-Za-z0-9][A-Za-z0-9_=-]*(?:\.[A-Za-z0-9_=-]+)*")
 
 
 class CallContext:
@@ -70,6 +71,6 @@ def resolve_call_id(requested: str | None) -> str:
     if CALL_ID_PATTERN.fullmatch(requested) is None:
         raise InvalidCallIdError(
             f"invalid {CALL_ID}: use 1-128 characters from A-Z a-z 0-9 _ = . - "
-            "starting with a letter or digit"
+            "starting with a letter or digit, with no dot at the end or beside another"
         )
     return requested

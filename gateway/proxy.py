@@ -1,13 +1,16 @@
 """Synchronous invocation: stream the request to the function and its response back."""
 
+import asyncio
 import logging
 from collections.abc import AsyncIterable
 
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
-from faas_common.headers import CALL_ID, START_TIME, end_to_end
+from faas_common.headers import CALL_ID, CALLBACK_URL, START_TIME, end_to_end
 from faas_common.logs import call_context
+from faas_common.message import QueuedCall
 from faas_common.registry import FunctionSpec, Registry
 from faas_common.upstream import (
     Timeouts,
@@ -16,7 +19,9 @@ from faas_common.upstream import (
     UpstreamResponse,
 )
 from faas_common.upstream import UpstreamTimeoutError as ClientTimeoutError
+from gateway.async_calls import validate_callback_url
 from gateway.calls import CallContext
+from gateway.demotion import AsyncAfter, Demotions
 from gateway.errors import GatewayError, UpstreamTimeoutError, UpstreamUnavailableError
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from gateway.routing import forwarded_headers, raw_subpath, resolve_function
@@ -37,11 +42,13 @@ class SyncProxy:
         registry: Registry,
         client: UpstreamClient,
         metrics: GatewayMetrics,
+        demotions: Demotions | None = None,
     ) -> None:
         self._settings = settings
         self._registry = registry
         self._client = client
         self._metrics = metrics
+        self._demotions = demotions
         self._timeouts_by_name: dict[str, tuple[FunctionSpec, Timeouts]] = {}
 
     async def handle(self, request: web.Request, call: CallContext) -> web.StreamResponse:
@@ -67,16 +74,24 @@ class SyncProxy:
         headers[CALL_ID] = call.call_id
         headers[START_TIME] = str(call.start_ns)
         url = function.url_for(raw_subpath(request), request.rel_url.raw_query_string)
-        try:
-            upstream = await self._client.request(
-                request.method,
-                url,
-                headers.items(),
-                await request_body(request),
-                self._timeouts(function),
-            )
-        except (UpstreamError, ValueError) as exc:
-            raise as_gateway_error(function, exc, "did not answer") from exc
+        after = self._demotions.wait_before_async(request) if self._demotions else None
+        if after is not None and self._demotions is not None and self._demotions.fits(request):
+            turned = await self._call_may_turn_async(request, function, call, headers, url, after)
+            if isinstance(turned, web.Response):
+                self._metrics.observe_sync(function.name, turned.status, call.elapsed_s())
+                return turned
+            upstream = turned
+        else:
+            try:
+                upstream = await self._client.request(
+                    request.method,
+                    url,
+                    headers.items(),
+                    await request_body(request),
+                    self._timeouts(function),
+                )
+            except (UpstreamError, ValueError) as exc:
+                raise as_gateway_error(function, exc, "did not answer") from exc
 
         async with upstream:
             self._metrics.observe_sync(function.name, upstream.status, call.elapsed_s())
@@ -97,6 +112,52 @@ class SyncProxy:
                     body=body,
                 )
             return await self._stream_back(request, upstream, response_headers, function, call)
+
+    async def _call_may_turn_async(
+        self,
+        request: web.Request,
+        function: FunctionSpec,
+        call: CallContext,
+        headers: CIMultiDict[str],
+        url: URL,
+        after: AsyncAfter,
+    ) -> UpstreamResponse | web.Response:
+        """Call the function; if it has not answered after ``after.wait_s``, a 202 instead.
+
+        The request body is read whole first: once the client has its 202 it may hang up,
+        and the function must still get the whole request.
+        """
+        assert self._demotions is not None
+        callback_url = validate_callback_url(request.headers.get(CALLBACK_URL))
+        body = await request.read() if request.body_exists else b""
+        pending = asyncio.create_task(
+            self._client.request(
+                request.method, url, headers.items(), body or None, self._timeouts(function)
+            )
+        )
+        try:
+            done, _ = await asyncio.wait({pending}, timeout=after.wait_s)
+            if not done:
+                queued = QueuedCall(
+                    call_id=call.call_id,
+                    function=function.name,
+                    method=request.method,
+                    path=raw_subpath(request),
+                    query=request.rel_url.raw_query_string,
+                    headers=list(headers.items()),
+                    body=body,
+                    callback_url=callback_url,
+                    accepted_at_ns=call.start_ns,
+                )
+                response = await self._demotions.demote(call, queued, function, pending, after)
+                if response is not None:
+                    return response
+            return await pending
+        except (UpstreamError, ValueError) as exc:
+            raise as_gateway_error(function, exc, "did not answer") from exc
+        except asyncio.CancelledError:
+            pending.cancel()  # the client left before the call turned async
+            raise
 
     async def _stream_back(
         self,

@@ -12,6 +12,7 @@ from nats.js.api import PubAck
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from faas_common import jetstream
+from faas_common.activations import ActivationStore, ensure_activation_storage
 from faas_common.headers import NATS_MSG_ID
 from gateway.errors import PayloadTooLargeError, QueueUnavailableError
 from gateway.settings import GatewaySettings
@@ -30,6 +31,7 @@ class Publisher:
         self._settings = settings
         self._client: NatsClient | None = None
         self._js: JetStreamContext | None = None
+        self._activations: ActivationStore | None = None
         self._stream_ready = asyncio.Event()
         self._stream_problem: str | None = "not connected yet"
         self._connect_task: asyncio.Task[None] | None = None
@@ -75,6 +77,7 @@ class Publisher:
             on_disconnected=self._on_disconnected,
         )
         self._js = self._client.jetstream(timeout=self._settings.publish_timeout_s)
+        self._activations = ActivationStore(self._client, self._js, self._settings)
         await self._ensure_stream_until_ready()
 
     async def _ensure_stream_until_ready(self) -> None:
@@ -89,6 +92,7 @@ class Publisher:
         assert self._js is not None
         async with self._ensure_lock:
             await jetstream.ensure_stream(self._js, self._settings)
+            await ensure_activation_storage(self._js, self._settings)
             self._stream_problem = None
             self._stream_ready.set()
 
@@ -121,6 +125,22 @@ class Publisher:
     def raise_unless_ready(self) -> None:
         if not self.is_ready:
             raise QueueUnavailableError(f"the queue is unavailable: {self.problem()}")
+
+    def activations(self) -> ActivationStore:
+        """The activation records, or QueueUnavailableError (503) while NATS is not ready."""
+        self.raise_unless_ready()
+        assert self._activations is not None
+        return self._activations
+
+    def client(self) -> NatsClient:
+        self.raise_unless_ready()
+        assert self._client is not None
+        return self._client
+
+    def jetstream(self) -> JetStreamContext:
+        self.raise_unless_ready()
+        assert self._js is not None
+        return self._js
 
     def max_body_bytes(self) -> int:
         if self._settings.max_async_body_bytes is not None:

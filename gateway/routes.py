@@ -60,5 +60,17 @@ def read_only(handle: Handler) -> Handler:
     return route
 
 
+def system(handle: Handler) -> Handler:
+    """A read-only /system route whose GatewayErrors become JSON responses."""
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handle(request)
+        except GatewayError as exc:
+            return error_response(exc.status, exc.message, None, exc.headers)
+
+    return read_only(route)
+
+
 async def no_such_route(request: web.Request) -> web.Response:
     return error_response(404, f"no route {request.path}", None)

@@ -39,3 +39,14 @@ class GatewaySettings(CommonSettings):
     shutdown_grace_s: Seconds = setting(
         60.0, "shutdown_grace", "On SIGTERM/SIGINT, how long running sync calls may finish."
     )
+    max_wait_s: Seconds = setting(
+        60.0,
+        "max_wait",
+        "Cap on the wait a client asks for with Prefer: wait=N (async and sync calls).",
+    )
+    sync_async_after_s: Seconds = setting(
+        0.0,
+        "sync_async_after",
+        "Every sync call the function has not answered after this long turns async (202 "
+        "and an activation record); 0: off.",
+    )

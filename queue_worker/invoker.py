@@ -1,40 +1,15 @@
 """One function call under the read, write and exec timeouts; every ending becomes an Outcome."""
 
-import json
 import time
-from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
 from faas_common.headers import CALL_ID, START_TIME, end_to_end
 from faas_common.message import QueuedCall
+from faas_common.outcome import Outcome, failure
 from faas_common.registry import FunctionSpec
 from faas_common.upstream import Timeouts, UpstreamClient, UpstreamError, UpstreamTimeoutError
 from queue_worker.settings import WorkerSettings
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    status_code: int
-    headers: list[tuple[str, str]]
-    body: bytes
-    duration_s: float
-    error: str | None = None
-
-    @property
-    def succeeded(self) -> bool:
-        return 200 <= self.status_code < 300
-
-
-def failure(status_code: int, error: str, duration_s: float) -> Outcome:
-    body = json.dumps({"error": error}).encode()
-    return Outcome(
-        status_code=status_code,
-        headers=[("Content-Type", "application/json")],
-        body=body,
-        duration_s=duration_s,
-        error=error,
-    )
 
 
 class FunctionInvoker:

@@ -43,15 +43,3 @@ class WorkerSettings(CommonSettings):
     fetch_wait_s: Seconds = setting(
         1.0, "fetch_wait", "How long one fetch waits on an empty queue before asking again."
     )
-    callback_max_attempts: int = setting(
-        5, "callback_max_attempts", "Attempts to deliver a callback before giving up on it."
-    )
-    callback_timeout_s: Seconds = setting(
-        10.0, "callback_timeout", "Limit on one callback delivery attempt."
-    )
-    callback_initial_wait_s: Seconds = setting(
-        0.5, "callback_initial_wait", "Wait before the first callback retry; doubles each time."
-    )
-    callback_max_wait_s: Seconds = setting(
-        10.0, "callback_max_wait", "Longest wait between callback attempts."
-    )

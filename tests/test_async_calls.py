@@ -403,7 +403,7 @@ async def test_invalid_call_id_gets_400(nats_client, recorder, start_gateway, ht
     function = await recorder()
     gateway = await ready_gateway(start_gateway, http, registry_of(echo=function.url))
 
-    for bad_id in ("has space", "-leading-dash", "x" * 129, "semi;colon"):
+    for bad_id in ("has space", "-leading-dash", "x" * 129, "semi;colon", "a..b", "end."):
         payload, _ = await post_rejected(
             http, gateway.url("/async-function/echo"), 400, headers={"X-Call-Id": bad_id}
         )

@@ -121,5 +121,9 @@ async def test_a_short_run_measures_and_reports(tmp_path):
     assert set(results) == {2, 3, 8}
     assert results[2]["value"] is not None  # a latency was measured
     assert results[3]["details"]["growth_mib"]["upload"] is not None
-    assert results[8]["met"] is None  # not measurable yet, and said so
+    listing = results[8]["details"]["listing"]
+    assert listing["seeded"]["kv_messages"] == listing["seeded"]["count"] > 0
+    assert results[8]["value"] == listing["timings"]["newest"]["p50_ms"] > 0
+    assert results[8]["details"]["recording_cost"] is not None
+    assert results[8]["met"] is not None
     assert "| 3 | Sync proxy, 100 MiB upload and download" in (tmp_path / "latest.md").read_text()

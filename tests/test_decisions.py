@@ -4,12 +4,11 @@ import random
 
 import pytest
 
+from faas_common.callbacks import CallbackVerdict, judge_callback_attempt
 from queue_worker.decisions import (
-    CallbackVerdict,
     Ending,
     Settle,
     heartbeat_interval_s,
-    judge_callback_attempt,
     outcome_label,
     settle,
 )

@@ -546,13 +546,15 @@ async def test_worker_idle_through_an_outage_takes_no_more_than_max_inflight_aft
         return await worker_nats_state(http, worker) == "disconnected"
 
     await wait_until(worker_disconnected, WAIT_S, "the worker to notice NATS is gone")
-    # Both slots come free while NATS is down; the acks wait in the client for the reconnect.
+    # Both slots come free while NATS is down; the callbacks go out, and the records and acks
+    # wait for the reconnect.
     blocking.released.set()
     await receiver.wait_for_requests(2, WAIT_S)
-    await wait_until(lambda: worker.held == 0, WAIT_S, "both slots to be free")
+    await wait_until(lambda: worker.inflight == 0, WAIT_S, "both slots to be free")
     await nats_server.start()
 
     await function.wait_for_requests(2, WAIT_S)
+    await wait_until(lambda: worker.completed >= 2, WAIT_S, "the first two calls acked")
     info = await nats_client.jetstream().consumer_info(STREAM, CONSUMER)
     assert info.num_ack_pending == 2, "more calls were handed to the worker than it may run"
     assert worker.inflight == 2

@@ -1,0 +1,148 @@
+"""Posting a call's outcome to its X-Callback-Url, retried with backoff.
+
+Used by the queue-worker for async calls and by the gateway for sync calls that turned async.
+"""
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from multidict import CIMultiDict
+from yarl import URL
+
+from faas_common.headers import CALL_ID, DURATION_SECONDS, FUNCTION_NAME, FUNCTION_STATUS
+from faas_common.logs import call_context
+from faas_common.outcome import Outcome
+from faas_common.settings import CommonSettings
+from faas_common.upstream import Timeouts, UpstreamClient, UpstreamError
+
+log = logging.getLogger("faas.callback")
+
+# Statuses below 500 that say "try again later" rather than "this request is wrong"; every
+# 5xx is retried too, as the README promises.
+RETRYABLE_CALLBACK_STATUSES = frozenset({408, 425, 429})
+
+# 2 ** 62 times any sane initial wait is far past any max wait, and a float can still hold it;
+# a larger exponent would raise OverflowError once callback_max_attempts is set above ~1000.
+MAX_BACKOFF_DOUBLINGS = 62
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackVerdict:
+    delivered: bool
+    retry_after_s: float | None  # None: stop trying
+
+
+def judge_callback_attempt(
+    status_code: int | None,
+    attempt: int,
+    max_attempts: int,
+    initial_wait_s: float,
+    max_wait_s: float,
+    jitter: Callable[[float, float], float] = random.uniform,
+) -> CallbackVerdict:
+    """After attempt number ``attempt`` (1-based) ended with ``status_code`` (None: no answer).
+
+    2xx is delivered. No answer, 408, 425, 429 and 5xx are retried with exponential backoff and
+    jitter, never waiting more than ``max_wait_s``, until ``max_attempts``; any other status is
+    final, since sending the same request again would get the same answer.
+    """
+    if status_code is not None and 200 <= status_code < 300:
+        return CallbackVerdict(delivered=True, retry_after_s=None)
+    retryable = (
+        status_code is None
+        or 500 <= status_code < 600
+        or status_code in RETRYABLE_CALLBACK_STATUSES
+    )
+    if not retryable or attempt >= max_attempts:
+        return CallbackVerdict(delivered=False, retry_after_s=None)
+    doublings = min(attempt - 1, MAX_BACKOFF_DOUBLINGS)
+    ceiling_s = min(max_wait_s, initial_wait_s * 2.0**doublings)
+    # The floor keeps retries from bunching up at once; it must not lift a wait above
+    # max_wait_s when that is set below half the initial wait.
+    floor_s = min(initial_wait_s / 2, ceiling_s)
+    return CallbackVerdict(delivered=False, retry_after_s=jitter(floor_s, ceiling_s))
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackResult:
+    delivered: bool
+    attempts: int
+    last_status: int | None
+
+
+def callback_headers(call_id: str, function: str, outcome: Outcome) -> CIMultiDict[str]:
+    """The function's own response headers, then ours, which win on a clash."""
+    headers = CIMultiDict(outcome.headers)
+    headers[CALL_ID] = call_id
+    headers[FUNCTION_NAME] = function
+    headers[FUNCTION_STATUS] = str(outcome.status_code)
+    headers[DURATION_SECONDS] = f"{outcome.duration_s:.6f}"
+    return headers
+
+
+class CallbackSender:
+    def __init__(self, settings: CommonSettings, client: UpstreamClient) -> None:
+        self._settings = settings
+        self._client = client
+
+    async def deliver(
+        self, callback_url: str, call_id: str, function: str, outcome: Outcome
+    ) -> CallbackResult:
+        headers = list(callback_headers(call_id, function, outcome).items())
+        limit_s = self._settings.callback_timeout_s
+        timeouts = Timeouts(connect_s=limit_s, read_s=limit_s, total_s=limit_s)
+        context = call_context(call_id, function)
+        attempt = 0
+        while True:
+            attempt += 1
+            status: int | None = None
+            try:
+                url = URL(callback_url)
+                if url.scheme not in ("http", "https") or not url.raw_host:
+                    raise ValueError("not an absolute http or https URL")
+                async with await self._client.request(
+                    "POST", url, headers, outcome.body, timeouts
+                ) as response:
+                    status = response.status
+                    await response.read()
+            except UpstreamError as exc:
+                log.info(
+                    "callback attempt %d to %s failed: %s",
+                    attempt,
+                    callback_url,
+                    exc,
+                    extra=context,
+                )
+            except ValueError as exc:
+                # The request cannot be built (a host name IDNA cannot encode, say): every
+                # attempt would fail alike. Raising instead would leave the
+                # message unsettled, and the function would run again on redelivery.
+                log.warning(
+                    "callback to %s cannot be sent: %s: %s",
+                    callback_url,
+                    type(exc).__name__,
+                    exc,
+                    extra=context,
+                )
+                return CallbackResult(delivered=False, attempts=attempt, last_status=None)
+            verdict = judge_callback_attempt(
+                status,
+                attempt,
+                self._settings.callback_max_attempts,
+                self._settings.callback_initial_wait_s,
+                self._settings.callback_max_wait_s,
+            )
+            if verdict.retry_after_s is None:
+                if not verdict.delivered:
+                    log.warning(
+                        "callback to %s given up after %d attempts (last status %s)",
+                        callback_url,
+                        attempt,
+                        status,
+                        extra=context,
+                    )
+                return CallbackResult(verdict.delivered, attempt, status)
+            await asyncio.sleep(verdict.retry_after_s)

@@ -1,0 +1,34 @@
+"""How one function call ended, as the worker (and the gateway, for a demoted sync call) saw it."""
+
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status_code: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    duration_s: float
+    error: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return 200 <= self.status_code < 300
+
+    def content_type(self) -> str | None:
+        for name, value in self.headers:
+            if name.lower() == "content-type":
+                return value
+        return None
+
+
+def failure(status_code: int, error: str, duration_s: float) -> Outcome:
+    body = json.dumps({"error": error}).encode()
+    return Outcome(
+        status_code=status_code,
+        headers=[("Content-Type", "application/json")],
+        body=body,
+        duration_s=duration_s,
+        error=error,
+    )

@@ -1,0 +1,113 @@
+"""/system/activations: a record by id, its result, and the newest records."""
+
+import re
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from faas_common.activations import STATUSES, StoredActivation, parse_rfc3339_ns
+from faas_common.headers import CALL_ID
+from faas_common.registry import is_valid_function_name
+from gateway.activations import ActivationQueries, ListQuery
+from gateway.calls import CALL_ID_PATTERN
+from gateway.errors import InvalidRequestError
+
+DEFAULT_LIMIT = 30
+MAX_LIMIT = 200
+RESULT_TRUNCATED = "X-Result-Truncated"
+# How soon a client polling an unfinished call should ask again.
+RETRY_AFTER_S = 1
+UNIX_MS = re.compile(r"[0-9]{1,16}")
+
+
+def location_of(call_id: str) -> str:
+    return f"/system/activations/{call_id}"
+
+
+def record_response(stored: StoredActivation, status: int = 200) -> web.Response:
+    response = web.Response(status=status, body=stored.record_json, content_type="application/json")
+    response.headers[CALL_ID] = str(stored.record.get("callId"))
+    return response
+
+
+def unfinished_response(stored: StoredActivation) -> web.Response:
+    """202 for a call still queued or running: where to look, when to look again."""
+    response = record_response(stored, status=202)
+    response.headers["Location"] = location_of(str(stored.record.get("callId")))
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
+async def result_response(queries: ActivationQueries, stored: StoredActivation) -> web.Response:
+    """A finished call's response as the function returned it: status, Content-Type, body."""
+    record = stored.record
+    response_info = record.get("response") or {}
+    body = await queries.result_body(stored)
+    response = web.Response(status=int(record.get("statusCode") or 502), body=body)
+    content_type = response_info.get("contentType")
+    if content_type:
+        response.headers["Content-Type"] = str(content_type)
+    response.headers[CALL_ID] = str(record.get("callId"))
+    if response_info.get("truncated"):
+        response.headers[RESULT_TRUNCATED] = "true"
+    return response
+
+
+class ActivationApi:
+    def __init__(self, queries: ActivationQueries) -> None:
+        self._queries = queries
+
+    async def record(self, request: web.Request) -> web.StreamResponse:
+        stored = await self._queries.get(valid_call_id(request.match_info["call_id"]))
+        return record_response(stored)
+
+    async def result(self, request: web.Request) -> web.StreamResponse:
+        stored = await self._queries.get(valid_call_id(request.match_info["call_id"]))
+        if not stored.is_final:
+            return unfinished_response(stored)
+        return await result_response(self._queries, stored)
+
+    async def newest(self, request: web.Request) -> web.StreamResponse:
+        records = await self._queries.newest(parse_list_query(request.rel_url.query))
+        body = b"[" + b",".join(records) + b"]"
+        return web.Response(body=body, content_type="application/json")
+
+
+def valid_call_id(call_id: str) -> str:
+    if CALL_ID_PATTERN.fullmatch(call_id) is None:
+        raise InvalidRequestError(f"{call_id!r} is not a valid call id")
+    return call_id
+
+
+def parse_list_query(params: Mapping[str, str]) -> ListQuery:
+    """function, status, limit (1-200, default 30) and since (RFC 3339, or Unix time in
+    milliseconds as OpenWhisk takes it); anything else is a 400 naming the parameter."""
+    function = params.get("function") or None
+    if function is not None and not is_valid_function_name(function):
+        raise InvalidRequestError(f"invalid function name {function!r}")
+    status = params.get("status") or None
+    if status is not None and status not in STATUSES:
+        raise InvalidRequestError(f"status must be one of {', '.join(STATUSES)}")
+    limit = DEFAULT_LIMIT
+    if params.get("limit"):
+        try:
+            limit = int(params["limit"])
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= MAX_LIMIT:
+            raise InvalidRequestError(f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    since_ns = None
+    if params.get("since"):
+        since_ns = parse_since_ns(params["since"])
+    return ListQuery(function=function, status=status, limit=limit, since_ns=since_ns)
+
+
+def parse_since_ns(text: str) -> int:
+    if UNIX_MS.fullmatch(text):
+        return int(text) * 1_000_000
+    try:
+        return parse_rfc3339_ns(text)
+    except ValueError as exc:
+        raise InvalidRequestError(
+            "since must be an RFC 3339 time (2026-11-23T08:00:00Z) or Unix milliseconds"
+        ) from exc
