@@ -14,7 +14,6 @@ Three JetStream parts, created idempotently by whichever process starts first:
 """
 
 import functools
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import nats.errors
+import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -34,6 +34,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
+from faas_common.jetstream import AckedPublisher, PublishRejectedError
 from faas_common.message import QueuedCall
 from faas_common.outcome import Outcome
 from faas_common.settings import CommonSettings
@@ -181,7 +182,9 @@ class Activation:
         }
 
     def encode(self, body: bytes = b"") -> bytes:
-        return json.dumps(self.to_json(), separators=(",", ":")).encode() + b"\n" + body
+        # orjson: a record is encoded once or twice per call, and the standard library's
+        # encoder was a tenth of the worker's time per call (bench scenario 8).
+        return orjson.dumps(self.to_json()) + b"\n" + body
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +198,7 @@ class StoredActivation:
     @classmethod
     def decode(cls, value: bytes) -> "StoredActivation":
         line, _, body = value.partition(b"\n")
-        record = json.loads(line)
+        record = orjson.loads(line)
         if not isinstance(record, dict):
             raise ValueError("activation record is not a JSON object")
         return cls(line, record, body)
@@ -277,9 +280,16 @@ async def _keep_max_age(js: JetStreamContext, stream: str, max_age_s: float) -> 
 class ActivationStore:
     """Reads and writes records; one per process, over that process's NATS connection."""
 
-    def __init__(self, nc: NatsClient, js: JetStreamContext, settings: CommonSettings) -> None:
+    def __init__(
+        self,
+        nc: NatsClient,
+        js: JetStreamContext,
+        acks: AckedPublisher,
+        settings: CommonSettings,
+    ) -> None:
         self._nc = nc
         self._js = js
+        self._acks = acks
         self._settings = settings
         self._subject_prefix = f"$KV.{settings.activation_bucket}."
         self._direct_get = f"$JS.API.DIRECT.GET.KV_{settings.activation_bucket}"
@@ -301,13 +311,13 @@ class ActivationStore:
             await self._nc.publish(
                 index_subject(self._settings, activation.function), activation.call_id.encode()
             )
-            await self._js.publish(
+            await self._acks.publish(
                 self.subject(activation.call_id),
                 activation.encode(),
-                timeout=self._timeout_s,
+                self._timeout_s,
                 headers={EXPECTED_LAST_SUBJECT_SEQUENCE: "0"},
             )
-        except BadRequestError as exc:
+        except PublishRejectedError as exc:
             if exc.err_code != WRONG_LAST_SEQUENCE:
                 raise ActivationStoreError(f"recording the call failed: {exc!r}") from exc
             # The worker was first, which is fine.
@@ -326,9 +336,7 @@ class ActivationStore:
         """Write and wait for the ack; a finished call's body goes with it."""
         payload = activation.encode(body or b"")
         try:
-            await self._js.publish(
-                self.subject(activation.call_id), payload, timeout=self._timeout_s
-            )
+            await self._acks.publish(self.subject(activation.call_id), payload, self._timeout_s)
         except (TimeoutError, nats.errors.Error) as exc:
             raise ActivationStoreError(f"writing the record failed: {exc!r}") from exc
 

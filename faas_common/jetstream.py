@@ -203,3 +203,89 @@ async def direct_get_batch(
     finally:
         with contextlib.suppress(nats.errors.Error):
             await subscription.unsubscribe()
+
+
+class PublishRejectedError(nats.errors.Error):
+    """JetStream answered a publish with an error (code and JetStream err_code)."""
+
+    def __init__(self, code: int, err_code: int, description: str) -> None:
+        super().__init__(f"{code} ({err_code}): {description}")
+        self.code = code
+        self.err_code = err_code
+        self.description = description
+
+
+class NoStreamError(nats.errors.Error):
+    """Nothing answered a publish: no stream takes that subject (or it is being created)."""
+
+
+class AckedPublisher:
+    """Publishes to JetStream and awaits the ack, for paths taken once or more per call.
+
+    nats-py's ``js.publish`` costs a random token (a system call), ``asyncio.wait_for`` and a
+    parsed PubAck dataclass per message; this keeps one reply subscription and a counter,
+    and reads of the ack only what the callers use. Same wire protocol, same guarantees.
+    """
+
+    def __init__(self, client: NatsClient) -> None:
+        self._client = client
+        self._prefix = ""
+        self._subscription: Any = None
+        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        self._next_token = 0
+
+    async def start(self) -> None:
+        self._prefix = self._client.new_inbox() + "."
+        self._subscription = await self._client.subscribe(self._prefix + "*", cb=self._on_reply)
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        timeout_s: float,
+        headers: dict[str, str] | None = None,
+    ) -> bytes:
+        """The ack's JSON; PublishRejectedError, NoStreamError, TimeoutError or nats errors."""
+        if self._subscription is None:
+            await self.start()
+        self._next_token += 1
+        token = str(self._next_token)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        self._waiting[token] = future
+        expiry = loop.call_later(timeout_s, _expire, future)
+        try:
+            await self._client.publish(
+                subject, payload, reply=self._prefix + token, headers=headers
+            )
+            ack = await future
+        finally:
+            expiry.cancel()
+            self._waiting.pop(token, None)
+        if b'"error"' in ack:  # rare; parsed only then
+            error = json.loads(ack).get("error")
+            if isinstance(error, dict):
+                raise PublishRejectedError(
+                    int(error.get("code", 0)),
+                    int(error.get("err_code", 0)),
+                    str(error.get("description", "")),
+                )
+        return ack
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._waiting.get(msg.subject[len(self._prefix) :])
+        if future is None or future.done():
+            return
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            future.set_exception(NoStreamError(f"no stream answered on {msg.subject}"))
+        else:
+            future.set_result(msg.data)
+
+
+def _expire(future: "asyncio.Future[bytes]") -> None:
+    if not future.done():
+        future.set_exception(TimeoutError("no ack from JetStream in time"))
+
+
+def ack_is_duplicate(ack: bytes) -> bool:
+    return b'"duplicate":true' in ack

@@ -6,8 +6,9 @@ a copy of the body through a JSON encoder. JSON text never contains a raw newlin
 newline always ends the envelope.
 """
 
-import json
 from dataclasses import dataclass, field
+
+import orjson
 
 SCHEMA_VERSION = 1
 
@@ -41,7 +42,7 @@ class QueuedCall:
             "callbackUrl": self.callback_url,
             "acceptedAtNs": self.accepted_at_ns,
         }
-        return json.dumps(envelope, separators=(",", ":")).encode() + b"\n" + self.body
+        return orjson.dumps(envelope) + b"\n" + self.body
 
     @classmethod
     def decode(cls, payload: bytes) -> "QueuedCall":
@@ -49,8 +50,8 @@ class QueuedCall:
         if not newline:
             raise MalformedMessageError("no envelope line")
         try:
-            envelope = json.loads(envelope_bytes)
-        except ValueError as exc:
+            envelope = orjson.loads(envelope_bytes)
+        except orjson.JSONDecodeError as exc:
             raise MalformedMessageError(f"envelope is not JSON: {exc}") from exc
         if not isinstance(envelope, dict):
             raise MalformedMessageError("envelope is not a JSON object")

@@ -69,7 +69,7 @@ class AsyncInvoker:
                 callback_url=callback_url,
                 accepted_at_ns=call.start_ns,
             )
-            ack = await self._publisher.publish(
+            duplicate = await self._publisher.publish(
                 self._settings.subject_for(function.name), queued.encode(), call.call_id
             )
         except GatewayError as exc:
@@ -77,14 +77,8 @@ class AsyncInvoker:
             raise
         self._metrics.observe_async(label, 202)
         context = call_context(call.call_id, function.name)
-        log.debug(
-            "queued as %s #%d%s",
-            ack.stream,
-            ack.seq,
-            " (duplicate)" if ack.duplicate else "",
-            extra=context,
-        )
-        if self._settings.record_activations and not ack.duplicate:
+        log.debug("queued%s", " (a duplicate)" if duplicate else "", extra=context)
+        if self._settings.record_activations and not duplicate:
             try:
                 await self._publisher.activations().create(Activation.queued(queued))
             except (ActivationStoreError, GatewayError) as exc:

@@ -8,8 +8,6 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
-from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from faas_common import jetstream
 from faas_common.activations import ActivationStore, ensure_activation_storage
@@ -32,6 +30,7 @@ class Publisher:
         self._client: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._activations: ActivationStore | None = None
+        self._acks: jetstream.AckedPublisher | None = None
         self._stream_ready = asyncio.Event()
         self._stream_problem: str | None = "not connected yet"
         self._connect_task: asyncio.Task[None] | None = None
@@ -77,7 +76,9 @@ class Publisher:
             on_disconnected=self._on_disconnected,
         )
         self._js = self._client.jetstream(timeout=self._settings.publish_timeout_s)
-        self._activations = ActivationStore(self._client, self._js, self._settings)
+        self._acks = jetstream.AckedPublisher(self._client)
+        await self._acks.start()
+        self._activations = ActivationStore(self._client, self._js, self._acks, self._settings)
         await self._ensure_stream_until_ready()
 
     async def _ensure_stream_until_ready(self) -> None:
@@ -148,32 +149,38 @@ class Publisher:
         max_payload = self._client.max_payload if self._client is not None else 1024 * 1024
         return max(0, max_payload - ENVELOPE_RESERVE_BYTES)
 
-    async def publish(self, subject: str, payload: bytes, msg_id: str) -> PubAck:
-        """Publish and wait for JetStream's ack; anything short of an ack is QueueUnavailable."""
+    async def publish(self, subject: str, payload: bytes, msg_id: str) -> bool:
+        """Publish and wait for JetStream's ack; anything short of an ack is QueueUnavailable.
+
+        True when JetStream took it as a duplicate of a message within the duplicate window.
+        """
         self.raise_unless_ready()
-        assert self._js is not None
-        headers: dict[str, Any] = {NATS_MSG_ID: msg_id}
+        assert self._acks is not None
         try:
-            return await self._js.publish(
+            ack = await self._acks.publish(
                 subject,
                 payload,
-                timeout=self._settings.publish_timeout_s,
-                stream=self._settings.nats_stream,
-                headers=headers,
+                self._settings.publish_timeout_s,
+                headers={NATS_MSG_ID: msg_id},
             )
         except nats.errors.MaxPayloadError as exc:
             raise PayloadTooLargeError(
                 f"the request is larger than one queued message can hold "
                 f"({self._client.max_payload if self._client else '?'} bytes with its headers)"
             ) from exc
-        except (NoStreamResponseError, NotFoundError) as exc:
+        except jetstream.NoStreamError as exc:
             self._stream_ready.clear()
             self._ensure_in_background()
             raise QueueUnavailableError("the queue is unavailable: stream missing") from exc
+        except jetstream.PublishRejectedError as exc:
+            raise QueueUnavailableError(
+                f"the queue refused the request: {exc.description}"
+            ) from exc
         except (TimeoutError, nats.errors.Error) as exc:
             raise QueueUnavailableError(
                 f"the queue did not confirm the request in time: {type(exc).__name__}"
             ) from exc
+        return jetstream.ack_is_duplicate(ack)
 
     def problem(self) -> str:
         if self._client is None or not self._client.is_connected:

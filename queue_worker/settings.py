@@ -43,3 +43,9 @@ class WorkerSettings(CommonSettings):
     fetch_wait_s: Seconds = setting(
         1.0, "fetch_wait", "How long one fetch waits on an empty queue before asking again."
     )
+    running_record_delay_s: Seconds = setting(
+        1.0,
+        "running_record_delay",
+        "A call's activation record says running once the call has run this long; shorter "
+        "calls go from queued to their outcome in one write (0: at once).",
+    )

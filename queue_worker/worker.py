@@ -42,12 +42,6 @@ from queue_worker.status import StatusServer
 
 log = logging.getLogger("faas.worker")
 
-# A call's 'running' record is written once it has run this long. Most calls end sooner and
-# are then recorded once, finished, with their startedAt: a write, an encode and a stored
-# message fewer per call, which is what kept recording within 10% of the async throughput
-# (bench scenario 8). A client polling a call sees 'running' from 50 ms into it.
-RUNNING_RECORD_DELAY_S = 0.05
-
 
 class Worker:
     def __init__(
@@ -176,7 +170,9 @@ class Worker:
         )
         self._js = self._nc.jetstream()
         if self.settings.record_activations:
-            self._activations = ActivationStore(self._nc, self._js, self.settings)
+            acks = jetstream.AckedPublisher(self._nc)
+            await acks.start()
+            self._activations = ActivationStore(self._nc, self._js, acks, self.settings)
         await jetstream.retry_until_jetstream_answers(self._bind, "stream and consumer")
 
     async def _on_reconnected(self) -> None:
@@ -338,8 +334,10 @@ class Worker:
         running_record: asyncio.TimerHandle | None = None
         if activation is not None:
             activation.start(attempt)
+            # Delayed: most calls end sooner and are then written once, finished (with their
+            # startedAt), which saves every such call a write; see running_record_delay.
             running_record = asyncio.get_running_loop().call_later(
-                RUNNING_RECORD_DELAY_S, self._record_running, activation
+                self.settings.running_record_delay_s, self._record_running, activation
             )
         try:
             function = self.registry.get(call.function)
@@ -560,9 +558,17 @@ class SlotRelease:
 
 
 def _delivery_count(msg: Msg) -> int:
+    """How many times JetStream has delivered this message, read off its reply subject
+    ($JS.ACK.<stream>.<consumer>.<delivered>.<...>, or with <domain>.<account hash> after ACK):
+    nats-py's msg.metadata parses all of it into objects, for every message."""
+    tokens = msg.reply.split(".") if msg.reply else []
     try:
+        if len(tokens) == 9:
+            return int(tokens[4])
+        if len(tokens) >= 12:
+            return int(tokens[6])
         return int(msg.metadata.num_delivered or 1)
-    except Exception:
+    except (ValueError, nats.errors.Error):
         return 1
 
 

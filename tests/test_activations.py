@@ -13,6 +13,7 @@ from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
 from faas_common.activations import Activation, ActivationStore, ensure_activation_storage
+from faas_common.jetstream import AckedPublisher
 from faas_common.message import QueuedCall
 from faas_common.registry import Registry
 from faas_common.settings import CommonSettings
@@ -522,7 +523,9 @@ async def test_a_late_queued_record_never_overwrites_the_workers_state(
     settings = CommonSettings(nats_url=nats_server.url)
     js = nats_client.jetstream()
     await ensure_activation_storage(js, settings)
-    store = ActivationStore(nats_client, js, settings)
+    acks = AckedPublisher(nats_client)
+    await acks.start()
+    store = ActivationStore(nats_client, js, acks, settings)
     call = QueuedCall(
         call_id="overtaken-1",
         function="echo",
