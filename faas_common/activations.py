@@ -45,8 +45,9 @@ QUEUED = "queued"
 RUNNING = "running"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
-FINAL_STATUSES = frozenset({SUCCEEDED, FAILED})
+CANCELLED = "cancelled"
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+FINAL_STATUSES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 # Bodies up to this size sit in the key-value entry beside the record; larger ones go to the
 # object store. Well under NATS's default max_payload of 1 MiB, which the record shares.
@@ -110,6 +111,8 @@ class Activation:
     response: dict[str, Any] | None = None
     error: str | None = None
     callback: dict[str, Any] | None = None
+    next_attempt_at_ns: int | None = None
+    retry_of: str | None = None
 
     @classmethod
     def queued(cls, call: QueuedCall) -> "Activation":
@@ -128,12 +131,30 @@ class Activation:
             callback=None
             if call.callback_url is None
             else {"url": call.callback_url, "state": "pending", "attempts": 0, "lastStatus": None},
+            retry_of=call.retry_of,
         )
 
     def start(self, attempts: int, started_at_ns: int | None = None) -> None:
         self.status = RUNNING
         self.attempts = attempts
         self.started_at_ns = started_at_ns or time.time_ns()
+        self.next_attempt_at_ns = None
+
+    def wait_for_retry(self, outcome: Outcome, wait_s: float) -> None:
+        """Back in the queue after a retryable failure: what happened, and when it goes on."""
+        self.status = QUEUED
+        self.status_code = outcome.status_code
+        self.duration_s = outcome.duration_s
+        self.error = outcome.error or f"the function answered {outcome.status_code}"
+        self.next_attempt_at_ns = time.time_ns() + int(wait_s * 1e9)
+
+    def cancel(self) -> None:
+        self.status = CANCELLED
+        self.finished_at_ns = time.time_ns()
+        self.next_attempt_at_ns = None
+        self.error = "cancelled"
+        if self.callback is not None:
+            self.callback = {**self.callback, "state": "not sent"}
 
     def finish(self, outcome: Outcome, stored: dict[str, Any] | None = None) -> None:
         """The function's outcome; ``stored`` says where its body went (see ActivationStore)."""
@@ -147,6 +168,7 @@ class Activation:
             "truncated": False,
             **(stored or {}),
         }
+        self.next_attempt_at_ns = None
         self.error = outcome.error if outcome.error else None
         if self.error is None and not outcome.succeeded:
             self.error = f"the function answered {outcome.status_code}"
@@ -179,6 +201,8 @@ class Activation:
             "response": self.response,
             "error": self.error,
             "callback": self.callback,
+            "nextAttemptAt": rfc3339_ms(self.next_attempt_at_ns),
+            "retryOf": self.retry_of,
         }
 
     def encode(self, body: bytes = b"") -> bytes:
@@ -337,6 +361,14 @@ class ActivationStore:
         payload = activation.encode(body or b"")
         try:
             await self._acks.publish(self.subject(activation.call_id), payload, self._timeout_s)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise ActivationStoreError(f"writing the record failed: {exc!r}") from exc
+
+    async def put_record(self, call_id: str, record: dict[str, Any], body: bytes = b"") -> None:
+        """Write a record read back and changed (a cancellation, a callback's state)."""
+        payload = orjson.dumps(record) + b"\n" + body
+        try:
+            await self._acks.publish(self.subject(call_id), payload, self._timeout_s)
         except (TimeoutError, nats.errors.Error) as exc:
             raise ActivationStoreError(f"writing the record failed: {exc!r}") from exc
 

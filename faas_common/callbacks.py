@@ -4,19 +4,34 @@ Used by the queue-worker for async calls and by the gateway for sync calls that 
 """
 
 import asyncio
+import functools
 import logging
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from multidict import CIMultiDict
 from yarl import URL
 
-from faas_common.headers import CALL_ID, DURATION_SECONDS, FUNCTION_NAME, FUNCTION_STATUS
+from faas_common.callback_policy import HostPolicy, parse_address, sign
+from faas_common.headers import (
+    CALL_ID,
+    CALLBACK_SIGNATURE,
+    CALLBACK_TIMESTAMP,
+    DURATION_SECONDS,
+    FUNCTION_NAME,
+    FUNCTION_STATUS,
+)
 from faas_common.logs import call_context
 from faas_common.outcome import Outcome
 from faas_common.settings import CommonSettings
-from faas_common.upstream import Timeouts, UpstreamClient, UpstreamError
+from faas_common.upstream import (
+    Timeouts,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamRefusedError,
+)
 
 log = logging.getLogger("faas.callback")
 
@@ -83,15 +98,25 @@ def callback_headers(call_id: str, function: str, outcome: Outcome) -> CIMultiDi
     return headers
 
 
+MAX_REDIRECTS = 5
+
+
 class CallbackSender:
     def __init__(self, settings: CommonSettings, client: UpstreamClient) -> None:
         self._settings = settings
         self._client = client
+        self._hosts = HostPolicy.parse(settings.callback_allowed_hosts)
 
     async def deliver(
-        self, callback_url: str, call_id: str, function: str, outcome: Outcome
+        self,
+        callback_url: str,
+        call_id: str,
+        function: str,
+        outcome: Outcome,
+        extra_headers: Iterable[tuple[str, str]] = (),
     ) -> CallbackResult:
-        headers = list(callback_headers(call_id, function, outcome).items())
+        headers = callback_headers(call_id, function, outcome)
+        headers.extend(extra_headers)
         limit_s = self._settings.callback_timeout_s
         timeouts = Timeouts(connect_s=limit_s, read_s=limit_s, total_s=limit_s)
         context = call_context(call_id, function)
@@ -100,14 +125,10 @@ class CallbackSender:
             attempt += 1
             status: int | None = None
             try:
-                url = URL(callback_url)
-                if url.scheme not in ("http", "https") or not url.raw_host:
-                    raise ValueError("not an absolute http or https URL")
-                async with await self._client.request(
-                    "POST", url, headers, outcome.body, timeouts
-                ) as response:
-                    status = response.status
-                    await response.read()
+                status = await self._post(URL(callback_url), headers, outcome.body, timeouts)
+            except UpstreamRefusedError as exc:
+                log.warning("callback refused: %s", exc, extra=context)
+                return CallbackResult(delivered=False, attempts=attempt, last_status=None)
             except UpstreamError as exc:
                 log.info(
                     "callback attempt %d to %s failed: %s",
@@ -146,3 +167,39 @@ class CallbackSender:
                     )
                 return CallbackResult(verdict.delivered, attempt, status)
             await asyncio.sleep(verdict.retry_after_s)
+
+    async def _post(
+        self, url: URL, headers: CIMultiDict[str], body: bytes, timeouts: Timeouts
+    ) -> int:
+        """One delivery attempt: the final status, after following 307 and 308 with the body
+        (a redirect that drops the body would lose the result); other 3xx are answers."""
+        if self._settings.callback_signing_secret:
+            timestamp = str(int(time.time()))
+            headers[CALLBACK_TIMESTAMP] = timestamp
+            headers[CALLBACK_SIGNATURE] = sign(
+                self._settings.callback_signing_secret, timestamp, body
+            )
+        for _ in range(MAX_REDIRECTS + 1):
+            if url.scheme not in ("http", "https") or not url.raw_host:
+                raise ValueError("not an absolute http or https URL")
+            host = url.raw_host
+            if self._hosts.allows_name(host) is False:
+                raise UpstreamRefusedError(f"{host} is not in callback_allowed_hosts")
+            async with await self._client.request(
+                "POST",
+                url,
+                headers.items(),
+                body,
+                timeouts,
+                allow_peer=functools.partial(self._allows, host),
+            ) as response:
+                await response.read()
+                location = response.headers.get("Location")
+                if response.status not in (307, 308) or not location:
+                    return response.status
+            url = url.join(URL(location))
+        raise UpstreamError(f"more than {MAX_REDIRECTS} redirects")
+
+    def _allows(self, host: str, address: str) -> bool:
+        parsed = parse_address(address)
+        return parsed is not None and self._hosts.allows_connection(host, parsed)

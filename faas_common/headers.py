@@ -13,6 +13,10 @@ FUNCTION_STATUS = "X-Function-Status"
 FORWARDED_FOR = "X-Forwarded-For"
 FORWARDED_HOST = "X-Forwarded-Host"
 NATS_MSG_ID = "Nats-Msg-Id"
+RETRY = "X-Retry"  # the attempt number, 1 for the first call
+RETRY_MAX = "X-Retry-Max"  # attempts allowed in all
+CALLBACK_TIMESTAMP = "X-Callback-Timestamp"
+CALLBACK_SIGNATURE = "X-Callback-Signature"
 
 # RFC 9110 section 7.6.1, plus the non-standard ones proxies still meet in the wild.
 HOP_BY_HOP = frozenset(

@@ -5,7 +5,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import nats.errors
@@ -289,3 +289,39 @@ def _expire(future: "asyncio.Future[bytes]") -> None:
 
 def ack_is_duplicate(ack: bytes) -> bool:
     return b'"duplicate":true' in ack
+
+
+async def read_backwards(
+    client: NatsClient,
+    js: JetStreamContext,
+    stream: str,
+    subject: str | None = None,
+    first_window: int = 64,
+    largest_window: int = 4096,
+    max_scanned: int = 100_000,
+    timeout_s: float = 5.0,
+) -> AsyncIterator[list[Msg]]:
+    """A stream's messages newest first, in batches: one batched direct get per window of
+    sequence numbers, each window twice the last (up to ``largest_window``), until the
+    stream's start or ``max_scanned`` sequence numbers. ``subject`` filters (a subject or
+    wildcard). The caller stops iterating once it has what it wants."""
+    state = (await js.stream_info(stream)).state
+    if not state.messages:
+        return
+    first_seq, end_seq = state.first_seq, state.last_seq
+    window, scanned = first_window, 0
+    while end_seq >= first_seq and scanned < max_scanned:
+        start_seq = max(first_seq, end_seq - window + 1)
+        request: dict[str, Any] = {"seq": start_seq, "batch": end_seq - start_seq + 1}
+        if subject is not None:
+            request["next_by_subj"] = subject
+        messages = await direct_get_batch(client, stream, request, timeout_s)
+        in_window = [msg for msg in messages if message_sequence(msg) <= end_seq]
+        yield in_window[::-1]
+        scanned += end_seq - start_seq + 1
+        end_seq = start_seq - 1
+        window = min(2 * window, largest_window)
+
+
+def message_sequence(msg: Msg) -> int:
+    return int((msg.headers or {}).get("Nats-Sequence", 0))

@@ -28,6 +28,7 @@ class QueuedCall:
     body: bytes
     callback_url: str | None
     accepted_at_ns: int
+    retry_of: str | None = None  # queued again from this failed call's dead letter
     schema_version: int = field(default=SCHEMA_VERSION)
 
     def encode(self) -> bytes:
@@ -42,6 +43,8 @@ class QueuedCall:
             "callbackUrl": self.callback_url,
             "acceptedAtNs": self.accepted_at_ns,
         }
+        if self.retry_of is not None:
+            envelope["retryOf"] = self.retry_of
         return orjson.dumps(envelope) + b"\n" + self.body
 
     @classmethod
@@ -61,6 +64,7 @@ class QueuedCall:
         try:
             headers = [(str(name), str(value)) for name, value in envelope["headers"]]
             callback_url = envelope["callbackUrl"]
+            retry_of = envelope.get("retryOf")
             return cls(
                 call_id=_text(envelope["callId"]),
                 function=_text(envelope["function"]),
@@ -71,6 +75,7 @@ class QueuedCall:
                 body=body,
                 callback_url=None if callback_url is None else _text(callback_url),
                 accepted_at_ns=int(envelope["acceptedAtNs"]),
+                retry_of=None if retry_of is None else _text(retry_of),
                 schema_version=version,
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -11,19 +11,27 @@ class Outcome:
     body: bytes
     duration_s: float
     error: str | None = None
+    # The function could not be reached or ran over its timeout: worth another try whatever
+    # the status code says.
+    unreachable_or_timed_out: bool = False
 
     @property
     def succeeded(self) -> bool:
         return 200 <= self.status_code < 300
 
     def content_type(self) -> str | None:
+        return self.header("content-type")
+
+    def header(self, lowered_name: str) -> str | None:
         for name, value in self.headers:
-            if name.lower() == "content-type":
+            if name.lower() == lowered_name:
                 return value
         return None
 
 
-def failure(status_code: int, error: str, duration_s: float) -> Outcome:
+def failure(
+    status_code: int, error: str, duration_s: float, unreachable_or_timed_out: bool = False
+) -> Outcome:
     body = json.dumps({"error": error}).encode()
     return Outcome(
         status_code=status_code,
@@ -31,4 +39,5 @@ def failure(status_code: int, error: str, duration_s: float) -> Outcome:
         body=body,
         duration_s=duration_s,
         error=error,
+        unreachable_or_timed_out=unreachable_or_timed_out,
     )

@@ -91,16 +91,41 @@ class CommonSettings(BaseSettings):
         "auto: uvloop when installed (it is, on Linux and macOS), else asyncio.",
     )
     callback_max_attempts: int = setting(
-        5, "callback_max_attempts", "Attempts to deliver a callback before giving up on it."
+        10, "callback_max_attempts", "Attempts to deliver a callback before giving up on it."
     )
     callback_timeout_s: Seconds = setting(
         10.0, "callback_timeout", "Limit on one callback delivery attempt."
     )
     callback_initial_wait_s: Seconds = setting(
-        0.5, "callback_initial_wait", "Wait before the first callback retry; doubles each time."
+        1.0, "callback_initial_wait", "Wait before the first callback retry; doubles each time."
     )
     callback_max_wait_s: Seconds = setting(
-        10.0, "callback_max_wait", "Longest wait between callback attempts."
+        60.0, "callback_max_wait", "Longest wait between callback attempts."
+    )
+    callback_signing_secret: str = setting(
+        "",
+        "callback_signing_secret",
+        "When set, callbacks carry X-Callback-Timestamp and X-Callback-Signature "
+        "(sha256=HMAC of '<timestamp>.<body>').",
+    )
+    callback_allowed_hosts: str = setting(
+        "",
+        "callback_allowed_hosts",
+        "Hosts callbacks may go to: names, *.wildcards, CIDRs, comma-separated. Empty: any "
+        "host but link-local and unspecified addresses (cloud metadata endpoints).",
+    )
+    dead_letter_stream: str = setting(
+        "faas-dead-letters",
+        "dead_letter_stream",
+        "JetStream stream keeping the requests of calls that failed for good.",
+    )
+    dead_letter_retention_s: Seconds = setting(
+        7 * 24 * 3600.0, "dead_letter_retention", "How long dead letters are kept."
+    )
+    cancellation_bucket: str = setting(
+        "faas-cancellations",
+        "cancellation_bucket",
+        "NATS key-value bucket of cancelled call ids, watched by every worker.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = setting(
         "info", "log_level", "Log level."
@@ -134,6 +159,8 @@ def describe_default(info: FieldInfo) -> str:
         return format_duration_s(default)
     if isinstance(default, bool):
         return str(default).lower()
+    if default == "":
+        return "(empty)"
     return str(default)
 
 

@@ -16,7 +16,7 @@ import asyncio
 import collections
 import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -44,6 +44,10 @@ class UpstreamConnectError(UpstreamError):
 
 class UpstreamDisconnectedError(UpstreamError):
     """The connection broke, or the peer answered with something that is not HTTP/1.x."""
+
+
+class UpstreamRefusedError(UpstreamError):
+    """We would not send to the address the name led to (callback_allowed_hosts)."""
 
 
 class UpstreamTimeoutError(UpstreamError, TimeoutError):
@@ -300,6 +304,10 @@ class _Connection(asyncio.Protocol):
     def reusable(self) -> bool:
         return self._reusable and self._complete and not self.closed and self._error is None
 
+    def peer_address(self) -> str | None:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer[0]) if peer else None
+
     def abandon(self) -> None:
         """Close without waiting: the exchange will not be finished."""
         self._reusable = False
@@ -388,12 +396,14 @@ class UpstreamClient:
         headers: Iterable[tuple[str, str]],
         body: bytes | AsyncIterable[bytes] | None,
         timeouts: Timeouts,
+        allow_peer: Callable[[str], bool] | None = None,
     ) -> UpstreamResponse:
         """Send the request and wait for the response's status and headers.
 
         A bytes body is sent with Content-Length. A streamed body is sent with the caller's
         Content-Length header if it gave one (and then must be exactly that long), else
-        chunked.
+        chunked. ``allow_peer`` sees the address actually connected to before anything is
+        sent; False raises UpstreamRefusedError.
         """
         loop = asyncio.get_running_loop()
         total_deadline = loop.time() + timeouts.total_s if timeouts.total_s else float("inf")
@@ -406,6 +416,11 @@ class UpstreamClient:
         replayable = body is None or isinstance(body, bytes | bytearray | memoryview)
         for attempt in (1, 2):
             connection, reused = await self._connect(key, timeouts, total_deadline)
+            if allow_peer is not None:
+                peer = connection.peer_address()
+                if peer is None or not allow_peer(peer):
+                    connection.abandon()
+                    raise UpstreamRefusedError(f"{host}:{port} resolves to {peer}, not allowed")
             upload: asyncio.Task[None] | None = None
             try:
                 upload = _send(connection, method, head, body, chunked)

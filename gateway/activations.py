@@ -125,27 +125,20 @@ class ActivationQueries:
 
     async def _list(self, query: ListQuery) -> list[bytes]:
         self._store()  # 503 unless NATS is ready
-        client = self._publisher.client()
-        js = self._publisher.jetstream()
-        index = self._settings.activation_index_stream
-        state = (await js.stream_info(index)).state
-        if not state.messages:
-            return []
-        first_seq, end_seq = state.first_seq, state.last_seq
         subject = index_subject(self._settings, query.function) if query.function else None
         found: list[bytes] = []
-        window = max(FIRST_WINDOW, 2 * query.limit)
-        scanned = 0
-        while end_seq >= first_seq and len(found) < query.limit and scanned < MAX_SCANNED:
-            start_seq = max(first_seq, end_seq - window + 1)
-            request: dict[str, object] = {"seq": start_seq, "batch": end_seq - start_seq + 1}
-            if subject is not None:
-                request["next_by_subj"] = subject
-            entries = await jetstream.direct_get_batch(client, index, request, REQUEST_TIMEOUT_S)
-            call_ids = [
-                msg.data.decode() for msg in entries if msg.data and _sequence(msg) <= end_seq
-            ]
-            newest_first = call_ids[::-1]
+        windows = jetstream.read_backwards(
+            self._publisher.client(),
+            self._publisher.jetstream(),
+            self._settings.activation_index_stream,
+            subject,
+            first_window=max(FIRST_WINDOW, 2 * query.limit),
+            largest_window=LARGEST_WINDOW,
+            max_scanned=MAX_SCANNED,
+            timeout_s=REQUEST_TIMEOUT_S,
+        )
+        async for entries in windows:
+            newest_first = [msg.data.decode() for msg in entries if msg.data]
             for offset in range(0, len(newest_first), RECORDS_PER_REQUEST):
                 chunk = newest_first[offset : offset + RECORDS_PER_REQUEST]
                 records = await self._records(chunk)
@@ -160,9 +153,6 @@ class ActivationQueries:
                     found.append(stored.record_json)
                     if len(found) == query.limit:
                         return found
-            scanned += end_seq - start_seq + 1
-            end_seq = start_seq - 1
-            window = min(2 * window, LARGEST_WINDOW)
         return found
 
     async def _records(self, call_ids: list[str]) -> dict[str, StoredActivation]:
@@ -181,11 +171,6 @@ class ActivationQueries:
             if stored is not None:
                 records[str(stored.record.get("callId"))] = stored
         return records
-
-
-def _sequence(msg: object) -> int:
-    headers = getattr(msg, "headers", None) or {}
-    return int(headers.get("Nats-Sequence", 0))
 
 
 def _queued_ns(stored: StoredActivation) -> int:

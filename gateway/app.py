@@ -11,12 +11,14 @@ from faas_common.upstream import UpstreamClient
 from gateway.activation_api import ActivationApi
 from gateway.activations import ActivationQueries
 from gateway.async_calls import AsyncInvoker
+from gateway.callback_urls import CallbackUrls
 from gateway.calls import CallContext
 from gateway.demotion import Demotions
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import SyncProxy
 from gateway.publisher import Publisher
-from gateway.routes import invocation, no_such_route, read_only, system
+from gateway.reliability_api import ReliabilityApi
+from gateway.routes import invocation, json_errors, no_such_route, read_only, system
 from gateway.settings import GatewaySettings
 
 SETTINGS = web.AppKey("settings", GatewaySettings)
@@ -27,6 +29,8 @@ UPSTREAM_CLIENT = web.AppKey("upstream_client", UpstreamClient)
 SYNC_PROXY = web.AppKey("sync_proxy", SyncProxy)
 ASYNC_INVOKER = web.AppKey("async_invoker", AsyncInvoker)
 ACTIVATION_API = web.AppKey("activation_api", ActivationApi)
+RELIABILITY_API = web.AppKey("reliability_api", ReliabilityApi)
+CALLBACK_URLS = web.AppKey("callback_urls", CallbackUrls)
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -39,6 +43,7 @@ def create_app(
     app[SETTINGS] = settings
     app[REGISTRY] = registry
     app[METRICS] = metrics or GatewayMetrics()
+    app[CALLBACK_URLS] = CallbackUrls(settings.callback_allowed_hosts)
     # Cleaned up in reverse: calls that turned async finish while NATS and the client live.
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_queue_publisher)
@@ -47,11 +52,15 @@ def create_app(
     sync_call, async_call = invocation(_sync_call), invocation(_async_call)
     for pattern in ("/function/{name}", "/function/{name}/", "/function/{name}/{path:.*}"):
         app.router.add_route("*", pattern, sync_call)
+    # Before the invocation route of the same path, which answers other methods with 405.
+    app.router.add_route("DELETE", "/async-function/{call_id}", json_errors(_cancel))
     for pattern in ("/async-function/{name}", "/async-function/{name}/{path:.*}"):
         app.router.add_route("*", pattern, async_call)
     app.router.add_route("*", "/system/activations", system(_list_activations))
     app.router.add_route("*", "/system/activations/{call_id}", system(_activation))
     app.router.add_route("*", "/system/activations/{call_id}/result", system(_activation_result))
+    app.router.add_route("POST", "/system/activations/{call_id}/retry", json_errors(_retry))
+    app.router.add_route("*", "/system/dead-letters", system(_dead_letters))
     app.router.add_route("*", "/healthz", read_only(_healthz))
     app.router.add_route("*", "/metrics", read_only(_metrics))
     app.router.add_route("*", "/{tail:.*}", no_such_route)
@@ -76,8 +85,9 @@ async def _queue_publisher(app: web.Application) -> AsyncIterator[None]:
     queries = ActivationQueries(app[SETTINGS], publisher)
     app[ACTIVATION_API] = ActivationApi(queries)
     app[ASYNC_INVOKER] = AsyncInvoker(
-        app[SETTINGS], app[REGISTRY], publisher, queries, app[METRICS]
+        app[SETTINGS], app[REGISTRY], publisher, queries, app[CALLBACK_URLS], app[METRICS]
     )
+    app[RELIABILITY_API] = ReliabilityApi(app[SETTINGS], app[REGISTRY], publisher, queries)
     try:
         await publisher.start()
         yield
@@ -87,7 +97,9 @@ async def _queue_publisher(app: web.Application) -> AsyncIterator[None]:
 
 async def _sync_proxy(app: web.Application) -> AsyncIterator[None]:
     settings, client = app[SETTINGS], app[UPSTREAM_CLIENT]
-    demotions = Demotions(settings, app[PUBLISHER], CallbackSender(settings, client))
+    demotions = Demotions(
+        settings, app[PUBLISHER], CallbackSender(settings, client), app[CALLBACK_URLS]
+    )
     app[SYNC_PROXY] = SyncProxy(settings, app[REGISTRY], client, app[METRICS], demotions)
     try:
         yield
@@ -113,6 +125,18 @@ async def _activation(request: web.Request) -> web.StreamResponse:
 
 async def _activation_result(request: web.Request) -> web.StreamResponse:
     return await request.app[ACTIVATION_API].result(request)
+
+
+async def _cancel(request: web.Request) -> web.StreamResponse:
+    return await request.app[RELIABILITY_API].cancel(request)
+
+
+async def _retry(request: web.Request) -> web.StreamResponse:
+    return await request.app[RELIABILITY_API].retry(request)
+
+
+async def _dead_letters(request: web.Request) -> web.StreamResponse:
+    return await request.app[RELIABILITY_API].dead_letters(request)
 
 
 async def _healthz(request: web.Request) -> web.StreamResponse:

@@ -1,7 +1,6 @@
 """Async invocation: validate, read the body within the limit, enqueue durably, answer 202."""
 
 import logging
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -12,10 +11,10 @@ from faas_common.message import QueuedCall
 from faas_common.registry import Registry
 from gateway.activation_api import location_of, result_response, unfinished_response
 from gateway.activations import ActivationQueries
+from gateway.callback_urls import CallbackUrls
 from gateway.calls import CallContext
 from gateway.errors import (
     GatewayError,
-    InvalidRequestError,
     MethodNotAllowedError,
     PayloadTooLargeError,
 )
@@ -38,8 +37,10 @@ class AsyncInvoker:
         registry: Registry,
         publisher: Publisher,
         queries: ActivationQueries,
+        callback_urls: CallbackUrls,
         metrics: GatewayMetrics,
     ) -> None:
+        self._callback_urls = callback_urls
         self._settings = settings
         self._registry = registry
         self._publisher = publisher
@@ -55,7 +56,7 @@ class AsyncInvoker:
                 )
             function = resolve_function(self._registry, request.match_info["name"])
             label = function.name
-            callback_url = validate_callback_url(request.headers.get(CALLBACK_URL))
+            callback_url = await self._callback_urls.validate(request.headers.get(CALLBACK_URL))
             self._publisher.raise_unless_ready()
             body = await read_body_within(request, self._publisher.max_body_bytes())
             queued = QueuedCall(
@@ -107,29 +108,6 @@ class AsyncInvoker:
             response.headers["Location"] = location_of(call.call_id)
             return response
         return unfinished_response(stored)
-
-
-def validate_callback_url(value: str | None) -> str | None:
-    if value is None:
-        return None
-    not_absolute = InvalidRequestError(f"{CALLBACK_URL} must be an absolute http or https URL")
-    try:
-        parts = urlsplit(value)
-    except ValueError as exc:  # an unclosed IPv6 bracket, say; a client error, not ours
-        raise not_absolute from exc
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise not_absolute
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
-    except ValueError as exc:
-        raise InvalidRequestError(f"{CALLBACK_URL} has an invalid port") from exc
-    try:
-        # The worker's HTTP client resolves names through IDNA; a name it cannot encode (an
-        # empty or over-long label) would fail every delivery attempt after the call ran.
-        parts.hostname.encode("idna")
-    except UnicodeError as exc:
-        raise InvalidRequestError(f"{CALLBACK_URL} has an invalid host name") from exc
-    return value
 
 
 async def read_body_within(request: web.Request, limit_bytes: int) -> bytes:

@@ -24,6 +24,7 @@ from faas_common.outcome import Outcome, failure
 from faas_common.registry import FunctionSpec
 from faas_common.upstream import UpstreamError, UpstreamResponse, UpstreamTimeoutError
 from gateway.activation_api import location_of
+from gateway.callback_urls import CallbackUrls
 from gateway.calls import CallContext
 from gateway.errors import GatewayError
 from gateway.prefer import PREFER, PREFERENCE_APPLIED, parse_prefer
@@ -35,8 +36,13 @@ log = logging.getLogger("faas.gateway")
 
 class Demotions:
     def __init__(
-        self, settings: GatewaySettings, publisher: Publisher, callbacks: CallbackSender
+        self,
+        settings: GatewaySettings,
+        publisher: Publisher,
+        callbacks: CallbackSender,
+        callback_urls: CallbackUrls,
     ) -> None:
+        self.callback_urls = callback_urls
         self._settings = settings
         self._publisher = publisher
         self._callbacks = callbacks

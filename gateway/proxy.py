@@ -19,7 +19,6 @@ from faas_common.upstream import (
     UpstreamResponse,
 )
 from faas_common.upstream import UpstreamTimeoutError as ClientTimeoutError
-from gateway.async_calls import validate_callback_url
 from gateway.calls import CallContext
 from gateway.demotion import AsyncAfter, Demotions
 from gateway.errors import GatewayError, UpstreamTimeoutError, UpstreamUnavailableError
@@ -128,7 +127,9 @@ class SyncProxy:
         and the function must still get the whole request.
         """
         assert self._demotions is not None
-        callback_url = validate_callback_url(request.headers.get(CALLBACK_URL))
+        callback_url = await self._demotions.callback_urls.validate(
+            request.headers.get(CALLBACK_URL)
+        )
         body = await request.read() if request.body_exists else b""
         pending = asyncio.create_task(
             self._client.request(

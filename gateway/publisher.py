@@ -11,6 +11,7 @@ from nats.js import JetStreamContext
 
 from faas_common import jetstream
 from faas_common.activations import ActivationStore, ensure_activation_storage
+from faas_common.dead_letters import ensure_dead_letter_stream
 from faas_common.headers import NATS_MSG_ID
 from gateway.errors import PayloadTooLargeError, QueueUnavailableError
 from gateway.settings import GatewaySettings
@@ -94,6 +95,7 @@ class Publisher:
         async with self._ensure_lock:
             await jetstream.ensure_stream(self._js, self._settings)
             await ensure_activation_storage(self._js, self._settings)
+            await ensure_dead_letter_stream(self._js, self._settings)
             self._stream_problem = None
             self._stream_ready.set()
 

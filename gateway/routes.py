@@ -62,6 +62,11 @@ def read_only(handle: Handler) -> Handler:
 
 def system(handle: Handler) -> Handler:
     """A read-only /system route whose GatewayErrors become JSON responses."""
+    return read_only(json_errors(handle))
+
+
+def json_errors(handle: Handler) -> Handler:
+    """GatewayErrors of a route that is not an invocation become JSON responses."""
 
     async def route(request: web.Request) -> web.StreamResponse:
         try:
@@ -69,7 +74,7 @@ def system(handle: Handler) -> Handler:
         except GatewayError as exc:
             return error_response(exc.status, exc.message, None, exc.headers)
 
-    return read_only(route)
+    return route
 
 
 async def no_such_route(request: web.Request) -> web.Response:

@@ -4,7 +4,7 @@ import time
 
 from multidict import CIMultiDict
 
-from faas_common.headers import CALL_ID, START_TIME, end_to_end
+from faas_common.headers import CALL_ID, RETRY, RETRY_MAX, START_TIME, end_to_end
 from faas_common.message import QueuedCall
 from faas_common.outcome import Outcome, failure
 from faas_common.registry import FunctionSpec
@@ -17,7 +17,9 @@ class FunctionInvoker:
         self._settings = settings
         self._client = client
 
-    async def invoke(self, call: QueuedCall, function: FunctionSpec | None) -> Outcome:
+    async def invoke(
+        self, call: QueuedCall, function: FunctionSpec | None, attempt: int, max_attempts: int
+    ) -> Outcome:
         started = time.monotonic()
         if function is None:
             return failure(404, f"function {call.function!r} is no longer registered", 0.0)
@@ -30,6 +32,8 @@ class FunctionInvoker:
         headers = CIMultiDict(call.headers)
         headers[CALL_ID] = call.call_id
         headers[START_TIME] = str(call.accepted_at_ns)
+        headers[RETRY] = str(attempt)
+        headers[RETRY_MAX] = str(max_attempts)
         try:
             async with await self._client.request(
                 call.method,
@@ -52,6 +56,7 @@ class FunctionInvoker:
                 504,
                 f"function {function.name!r} exceeded its timeout (exec {exec_timeout_s:g}s)",
                 time.monotonic() - started,
+                unreachable_or_timed_out=True,
             )
         except (UpstreamError, ValueError) as exc:
             # ValueError: the request cannot be framed (a header with a line break). Raising
@@ -61,4 +66,5 @@ class FunctionInvoker:
                 502,
                 f"function {function.name!r} is unreachable: {type(exc).__name__}: {exc}",
                 time.monotonic() - started,
+                unreachable_or_timed_out=isinstance(exc, UpstreamError),
             )

@@ -8,7 +8,7 @@ class WorkerMetrics:
         self.registry = registry or CollectorRegistry()
         self.processed = Counter(
             "queue_worker_messages_processed_total",
-            "Queued calls finished, by outcome (succeeded, failed, malformed, crashed).",
+            "Queued calls finished, by outcome (succeeded, failed, cancelled, malformed, crashed).",
             ["function_name", "outcome"],
             registry=self.registry,
         )
@@ -27,6 +27,18 @@ class WorkerMetrics:
             "queue_worker_callbacks_total",
             "Callbacks by outcome (delivered, failed).",
             ["function_name", "outcome"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "queue_worker_retries_total",
+            "Function calls that failed in a retryable way and went back to the queue.",
+            ["function_name"],
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "queue_worker_dead_letters_total",
+            "Calls that failed for good and were kept as dead letters.",
+            ["function_name"],
             registry=self.registry,
         )
         self.duration = Histogram(

@@ -49,3 +49,18 @@ class WorkerSettings(CommonSettings):
         "A call's activation record says running once the call has run this long; shorter "
         "calls go from queued to their outcome in one write (0: at once).",
     )
+    retry_http_codes: str = setting(
+        "408,429,500,502,503,504",
+        "retry_http_codes",
+        "Function statuses that are retried (ranges like 500-504 allowed); connection errors "
+        "and timeouts always are.",
+    )
+    max_retry_attempts: int = setting(
+        10, "max_retry_attempts", "Function calls in all for one async call, the first included."
+    )
+    initial_retry_wait_s: Seconds = setting(
+        10.0, "initial_retry_wait", "Wait before the first retry; doubles up to max_retry_wait."
+    )
+    max_retry_wait_s: Seconds = setting(
+        120.0, "max_retry_wait", "Longest wait between retries (also caps Retry-After)."
+    )

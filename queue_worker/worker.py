@@ -27,16 +27,26 @@ from faas_common.activations import (
     ensure_activation_storage,
 )
 from faas_common.callbacks import CallbackResult, CallbackSender
+from faas_common.cancellations import CancellationWatch
+from faas_common.dead_letters import DeadLetterError, ensure_dead_letter_stream, keep_dead_letter
+from faas_common.headers import RETRY, RETRY_MAX
 from faas_common.logs import call_context
 from faas_common.loops import new_event_loop
 from faas_common.message import MalformedMessageError, QueuedCall
 from faas_common.outcome import Outcome
-from faas_common.registry import Registry
+from faas_common.registry import FunctionSpec, Registry
 from faas_common.upstream import UpstreamClient
 from queue_worker.consumer import ensure_consumer
 from queue_worker.decisions import Ending, Settle, heartbeat_interval_s, outcome_label, settle
 from queue_worker.invoker import FunctionInvoker
 from queue_worker.metrics import WorkerMetrics
+from queue_worker.retries import (
+    InvalidRetryPolicyError,
+    RetryPolicy,
+    judge_call_attempt,
+    parse_codes,
+    parse_retry_after_s,
+)
 from queue_worker.settings import WorkerSettings
 from queue_worker.status import StatusServer
 
@@ -73,6 +83,17 @@ class Worker:
         self._slots = asyncio.Semaphore(settings.max_inflight)
         self._waiting_for_slot: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._cancelled: set[str] = set()  # call ids cancelled through the API
+        self._calls_running: dict[str, asyncio.Task[Any]] = {}
+        self._retry_policy = RetryPolicy(
+            max_attempts=settings.max_retry_attempts,
+            retry_codes=parse_codes(settings.retry_http_codes),
+            min_wait_s=settings.initial_retry_wait_s,
+            max_wait_s=max(settings.max_retry_wait_s, settings.initial_retry_wait_s),
+        )
+        self._policies: dict[str, tuple[FunctionSpec, RetryPolicy]] = {}
+        self._acks: jetstream.AckedPublisher | None = None
+        self._cancellations: CancellationWatch | None = None
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
@@ -169,10 +190,10 @@ class Worker:
             self.settings, "faas-queue-worker", on_reconnected=self._on_reconnected
         )
         self._js = self._nc.jetstream()
+        self._acks = jetstream.AckedPublisher(self._nc)
+        await self._acks.start()
         if self.settings.record_activations:
-            acks = jetstream.AckedPublisher(self._nc)
-            await acks.start()
-            self._activations = ActivationStore(self._nc, self._js, acks, self.settings)
+            self._activations = ActivationStore(self._nc, self._js, self._acks, self.settings)
         await jetstream.retry_until_jetstream_answers(self._bind, "stream and consumer")
 
     async def _on_reconnected(self) -> None:
@@ -183,6 +204,12 @@ class Worker:
         await jetstream.ensure_stream(self._js, self.settings)
         if self.settings.record_activations:
             await ensure_activation_storage(self._js, self.settings)
+        await ensure_dead_letter_stream(self._js, self.settings)
+        if self._cancellations is None:
+            # Before the first fetch: a call cancelled while queued must never start.
+            watch = CancellationWatch(self._js, self.settings, self.on_cancelled)
+            await watch.start()
+            self._cancellations = watch
         await ensure_consumer(self._js, self.settings)
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
@@ -299,23 +326,37 @@ class Worker:
                 self.metrics.processed.labels("", Ending.MALFORMED.value).inc()
                 await self._settle(msg, settle(Ending.MALFORMED))
                 return
+            context = call_context(call.call_id, call.function)
+            attempt = _delivery_count(msg)
+            retry_in_s: float | None = None
             try:
-                await self._run_call(call, slot, _delivery_count(msg))
+                if call.call_id in self._cancelled:
+                    slot.release()
+                    await self._record_cancelled(call, attempt)
+                elif attempt > 1 and await self._finished_before(call, slot):
+                    pass  # a redelivery of a call whose outcome is recorded: never run twice
+                else:
+                    retry_in_s = await self._run_call(call, slot, attempt)
             except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if call.call_id in self._cancelled and task is not None and task.uncancel() == 0:
+                    # Cancelled through the API while it ran, not by a stop.
+                    log.info("cancelled while running", extra=context)
+                    await self._record_cancelled(call, attempt)
+                    await self._settle(msg, Settle.ACK)
+                    return
                 self.interrupted += 1
-                log.info(
-                    "interrupted; back to the queue",
-                    extra=call_context(call.call_id, call.function),
-                )
+                log.info("interrupted; back to the queue", extra=context)
                 await self._settle(msg, settle(Ending.INTERRUPTED))
                 raise
             except Exception:
-                log.exception(
-                    "handling failed; the call goes back to the queue",
-                    extra=call_context(call.call_id, call.function),
-                )
+                log.exception("handling failed; the call goes back to the queue", extra=context)
                 self.metrics.processed.labels(call.function, Ending.CRASHED.value).inc()
                 await self._settle(msg, settle(Ending.CRASHED))
+                return
+            if retry_in_s is not None:
+                self.metrics.retries.labels(call.function).inc()
+                await self._settle(msg, Settle.NAK_LATER, delay_s=retry_in_s)
                 return
             await self._settle(msg, settle(Ending.COMPLETED))
             self.completed += 1
@@ -323,7 +364,82 @@ class Worker:
             slot.release()
             lease.cancel()
 
-    async def _run_call(self, call: QueuedCall, slot: "SlotRelease", attempt: int) -> None:
+    async def _finished_before(self, call: QueuedCall, slot: "SlotRelease") -> bool:
+        """On a redelivery: True if the call's outcome is already recorded (a worker died, or
+        was stopped, after the function returned). Then only a callback still owed is sent."""
+        if self._activations is None:
+            return False
+        try:
+            stored = await self._activations.get(call.call_id)
+        except ActivationStoreError:
+            return False  # cannot tell: run it again, at least once
+        if stored is None or not stored.is_final:
+            return False
+        slot.release()
+        record = stored.record
+        callback = record.get("callback") or {}
+        if call.callback_url is None or callback.get("state") != "pending":
+            return True
+        response = record.get("response") or {}
+        content_type = response.get("contentType")
+        outcome = Outcome(
+            status_code=int(record.get("statusCode") or 502),
+            headers=[("Content-Type", str(content_type))] if content_type else [],
+            body=await self._activations.result_body(stored),
+            duration_s=float(record.get("durationMs") or 0) / 1000,
+            error=record.get("error"),
+        )
+        attempts = int(record.get("attempts") or 1)
+        policy = self._policy_for(self.registry.get(call.function))
+        result = await self._call_back(call, outcome, attempts, policy.max_attempts)
+        record["callback"] = {
+            **callback,
+            "state": "delivered" if result.delivered else "failed",
+            "attempts": result.attempts,
+            "lastStatus": result.last_status,
+        }
+        await self._activations.put_record(call.call_id, record, stored.inline_body)
+        return True
+
+    async def _record_cancelled(self, call: QueuedCall, attempt: int) -> None:
+        self.metrics.processed.labels(call.function, "cancelled").inc()
+        if self._activations is None:
+            return
+        activation = Activation.queued(call)
+        activation.attempts = attempt - 1
+        activation.cancel()
+        try:
+            await self._activations.put(activation)
+        except ActivationStoreError as exc:
+            log.warning(
+                "cancellation not recorded: %s",
+                exc,
+                extra=call_context(call.call_id, call.function),
+            )
+
+    def on_cancelled(self, call_id: str) -> None:
+        """A call was cancelled through the API: never start it, and stop it if it runs here."""
+        self._cancelled.add(call_id)
+        task = self._calls_running.get(call_id)
+        if task is not None:
+            task.cancel()
+
+    def _policy_for(self, function: FunctionSpec | None) -> RetryPolicy:
+        if function is None:
+            return self._retry_policy
+        cached = self._policies.get(function.name)
+        if cached is not None and cached[0] is function:
+            return cached[1]
+        try:
+            policy = self._retry_policy.overridden_by(function.annotations)
+        except InvalidRetryPolicyError as exc:
+            log.warning("function %s: retry annotations ignored: %s", function.name, exc)
+            policy = self._retry_policy
+        self._policies[function.name] = (function, policy)
+        return policy
+
+    async def _run_call(self, call: QueuedCall, slot: "SlotRelease", attempt: int) -> float | None:
+        """Run the call once; None when it is done, else seconds until it is tried again."""
         assert self._invoker is not None and self._callbacks is not None
         context = call_context(call.call_id, call.function)
         await self._take_slot()
@@ -339,10 +455,13 @@ class Worker:
             running_record = asyncio.get_running_loop().call_later(
                 self.settings.running_record_delay_s, self._record_running, activation
             )
+        function = self.registry.get(call.function)
+        policy = self._policy_for(function)
+        self._calls_running[call.call_id] = asyncio.current_task()  # type: ignore[assignment]
         try:
-            function = self.registry.get(call.function)
-            outcome = await self._invoker.invoke(call, function)
+            outcome = await self._invoker.invoke(call, function, attempt, policy.max_attempts)
         finally:
+            self._calls_running.pop(call.call_id, None)
             if running_record is not None:
                 running_record.cancel()
             inflight.dec()
@@ -364,10 +483,28 @@ class Worker:
             f": {outcome.error}" if outcome.error else "",
             extra=context,
         )
+        verdict = judge_call_attempt(
+            outcome.status_code,
+            outcome.unreachable_or_timed_out,
+            attempt,
+            policy,
+            parse_retry_after_s(outcome.header("retry-after"), time.time()),
+        )
+        if call.call_id in self._cancelled:
+            raise asyncio.CancelledError  # cancelled just as it ended: recorded as cancelled
+        if not verdict.final:
+            log.info("attempt %d; next in %.1fs", attempt, verdict.wait_s, extra=context)
+            if activation is not None:
+                activation.wait_for_retry(outcome, verdict.wait_s)
+                await self._record_final(activation, outcome, keep_body=False)
+            return verdict.wait_s
+        if not outcome.succeeded and self._acks is not None:
+            await self._keep_dead_letter(call, outcome, attempt)
+        retry_headers = (attempt, policy.max_attempts)
         if activation is None or self._activations is None:
             if call.callback_url is not None:
-                await self._call_back(call, outcome)
-            return
+                await self._call_back(call, outcome, *retry_headers)
+            return None
         # The outcome is recorded before the callback, so a receiver that looks the call up
         # finds it finished; while NATS is away, the callback goes first and the record is
         # written once NATS is back (the message is acked only after that).
@@ -375,13 +512,37 @@ class Worker:
         recorded_first = self._is_connected()
         kept_body = await self._record_final(activation, outcome) if recorded_first else b""
         if call.callback_url is not None:
-            result = await self._call_back(call, outcome)
+            result = await self._call_back(call, outcome, *retry_headers)
             activation.note_callback(result.delivered, result.attempts, result.last_status)
             if recorded_first:
                 # Not awaited: the record is final already; only the callback detail is new.
                 await self._activations.put_nowait(activation, kept_body)
         if not recorded_first:
             await self._record_final(activation, outcome)
+        return None
+
+    async def _keep_dead_letter(self, call: QueuedCall, outcome: Outcome, attempts: int) -> None:
+        """Before the final record: a call recorded failed always has its dead letter."""
+        assert self._acks is not None
+        deadline = time.monotonic() + self.settings.ack_wait_s
+        wait_s = 0.1
+        while True:
+            try:
+                await keep_dead_letter(
+                    self._acks, self.settings, call, outcome, attempts, time.time_ns()
+                )
+                self.metrics.dead_letters.labels(call.function).inc()
+                return
+            except DeadLetterError as exc:
+                if time.monotonic() + wait_s > deadline or self._forced.is_set():
+                    raise
+                log.info(
+                    "keeping the dead letter failed, retrying: %s",
+                    exc,
+                    extra=call_context(call.call_id, call.function),
+                )
+                await asyncio.sleep(wait_s)
+                wait_s = min(wait_s * 2, 2.0)
 
     def _record_running(self, activation: Activation) -> None:
         task = asyncio.create_task(self._write_running(activation))
@@ -394,17 +555,25 @@ class Worker:
             # Not awaited: the final write supersedes it.
             await self._activations.put_nowait(activation)
 
-    async def _call_back(self, call: QueuedCall, outcome: Outcome) -> CallbackResult:
+    async def _call_back(
+        self, call: QueuedCall, outcome: Outcome, attempt: int, max_attempts: int
+    ) -> CallbackResult:
         assert self._callbacks is not None and call.callback_url is not None
         result = await self._callbacks.deliver(
-            call.callback_url, call.call_id, call.function, outcome
+            call.callback_url,
+            call.call_id,
+            call.function,
+            outcome,
+            [(RETRY, str(attempt)), (RETRY_MAX, str(max_attempts))],
         )
         self.metrics.callbacks.labels(
             call.function, "delivered" if result.delivered else "failed"
         ).inc()
         return result
 
-    async def _record_final(self, activation: Activation, outcome: Outcome) -> bytes:
+    async def _record_final(
+        self, activation: Activation, outcome: Outcome, keep_body: bool = True
+    ) -> bytes:
         """Write the outcome, retrying while NATS is away for up to ack_wait (the lease is
         renewed meanwhile); after that the call goes back to the queue rather than finish
         without a record. Returns the part of the body kept in the record itself."""
@@ -413,6 +582,9 @@ class Worker:
         wait_s = 0.1
         while True:
             try:
+                if not keep_body:
+                    await self._activations.put(activation)
+                    return b""
                 body, stored = await self._activations.store_result(
                     activation.call_id, outcome.body
                 )
@@ -449,14 +621,14 @@ class Worker:
             except nats.errors.Error as exc:
                 log.debug("lease renewal failed: %s", exc)
 
-    async def _settle(self, msg: Msg, action: Settle) -> None:
+    async def _settle(self, msg: Msg, action: Settle, delay_s: float | None = None) -> None:
         try:
             if action is Settle.ACK:
                 await msg.ack()
             elif action is Settle.NAK:
                 await msg.nak()
             elif action is Settle.NAK_LATER:
-                await msg.nak(delay=self.settings.ack_wait_s)
+                await msg.nak(delay=self.settings.ack_wait_s if delay_s is None else delay_s)
             else:
                 await msg.term()
         except nats.errors.Error as exc:
@@ -493,6 +665,8 @@ class Worker:
         )
 
     async def _release(self) -> None:
+        if self._cancellations is not None:
+            await self._cancellations.close()
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(nats.errors.Error, TimeoutError):
                 await self._nc.flush(timeout=2)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import nats
 import nats.errors
 import pytest
 import yaml
@@ -179,6 +180,10 @@ async def http_status(http: aiohttp.ClientSession, url: str) -> int:
 
 
 async def status_is(status: Awaitable[int], expected: int) -> bool:
+    return await status == expected
+
+
+async def status_is_text(status: Awaitable[str], expected: str) -> bool:
     return await status == expected
 
 
@@ -357,6 +362,13 @@ async def test_call_outliving_the_grace_goes_back_to_the_queue_at_once(
     call_id = await accepted(http, gateway, "held", receiver.url)
     await function.wait_for_requests(1, WAIT_S)
 
+    async def record_status() -> str:
+        async with http.get(gateway.url(f"/system/activations/{call_id}")) as response:
+            return str((await response.json())["status"])
+
+    await wait_until(
+        lambda: status_is_text(record_status(), "running"), WAIT_S, "the record: running"
+    )
     first.request_stop()
     await asyncio.wait_for(first_task, WAIT_S)
 
@@ -374,6 +386,10 @@ async def test_call_outliving_the_grace_goes_back_to_the_queue_at_once(
     assert hold.seen == [call_id, call_id]
     assert hold.answered == [call_id]
     assert len(receiver.requests) == 1
+    # Not left 'running': the second worker's outcome is recorded, with both attempts.
+    async with http.get(gateway.url(f"/system/activations/{call_id}")) as response:
+        record = await response.json()
+    assert record["status"] == "succeeded" and record["attempts"] == 2
 
 
 # stopping the real process
@@ -740,3 +756,121 @@ async def test_unexpected_failure_keeps_the_call_and_retries_it_later(
         "queue_worker_messages_processed_total", {"function_name": "echo", "outcome": "crashed"}
     )
     assert crashed == 1
+
+
+async def test_sigkill_of_a_busy_worker_loses_no_call_and_repeats_only_those_in_flight(
+    nats_server, recorder, start_gateway, http, tmp_path
+):
+    async def brief(request: web.Request, recorded: RecordedRequest) -> web.Response:
+        await asyncio.sleep(0.02)
+        return web.Response(text="done")
+
+    function = await recorder(brief)
+    receiver = await recorder()
+    gateway = await start_gateway(registry_of(work=function.url))
+    functions_file = write_functions_file(tmp_path / "functions.yml", work=function.url)
+    queued = [await accepted(http, gateway, "work", receiver.url) for _ in range(500)]
+    # A short lease, so that the killed worker's calls come back soon.
+    env = worker_process_env(nats_server.url, functions_file, max_inflight="50", ack_wait="2")
+
+    async def start_worker_process(name: str) -> asyncio.subprocess.Process:
+        with (tmp_path / f"{name}.log").open("wb") as log:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "queue_worker", env=env, cwd=ROOT, stdout=log, stderr=log
+            )
+
+    first = await start_worker_process("first")
+    second = None
+    try:
+        await wait_until(lambda: len(receiver.requests) >= 250, WAIT_S, "half the callbacks")
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        # What the killed worker had started and not yet called back: the only calls that may
+        # run, or be called back, twice.
+        called_back = set(call_ids(receiver.requests))
+        in_flight = set(call_ids(function.requests)) - called_back
+        second = await start_worker_process("second")
+
+        await wait_until(
+            lambda: len(set(call_ids(receiver.requests))) == len(queued),
+            60,
+            "a callback for every call",
+        )
+        for call_id in queued[::25]:  # the records agree
+            async with http.get(gateway.url(f"/system/activations/{call_id}")) as response:
+                record = await response.json()
+                assert record["status"] == "succeeded", record
+    finally:
+        for process in (first, second):
+            if process is not None:
+                await stop_process(process)
+
+    invoked: dict[str, int] = {}
+    for call_id in call_ids(function.requests):
+        invoked[call_id] = invoked.get(call_id, 0) + 1
+    callbacks: dict[str, int] = {}
+    for call_id in call_ids(receiver.requests):
+        callbacks[call_id] = callbacks.get(call_id, 0) + 1
+    assert set(invoked) == set(queued) == set(callbacks)
+    invoked_again = {call_id for call_id, count in invoked.items() if count > 1}
+    called_back_again = {call_id for call_id, count in callbacks.items() if count > 1}
+    assert invoked_again <= in_flight, f"{len(invoked_again)} invoked twice"
+    assert called_back_again <= in_flight, f"{len(called_back_again)} called back twice"
+    print(
+        f"SIGKILL with {len(in_flight)} calls in flight: {len(invoked_again)} invoked again, "
+        f"{len(called_back_again)} called back again; the other "
+        f"{len(queued) - len(invoked_again)} ran and were called back once"
+    )
+
+
+async def test_nats_sigkilled_during_a_burst_keeps_every_202_and_runs_no_clear_503(
+    nats_server, recorder, start_gateway, start_worker, http
+):
+    function = await recorder()
+    receiver = await recorder()
+    registry = registry_of(echo=function.url)
+    gateway = await start_gateway(registry, publish_timeout_s=2.0)
+    await wait_until(
+        lambda: status_is(http_status(http, gateway.url("/healthz")), 200), WAIT_S, "gateway"
+    )
+    answered: dict[str, int] = {}
+    sent_at_kill: set[str] = set()
+    unanswered: set[str] = set()
+
+    async def post(index: int) -> None:
+        call_id = f"burst-{index}"
+        unanswered.add(call_id)
+        status, _ = await post_async(http, gateway, "echo", receiver.url, call_id)
+        answered[call_id] = status
+        unanswered.discard(call_id)
+
+    posts = [asyncio.create_task(post(index)) for index in range(500)]
+    await wait_until(lambda: len(answered) >= 150, WAIT_S, "a third of the burst answered")
+    nats_server.kill()
+    sent_at_kill.update(unanswered)  # their fate was being decided at the kill
+    await asyncio.gather(*posts)
+    await nats_server.start()
+    await start_worker(registry)
+
+    accepted = {call_id for call_id, status in answered.items() if status == 202}
+    rejected = {call_id for call_id, status in answered.items() if status == 503}
+    assert accepted | rejected == set(answered), set(answered.values())
+    assert len(rejected) > 0, "the kill came too late to test anything"
+    await wait_until(
+        lambda: accepted <= set(call_ids(receiver.requests)), WAIT_S, "every 202 to complete"
+    )
+    # Everything queued has run: nothing else can turn up later.
+    await wait_until(lambda: stream_empty(nats_server.url), WAIT_S, "an empty queue")
+    ran_after_503 = rejected & set(call_ids(function.requests))
+    # A publish the server stored just before dying, whose ack never left it, is a 503 that
+    # still runs (README, delivery guarantee); only a request in flight at the kill can be one.
+    assert ran_after_503 <= sent_at_kill, ran_after_503
+    print(f"{len(accepted)} accepted, {len(rejected)} rejected, {len(ran_after_503)} ran anyway")
+
+
+async def stream_empty(nats_url: str) -> bool:
+    client = await nats.connect(nats_url)
+    try:
+        return await stream_message_count(client, STREAM) == 0
+    finally:
+        await client.close()

@@ -1,0 +1,103 @@
+"""Which callback URLs may be called, and how receivers can trust a callback: pure functions.
+
+Allowed hosts (``callback_allowed_hosts``, comma-separated): host names (``hooks.example.com``),
+wildcards (``*.example.com``: any name below it) and CIDRs (``10.0.0.0/8``, ``::1/128``). Empty
+(the default): every host, except that no callback goes to a link-local or unspecified
+address (169.254.0.0/16 holds the cloud metadata endpoints). With a list, a URL is allowed when
+its host name matches a name or wildcard, or when the addresses it resolves to all lie in
+listed CIDRs; link-local and unspecified addresses then only pass if a CIDR names them.
+
+The gateway checks at enqueue (400), and the sender checks the address it actually connected
+to before sending anything, so a name that resolves elsewhere later (DNS rebinding) is caught.
+"""
+
+import hashlib
+import hmac
+import ipaddress
+from dataclasses import dataclass
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+SIGNATURE_PREFIX = "sha256="
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """``X-Callback-Signature``: HMAC-SHA256 of ``"<timestamp>.<body>"`` with the secret."""
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return SIGNATURE_PREFIX + digest.hexdigest()
+
+
+def never_allowed_by_default(address: IPAddress) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_link_local or address.is_unspecified
+
+
+def parse_address(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class HostPolicy:
+    names: frozenset[str]
+    suffixes: tuple[str, ...]  # from wildcards: ".example.com"
+    networks: tuple[IPNetwork, ...]
+
+    @classmethod
+    def parse(cls, spec: str) -> "HostPolicy":
+        names: set[str] = set()
+        suffixes: list[str] = []
+        networks: list[IPNetwork] = []
+        for raw in spec.split(","):
+            entry = raw.strip().lower()
+            if not entry:
+                continue
+            if entry.startswith("*."):
+                suffixes.append(entry[1:])
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+                continue
+            except ValueError:
+                pass
+            if "/" in entry or "*" in entry:
+                raise ValueError(f"callback_allowed_hosts: cannot read {raw.strip()!r}")
+            names.add(entry.rstrip("."))
+        return cls(frozenset(names), tuple(suffixes), tuple(networks))
+
+    @property
+    def open(self) -> bool:
+        return not (self.names or self.suffixes or self.networks)
+
+    def allows_name(self, host: str) -> bool | None:
+        """True or False when the host itself decides; None when its addresses must."""
+        host = host.lower().rstrip(".")
+        address = parse_address(host)
+        if address is not None:
+            return self.allows_address(address)
+        if self.open:
+            return None  # any name, as long as it does not lead to a forbidden address
+        if host in self.names or any(host.endswith(suffix) for suffix in self.suffixes):
+            return True
+        return None if self.networks else False
+
+    def allows_address(self, address: IPAddress) -> bool:
+        if any(address in network for network in self.networks):
+            return True
+        if self.open:
+            return not never_allowed_by_default(address)
+        return False
+
+    def allows_connection(self, host: str, address: IPAddress) -> bool:
+        """At send time: the URL's host and the address the connection actually reached."""
+        by_name = self.allows_name(host)
+        if by_name is True and parse_address(host) is None:
+            # A listed name is trusted wherever it resolves, except to the forbidden places.
+            return self.allows_address(address) or not never_allowed_by_default(address)
+        if by_name is False:
+            return False
+        return self.allows_address(address)

@@ -1,0 +1,163 @@
+"""Cancelling async calls, listing dead letters, and queueing a failed call again."""
+
+import contextlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import nats.errors
+import orjson
+from aiohttp import web
+
+from faas_common import jetstream
+from faas_common.activations import (
+    CANCELLED,
+    FAILED,
+    Activation,
+    ActivationStoreError,
+    rfc3339_ms,
+)
+from faas_common.cancellations import cancellation_bucket
+from faas_common.dead_letters import DeadLetterError, get_dead_letter, summary
+from faas_common.headers import CALL_ID
+from faas_common.message import QueuedCall
+from faas_common.registry import Registry, is_valid_function_name
+from gateway.activation_api import DEFAULT_LIMIT, MAX_LIMIT, location_of, valid_call_id
+from gateway.activations import ActivationQueries
+from gateway.calls import new_call_id
+from gateway.errors import GatewayError, InvalidRequestError, QueueUnavailableError
+from gateway.publisher import Publisher
+from gateway.routing import resolve_function
+from gateway.settings import GatewaySettings
+
+
+class ConflictError(GatewayError):
+    status = 409
+
+
+class ReliabilityApi:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        registry: Registry,
+        publisher: Publisher,
+        queries: ActivationQueries,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._publisher = publisher
+        self._queries = queries
+
+    async def cancel(self, request: web.Request) -> web.StreamResponse:
+        """DELETE /async-function/{callId}: a queued call never runs, a running one is
+        stopped; 202 and the record. 404 for an unknown id, 409 once it has finished."""
+        call_id = valid_call_id(request.match_info["call_id"])
+        stored = await self._queries.get(call_id)
+        if stored.is_final:
+            raise ConflictError(
+                f"call {call_id!r} has finished already ({stored.record.get('status')})"
+            )
+        record = dict(stored.record)
+        record.update(
+            status=CANCELLED,
+            finishedAt=rfc3339_ms(time.time_ns()),
+            nextAttemptAt=None,
+            error="cancelled",
+        )
+        if record.get("callback"):
+            record["callback"] = {**record["callback"], "state": "not sent"}
+        try:
+            bucket = await cancellation_bucket(self._publisher.jetstream(), self._settings)
+            await bucket.put(call_id, b"")
+            await self._publisher.activations().put_record(call_id, record)
+        except (TimeoutError, nats.errors.Error, ActivationStoreError) as exc:
+            raise QueueUnavailableError(f"cannot cancel now: {exc}") from exc
+        response = web.Response(
+            status=202, body=orjson.dumps(record), content_type="application/json"
+        )
+        response.headers[CALL_ID] = call_id
+        response.headers["Location"] = location_of(call_id)
+        return response
+
+    async def dead_letters(self, request: web.Request) -> web.StreamResponse:
+        """GET /system/dead-letters?function=&limit=: newest first."""
+        function, limit = parse_dead_letter_query(request.rel_url.query)
+        found: list[dict[str, Any]] = []
+        try:
+            windows = jetstream.read_backwards(
+                self._publisher.client(),
+                self._publisher.jetstream(),
+                self._settings.dead_letter_stream,
+            )
+            async for messages in windows:
+                for msg in messages:
+                    letter = summary(msg)
+                    if letter is None or (function and letter["function"] != function):
+                        continue
+                    found.append(letter)
+                    if len(found) == limit:
+                        break
+                if len(found) == limit:
+                    break
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise QueueUnavailableError(f"dead letters are unavailable: {exc}") from exc
+        return web.Response(body=orjson.dumps(found), content_type="application/json")
+
+    async def retry(self, request: web.Request) -> web.StreamResponse:
+        """POST /system/activations/{callId}/retry: a failed call queued again under a new id."""
+        call_id = valid_call_id(request.match_info["call_id"])
+        stored = await self._queries.get(call_id)
+        status = stored.record.get("status")
+        if status != FAILED:
+            raise ConflictError(f"only a failed call can be retried; {call_id!r} is {status}")
+        try:
+            original = await get_dead_letter(self._publisher.client(), self._settings, call_id)
+        except DeadLetterError as exc:
+            raise QueueUnavailableError(str(exc)) from exc
+        if original is None:
+            raise ConflictError(
+                f"no dead letter is kept for {call_id!r} (they expire after dead_letter_retention)"
+            )
+        function = resolve_function(self._registry, original.function)
+        again = QueuedCall(
+            call_id=new_call_id(),
+            function=function.name,
+            method=original.method,
+            path=original.path,
+            query=original.query,
+            headers=original.headers,
+            body=original.body,
+            callback_url=original.callback_url,
+            accepted_at_ns=time.time_ns(),
+            retry_of=call_id,
+        )
+        await self._publisher.publish(
+            self._settings.subject_for(function.name), again.encode(), again.call_id
+        )
+        if self._settings.record_activations:
+            # Queued already; if this fails the worker writes the whole record when it starts.
+            with contextlib.suppress(ActivationStoreError, GatewayError):
+                await self._publisher.activations().create(Activation.queued(again))
+        response = web.Response(
+            status=202,
+            body=orjson.dumps({"callId": again.call_id, "retryOf": call_id}),
+            content_type="application/json",
+        )
+        response.headers[CALL_ID] = again.call_id
+        response.headers["Location"] = location_of(again.call_id)
+        return response
+
+
+def parse_dead_letter_query(params: Mapping[str, str]) -> tuple[str | None, int]:
+    function = params.get("function") or None
+    if function is not None and not is_valid_function_name(function):
+        raise InvalidRequestError(f"invalid function name {function!r}")
+    limit = DEFAULT_LIMIT
+    if params.get("limit"):
+        try:
+            limit = int(params["limit"])
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= MAX_LIMIT:
+            raise InvalidRequestError(f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    return function, limit

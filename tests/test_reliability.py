@@ -1,0 +1,436 @@
+"""Reliability: retries with backoff, dead letters and re-queueing, callbacks that survive a
+receiver outage, signed callbacks, the callback host policy, cancellation. Real NATS, gateway,
+worker and HTTP servers; waits have deadlines.
+"""
+
+import asyncio
+import hashlib
+import hmac
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from nats.aio.client import Client as NatsClient
+
+from faas_common.registry import Registry
+from queue_worker.worker import Worker
+from tests.conftest import RunningGateway, stream_message_count
+from tests.harness import RecordedRequest, Recorder, free_port, registry_of, wait_until
+
+DEADLINE_S = 30.0
+
+StartGateway = Callable[..., Awaitable[RunningGateway]]
+StartWorker = Callable[..., Awaitable[Worker]]
+StartRecorder = Callable[..., Awaitable[Recorder]]
+
+# Short waits so that retries happen within a test's patience.
+FAST_RETRIES: dict[str, Any] = {
+    "max_retry_attempts": 10,
+    "initial_retry_wait_s": 0.1,
+    "max_retry_wait_s": 2.0,
+}
+
+
+async def ready_gateway(
+    start_gateway: StartGateway, http: aiohttp.ClientSession, registry: Registry, **overrides: Any
+) -> RunningGateway:
+    gateway = await start_gateway(registry, **overrides)
+
+    async def healthy() -> bool:
+        async with http.get(gateway.url("/healthz")) as response:
+            return response.status == 200
+
+    await wait_until(healthy, DEADLINE_S, "gateway connected to NATS")
+    return gateway
+
+
+async def post_async(
+    http: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    path: str,
+    callback_url: str | None = None,
+    **kwargs: Any,
+) -> str:
+    headers = dict(kwargs.pop("headers", {}))
+    if callback_url is not None:
+        headers["X-Callback-Url"] = callback_url
+    async with http.post(gateway.url(path), headers=headers, **kwargs) as response:
+        assert response.status == 202, await response.text()
+        return str((await response.json())["callId"])
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with http.get(url) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def final_record(http: aiohttp.ClientSession, gateway: RunningGateway, call_id: str) -> Any:
+    async def final() -> Any:
+        status, record = await get_json(http, gateway.url(f"/system/activations/{call_id}"))
+        if status == 200 and record["status"] in ("succeeded", "failed", "cancelled"):
+            return record
+        return None
+
+    return await wait_until(final, DEADLINE_S, f"{call_id} to finish")
+
+
+class Flaky:
+    """Answers 503 (with Retry-After) ``failures`` times per call id, then 200."""
+
+    def __init__(
+        self,
+        failures: int,
+        retry_after: str | None = None,
+        status: int = 503,
+        per_call: bool = True,
+    ) -> None:
+        self.failures = failures
+        self.retry_after = retry_after
+        self.status = status
+        self.per_call = per_call  # False: the first ``failures`` calls of any id fail
+        self.seen: dict[str, int] = {}
+
+    async def __call__(self, request: web.Request, recorded: RecordedRequest) -> web.Response:
+        call_id = recorded.headers.get("X-Call-Id", "") if self.per_call else "all"
+        self.seen[call_id] = self.seen.get(call_id, 0) + 1
+        if self.seen[call_id] <= self.failures:
+            headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            return web.Response(status=self.status, text="not now", headers=headers)
+        return web.Response(status=200, text=f"done after {self.seen[call_id]}")
+
+
+async def test_a_function_answering_503_twice_then_200_is_called_three_times_and_called_back_once(
+    recorder: StartRecorder,
+    start_gateway: StartGateway,
+    start_worker: StartWorker,
+    http: aiohttp.ClientSession,
+) -> None:
+    flaky = Flaky(failures=2, retry_after="1")
+    function = await recorder(flaky)
+    callbacks = await recorder()
+    registry = registry_of(flaky=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    worker = await start_worker(registry, **FAST_RETRIES)
+
+    call_id = await post_async(http, gateway, "/async-function/flaky", callbacks.url, data=b"x")
+    record = await final_record(http, gateway, call_id)
+    assert record["status"] == "succeeded" and record["attempts"] == 3
+    assert record["statusCode"] == 200
+
+    calls = function.requests
+    assert [r.headers["X-Retry"] for r in calls] == ["1", "2", "3"]
+    assert {r.headers["X-Retry-Max"] for r in calls} == {"10"}
+    assert {r.headers["X-Call-Id"] for r in calls} == {call_id}
+    # Retry-After: 1 beats the 0.1 s minimum wait.
+    gaps = [b.received_monotonic - a.received_monotonic for a, b in itertools.pairwise(calls)]
+    assert all(gap >= 0.95 for gap in gaps), gaps
+
+    received = await callbacks.wait_for_requests(1, DEADLINE_S)
+    await wait_until(lambda: worker.completed == 1, DEADLINE_S, "the call to be acked")
+    assert len(received) == 1
+    assert received[0].headers["X-Function-Status"] == "200"
+    assert received[0].headers["X-Retry"] == "3"
+    assert received[0].body == b"done after 3"
+
+
+async def test_a_400_is_final_at_once_and_kept_as_a_dead_letter(
+    recorder: StartRecorder,
+    start_gateway: StartGateway,
+    start_worker: StartWorker,
+    http: aiohttp.ClientSession,
+) -> None:
+    function = await recorder(Flaky(failures=100, status=400))
+    callbacks = await recorder()
+    registry = registry_of(strict=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    await start_worker(registry, **FAST_RETRIES)
+    call_id = await post_async(http, gateway, "/async-function/strict", callbacks.url, data=b"x")
+    record = await final_record(http, gateway, call_id)
+    assert record["status"] == "failed" and record["statusCode"] == 400
+    assert record["attempts"] == 1
+    assert len(function.requests) == 1
+    [callback] = await callbacks.wait_for_requests(1, DEADLINE_S)
+    assert callback.headers["X-Function-Status"] == "400"
+    assert callback.headers["X-Retry"] == "1" and callback.headers["X-Retry-Max"] == "10"
+    status, letters = await get_json(http, gateway.url("/system/dead-letters"))
+    assert status == 200
+    assert [letter["callId"] for letter in letters] == [call_id]
+    assert letters[0]["statusCode"] == 400 and letters[0]["attempts"] == 1
+
+
+async def test_exhausted_retries_end_in_a_dead_letter_that_can_be_queued_again(
+    recorder: StartRecorder,
+    start_gateway: StartGateway,
+    start_worker: StartWorker,
+    http: aiohttp.ClientSession,
+) -> None:
+    failing = Flaky(failures=2, status=500, per_call=False)  # fails twice, then works
+    function = await recorder(failing)
+    callbacks = await recorder()
+    other = await recorder()
+    registry = registry_of(
+        failing={"url": function.url, "annotations": {"com.openfaas.retry.attempts": "2"}},
+        other=other.url,
+    )
+    gateway = await ready_gateway(start_gateway, http, registry)
+    await start_worker(registry, **FAST_RETRIES)
+    call_id = await post_async(
+        http, gateway, "/async-function/failing/p?q=1", callbacks.url, data=b"the request"
+    )
+    ok_id = await post_async(http, gateway, "/async-function/other", data=b"fine")
+
+    record = await final_record(http, gateway, call_id)
+    assert record["status"] == "failed" and record["statusCode"] == 500
+    assert record["attempts"] == 2
+    assert [r.headers["X-Retry-Max"] for r in function.requests] == ["2", "2"]
+    [callback] = await callbacks.wait_for_requests(1, DEADLINE_S)
+    assert callback.headers["X-Retry"] == "2" and callback.headers["X-Function-Status"] == "500"
+
+    status, letters = await get_json(http, gateway.url("/system/dead-letters?function=failing"))
+    assert status == 200 and [letter["callId"] for letter in letters] == [call_id]
+    assert letters[0]["request"]["path"] == "/p" and letters[0]["request"]["bodySize"] == 11
+    status, none = await get_json(http, gateway.url("/system/dead-letters?function=other"))
+    assert status == 200 and none == []
+
+    async with http.post(gateway.url(f"/system/activations/{call_id}/retry")) as response:
+        assert response.status == 202, await response.text()
+        body = await response.json()
+        new_id = body["callId"]
+        assert body["retryOf"] == call_id and new_id != call_id
+        assert response.headers["Location"] == f"/system/activations/{new_id}"
+    again = await final_record(http, gateway, new_id)
+    assert again["status"] == "succeeded" and again["retryOf"] == call_id
+    assert function.requests[-1].body == b"the request"
+    assert function.requests[-1].path == "/p" and function.requests[-1].query_string == "q=1"
+
+    await final_record(http, gateway, ok_id)
+    for target, expected in [(ok_id, 409), (new_id, 409), ("no-such-call", 404)]:
+        async with http.post(gateway.url(f"/system/activations/{target}/retry")) as response:
+            assert response.status == expected, target
+
+
+async def test_callbacks_reach_a_receiver_that_was_down_for_20_seconds(
+    recorder: StartRecorder,
+    start_gateway: StartGateway,
+    start_worker: StartWorker,
+    http: aiohttp.ClientSession,
+) -> None:
+    function = await recorder()
+    registry = registry_of(echo=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    await start_worker(
+        registry, callback_initial_wait_s=0.5, callback_max_wait_s=3.0, callback_max_attempts=40
+    )
+    port = free_port()
+    callback_url = f"http://127.0.0.1:{port}/back"
+    call_ids = [
+        await post_async(http, gateway, "/async-function/echo", callback_url, data=b"x")
+        for _ in range(10)
+    ]
+    await function.wait_for_requests(10, DEADLINE_S)
+    down_until = time.monotonic() + 20
+    await asyncio.sleep(20)  # the outage itself: nothing to wait for but time
+
+    receiver = Recorder()
+    server = TestServer(receiver.app(), host="127.0.0.1", port=port)
+    await server.start_server()
+    receiver.server = server
+    try:
+        received = await receiver.wait_for_requests(10, DEADLINE_S)
+        assert all(r.received_monotonic >= down_until for r in received)
+        assert sorted(r.headers["X-Call-Id"] for r in received) == sorted(call_ids)
+        assert len(function.requests) == 10  # each function invoked once
+        for call_id in call_ids:
+            record = await final_record(http, gateway, call_id)
+
+            async def delivered(call_id: str = call_id) -> bool:
+                _, record = await get_json(http, gateway.url(f"/system/activations/{call_id}"))
+                return bool(record["callback"]["state"] == "delivered")
+
+            await wait_until(delivered, DEADLINE_S, "callback state delivered")
+            assert record["attempts"] == 1
+    finally:
+        await server.close()
+
+
+async def test_callbacks_are_signed_when_a_secret_is_set(
+    recorder: StartRecorder,
+    start_gateway: StartGateway,
+    start_worker: StartWorker,
+    http: aiohttp.ClientSession,
+) -> None:
+    function = await recorder()
+    callbacks = await recorder()
+    registry = registry_of(echo=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    await start_worker(registry, callback_signing_secret="s3cret")
+    await post_async(http, gateway, "/async-function/echo", callbacks.url, data=b"x")
+    [callback] = await callbacks.wait_for_requests(1, DEADLINE_S)
+    timestamp = callback.headers["X-Callback-Timestamp"]
+    assert abs(int(timestamp) - time.time()) < 60
+    expected = hmac.new(b"s3cret", timestamp.encode() + b"." + callback.body, hashlib.sha256)
+    assert callback.headers["X-Callback-Signature"] == "sha256=" + expected.hexdigest()
+
+
+async def test_callback_urls_to_forbidden_hosts_are_refused_at_enqueue_and_at_send(
+    nats_client: NatsClient,
+    recorder: StartRecorder,
+    start_gateway: StartGateway,
+    start_worker: StartWorker,
+    http: aiohttp.ClientSession,
+) -> None:
+    function = await recorder()
+    callbacks = await recorder()
+    registry = registry_of(echo=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    listed = await ready_gateway(
+        start_gateway, http, registry, callback_allowed_hosts="hooks.example.com"
+    )
+    for target, url in [
+        (gateway, "http://169.254.169.254/latest/meta-data"),
+        (gateway, "http://[fe80::1]/x"),
+        (gateway, "http://0.0.0.0:9/x"),
+        (listed, callbacks.url + "/x"),
+    ]:
+        async with http.post(
+            target.url("/async-function/echo"), headers={"X-Callback-Url": url}
+        ) as response:
+            assert response.status == 400, url
+            assert "X-Callback-Url" in (await response.json())["error"]
+    assert await stream_message_count(nats_client) == 0
+
+    # The worker checks the address it reaches, whatever the gateway let through.
+    await start_worker(registry, callback_allowed_hosts="10.0.0.0/8")
+    call_id = await post_async(http, gateway, "/async-function/echo", callbacks.url, data=b"x")
+
+    async def callback_failed() -> bool:
+        _, record = await get_json(http, gateway.url(f"/system/activations/{call_id}"))
+        return bool(record["callback"] and record["callback"]["state"] == "failed")
+
+    await wait_until(callback_failed, DEADLINE_S, "the callback to be refused")
+    assert callbacks.requests == []
+
+
+class Gate:
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.finished: list[str] = []
+
+    async def __call__(self, request: web.Request, recorded: RecordedRequest) -> web.Response:
+        self.entered.set()
+        await self.opened.wait()
+        self.finished.append(recorded.headers.get("X-Call-Id", ""))
+        return web.Response(text="done")
+
+
+async def test_cancelling_queued_and_running_calls(
+    recorder: StartRecorder,
+    start_gateway: StartGateway,
+    start_worker: StartWorker,
+    http: aiohttp.ClientSession,
+) -> None:
+    gate = Gate()
+    function = await recorder(gate)
+    callbacks = await recorder()
+    registry = registry_of(held=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+
+    queued = await post_async(http, gateway, "/async-function/held", callbacks.url, data=b"1")
+    async with http.delete(gateway.url(f"/async-function/{queued}")) as response:
+        assert response.status == 202, await response.text()
+        assert (await response.json())["status"] == "cancelled"
+    record = await final_record(http, gateway, queued)
+    assert record["status"] == "cancelled"
+
+    await start_worker(registry, max_inflight=1)
+    running = await post_async(http, gateway, "/async-function/held", callbacks.url, data=b"2")
+    await asyncio.wait_for(gate.entered.wait(), DEADLINE_S)
+    async with http.delete(gateway.url(f"/async-function/{running}")) as response:
+        assert response.status == 202
+    record = await final_record(http, gateway, running)
+    assert record["status"] == "cancelled"
+
+    later = await post_async(http, gateway, "/async-function/held", data=b"3")
+    gate.opened.set()
+    await final_record(http, gateway, later)
+    # The queued call was never invoked; the running one was cut off; neither called back.
+    assert [r.body for r in function.requests] == [b"2", b"3"]
+    assert callbacks.requests == []
+
+    async with http.delete(gateway.url(f"/async-function/{later}")) as response:
+        assert response.status == 409
+    async with http.delete(gateway.url("/async-function/no-such-call")) as response:
+        assert response.status == 404
+
+
+async def raw_status(host: str, port: int, request: bytes) -> int:
+    """Send bytes as they are (no client library tidies them up) and read the status code."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), DEADLINE_S)
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+
+
+async def test_hostile_input_gets_4xx_and_never_a_queued_message(
+    nats_client: NatsClient,
+    recorder: StartRecorder,
+    start_gateway: StartGateway,
+    http: aiohttp.ClientSession,
+) -> None:
+    function = await recorder()
+    gateway = await ready_gateway(start_gateway, http, registry_of(echo=function.url))
+    host, port = gateway.server.host, gateway.server.port
+    assert port is not None
+    base = b"POST /async-function/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+    raw_requests = [
+        # names with path tricks, NUL, invalid UTF-8, too long
+        b"POST /async-function/..%2F..%2Fetc%2Fpasswd HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /async-function/%00 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /async-function/%ff%fe HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /async-function/" + b"a" * 300 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /async-function/.hidden HTTP/1.1\r\nHost: x\r\n\r\n",
+        # malformed and oversized headers
+        base + b"X-Call-Id: \xff\xfe\r\n\r\nx",
+        base + b"X-Callback-Url: http://\xff\xfe/\r\n\r\nx",
+        base + b"X-Callback-Url: http://[::1/\r\n\r\nx",
+        base + b"X-Big: " + b"a" * 100_000 + b"\r\n\r\nx",
+        base + b"Bad Header Line\r\n\r\nx",
+        base + b"X-Callback-Url: http://169.254.169.254/latest\r\n\r\nx",
+        base + b"X-Callback-Url: file:///etc/passwd\r\n\r\nx",
+        base + b"X-Call-Id: a..b\r\n\r\nx",
+        # wrong methods, a body larger than a queued message holds
+        b"GET /async-function/echo HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"PUT /async-function/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        b"POST /async-function/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n",
+        b"DELETE /async-function/a%20b HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /system/activations/x/retry HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        b"GET /system/activations?limit=-1 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /system/dead-letters?function=%ff HTTP/1.1\r\nHost: x\r\n\r\n",
+    ]
+    for request in raw_requests:
+        status = await raw_status(host, port, request)
+        assert 400 <= status < 500, (request[:80], status)
+
+    chunk = b"x" * 65536
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(32)) + b"0\r\n\r\n"
+    status = await raw_status(
+        host,
+        port,
+        b"POST /async-function/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunked,
+    )
+    assert status == 413
+    assert await stream_message_count(nats_client) == 0
+    assert function.requests == []
+    # And the gateway is still fine.
+    await post_async(http, gateway, "/async-function/echo", data=b"ok")
+    assert await stream_message_count(nats_client) == 1
