@@ -19,7 +19,7 @@ from nats.aio.client import Client as NatsClient
 from faas_common.registry import Registry
 from queue_worker.worker import Worker
 from tests.conftest import RunningGateway, stream_message_count
-from tests.harness import RecordedRequest, Recorder, free_port, registry_of, wait_until
+from tests.harness import ROOT, RecordedRequest, Recorder, free_port, registry_of, wait_until
 
 DEADLINE_S = 30.0
 
@@ -274,6 +274,21 @@ async def test_callbacks_are_signed_when_a_secret_is_set(
     assert abs(int(timestamp) - time.time()) < 60
     expected = hmac.new(b"s3cret", timestamp.encode() + b"." + callback.body, hashlib.sha256)
     assert callback.headers["X-Callback-Signature"] == "sha256=" + expected.hexdigest()
+    # The README's receiver-side check accepts it, and not a tampered body.
+    verify = readme_verify()
+    assert verify(b"s3cret", callback.headers, callback.body)
+    assert not verify(b"s3cret", callback.headers, callback.body + b"!")
+    assert not verify(b"other", callback.headers, callback.body)
+
+
+def readme_verify() -> Callable[..., bool]:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```python\n", text.index("X-Callback-Signature: sha256=")) + len(
+        "```python\n"
+    )
+    namespace: dict[str, Any] = {}
+    exec(text[start : text.index("```", start)], namespace)
+    return namespace["verify"]  # type: ignore[no-any-return]
 
 
 async def test_callback_urls_to_forbidden_hosts_are_refused_at_enqueue_and_at_send(
