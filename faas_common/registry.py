@@ -37,6 +37,12 @@ class FunctionsFileError(Exception):
     """The functions file cannot be used; the message names the file, the entry and the problem."""
 
 
+QUEUE_ANNOTATION = "com.openfaas.queue"
+MAX_INFLIGHT_ANNOTATION = "max_inflight"
+DEFAULT_QUEUE = "default"
+QUEUE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+
+
 class FunctionSpec(BaseModel):
     """One function: an HTTP service and the limits that apply when calling it."""
 
@@ -48,6 +54,17 @@ class FunctionSpec(BaseModel):
     write_timeout_s: OptionalSeconds = Field(default=None, alias="write_timeout")
     exec_timeout_s: OptionalSeconds = Field(default=None, alias="exec_timeout")
     annotations: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def queue(self) -> str:
+        """The queue its async calls go to: annotation com.openfaas.queue, else "default"."""
+        return self.annotations.get(QUEUE_ANNOTATION, DEFAULT_QUEUE)
+
+    @property
+    def max_inflight(self) -> int | None:
+        """Most calls of this function one worker runs at once (annotation max_inflight)."""
+        value = self.annotations.get(MAX_INFLIGHT_ANNOTATION)
+        return int(value) if value is not None else None
 
     def url_for(self, raw_path: str, raw_query: str) -> URL:
         """Where a call for ``raw_path`` ('' or '/...', percent-encoded) goes upstream."""
@@ -76,6 +93,17 @@ class FunctionSpec(BaseModel):
     def _annotations_as_text(cls, annotations: object) -> object:
         if isinstance(annotations, Mapping):
             return {str(key): str(value) for key, value in annotations.items()}
+        return annotations
+
+    @field_validator("annotations")
+    @classmethod
+    def _queue_and_limit_are_valid(cls, annotations: dict[str, str]) -> dict[str, str]:
+        queue = annotations.get(QUEUE_ANNOTATION)
+        if queue is not None and not QUEUE_NAME_PATTERN.fullmatch(queue):
+            raise ValueError(f"{QUEUE_ANNOTATION} must match {QUEUE_NAME_PATTERN.pattern}")
+        limit = annotations.get(MAX_INFLIGHT_ANNOTATION)
+        if limit is not None and (not limit.isdigit() or int(limit) < 1):
+            raise ValueError(f"{MAX_INFLIGHT_ANNOTATION} must be a whole number of at least 1")
         return annotations
 
 

@@ -39,7 +39,9 @@ class CommonSettings(BaseSettings):
     )
     nats_stream: str = setting("faas-async", "nats_stream", "JetStream stream holding async calls.")
     nats_subject_prefix: str = setting(
-        "faas.async", "nats_subject_prefix", "Async calls are published to <prefix>.<function>."
+        "faas.async",
+        "nats_subject_prefix",
+        "Async calls are published to <prefix>.<queue>.<function>.",
     )
     nats_consumer: str = setting(
         "faas-queue-worker", "nats_consumer", "Durable pull consumer shared by all queue-workers."
@@ -131,8 +133,9 @@ class CommonSettings(BaseSettings):
         "info", "log_level", "Log level."
     )
 
-    def subject_for(self, function: str) -> str:
-        return f"{self.nats_subject_prefix}.{function}"
+    def subject_for(self, queue: str, function: str) -> str:
+        """Async calls of ``function`` go to <prefix>.<queue>.<function>."""
+        return f"{self.nats_subject_prefix}.{queue}.{function}"
 
     @property
     def subjects_wildcard(self) -> str:

@@ -71,7 +71,9 @@ class AsyncInvoker:
                 accepted_at_ns=call.start_ns,
             )
             duplicate = await self._publisher.publish(
-                self._settings.subject_for(function.name), queued.encode(), call.call_id
+                self._settings.subject_for(function.queue, function.name),
+                queued.encode(),
+                call.call_id,
             )
         except GatewayError as exc:
             self._metrics.observe_async(label, exc.status)

@@ -132,7 +132,7 @@ class ReliabilityApi:
             retry_of=call_id,
         )
         await self._publisher.publish(
-            self._settings.subject_for(function.name), again.encode(), again.call_id
+            self._settings.subject_for(function.queue, function.name), again.encode(), again.call_id
         )
         if self._settings.record_activations:
             # Queued already; if this fails the worker writes the whole record when it starts.

@@ -19,6 +19,7 @@ FLAG_FIELDS = (
     "functions_file",
     "nats_url",
     "max_inflight",
+    "worker_queue",
     "log_level",
 )
 
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--nats-url", dest="nats_url", help="NATS server URL")
     parser.add_argument("--max-inflight", dest="max_inflight", type=int, help="calls run at once")
+    parser.add_argument(
+        "--queue",
+        dest="worker_queue",
+        help="serve this queue only (functions annotated com.openfaas.queue: NAME)",
+    )
     parser.add_argument(
         "--log-level", dest="log_level", choices=["debug", "info", "warning", "error"]
     )

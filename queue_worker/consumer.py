@@ -13,13 +13,13 @@ log = logging.getLogger("faas.worker")
 
 def desired_consumer_config(settings: WorkerSettings) -> ConsumerConfig:
     return ConsumerConfig(
-        durable_name=settings.nats_consumer,
-        description="faas queue-workers",
+        durable_name=settings.consumer_name,
+        description=f"faas queue-workers of queue {settings.worker_queue}",
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=settings.ack_wait_s,
         max_deliver=-1,
-        filter_subject=settings.subjects_wildcard,
+        filter_subject=settings.queue_subjects,
         max_ack_pending=settings.max_ack_pending,
     )
 
@@ -28,10 +28,10 @@ async def ensure_consumer(js: JetStreamContext, settings: WorkerSettings) -> Non
     """Create the consumer, or bring its tunable settings in line with ours."""
     desired = desired_consumer_config(settings)
     try:
-        info = await js.consumer_info(settings.nats_stream, settings.nats_consumer)
+        info = await js.consumer_info(settings.nats_stream, settings.consumer_name)
     except NotFoundError:
         await js.add_consumer(settings.nats_stream, desired)
-        log.info("created consumer %s on stream %s", settings.nats_consumer, settings.nats_stream)
+        log.info("created consumer %s on stream %s", settings.consumer_name, settings.nats_stream)
         return
     existing = info.config
     if (
@@ -41,7 +41,7 @@ async def ensure_consumer(js: JetStreamContext, settings: WorkerSettings) -> Non
     ):
         log.info(
             "updating consumer %s: ack_wait %ss, max_ack_pending %d",
-            settings.nats_consumer,
+            settings.consumer_name,
             settings.ack_wait_s,
             settings.max_ack_pending,
         )

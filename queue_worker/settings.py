@@ -64,3 +64,25 @@ class WorkerSettings(CommonSettings):
     max_retry_wait_s: Seconds = setting(
         120.0, "max_retry_wait", "Longest wait between retries (also caps Retry-After)."
     )
+    worker_queue: str = setting(
+        "default",
+        "worker_queue",
+        "The queue this worker serves: functions with the annotation com.openfaas.queue of "
+        "that name; 'default' serves all others.",
+    )
+    defer_wait_s: Seconds = setting(
+        1.0,
+        "defer_wait",
+        "A call whose function is at its max_inflight annotation goes back to the queue for "
+        "this long, holding no slot.",
+    )
+
+    @property
+    def consumer_name(self) -> str:
+        if self.worker_queue == "default":
+            return self.nats_consumer
+        return f"{self.nats_consumer}-{self.worker_queue}"
+
+    @property
+    def queue_subjects(self) -> str:
+        return f"{self.nats_subject_prefix}.{self.worker_queue}.>"

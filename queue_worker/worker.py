@@ -85,6 +85,8 @@ class Worker:
         self._background: set[asyncio.Task[None]] = set()
         self._cancelled: set[str] = set()  # call ids cancelled through the API
         self._calls_running: dict[str, asyncio.Task[Any]] = {}
+        self._running_by_function: dict[str, int] = {}
+        self._recorded_attempts: dict[str, int] = {}  # from the record, on a redelivery
         self._retry_policy = RetryPolicy(
             max_attempts=settings.max_retry_attempts,
             retry_codes=parse_codes(settings.retry_http_codes),
@@ -178,7 +180,7 @@ class Worker:
         log.info(
             "consuming %s as %s; max_inflight %d; status on http://%s:%s",
             self.settings.nats_stream,
-            self.settings.nats_consumer,
+            self.settings.consumer_name,
             self.settings.max_inflight,
             self.settings.worker_host,
             self.status_port,
@@ -215,7 +217,7 @@ class Worker:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
         self._sub = await self._js.pull_subscribe_bind(
-            durable=self.settings.nats_consumer, stream=self.settings.nats_stream
+            durable=self.settings.consumer_name, stream=self.settings.nats_stream
         )
 
     # consuming
@@ -329,14 +331,29 @@ class Worker:
             context = call_context(call.call_id, call.function)
             attempt = _delivery_count(msg)
             retry_in_s: float | None = None
+            function: FunctionSpec | None = None
             try:
+                function = self.registry.get(call.function)
                 if call.call_id in self._cancelled:
                     slot.release()
                     await self._record_cancelled(call, attempt)
                 elif attempt > 1 and await self._finished_before(call, slot):
                     pass  # a redelivery of a call whose outcome is recorded: never run twice
+                elif not self._reserve(function):
+                    # The function is at its own limit: back to the queue, holding no slot
+                    # that a call of another function could use.
+                    self._recorded_attempts.pop(call.call_id, None)
+                    slot.release()
+                    await self._settle(msg, Settle.NAK_LATER, delay_s=self.settings.defer_wait_s)
+                    return
                 else:
-                    retry_in_s = await self._run_call(call, slot, attempt)
+                    recorded = self._recorded_attempts.pop(call.call_id, None)
+                    if recorded is not None:
+                        attempt = recorded + 1
+                    try:
+                        retry_in_s = await self._run_call(call, slot, attempt)
+                    finally:
+                        self._unreserve(function)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if call.call_id in self._cancelled and task is not None and task.uncancel() == 0:
@@ -366,13 +383,19 @@ class Worker:
 
     async def _finished_before(self, call: QueuedCall, slot: "SlotRelease") -> bool:
         """On a redelivery: True if the call's outcome is already recorded (a worker died, or
-        was stopped, after the function returned). Then only a callback still owed is sent."""
+        was stopped, after the function returned). Then only a callback still owed is sent.
+
+        Otherwise the record also says how many times the function was called: deliveries
+        that were deferred (function at its max_inflight) do not count as attempts.
+        """
         if self._activations is None:
             return False
         try:
             stored = await self._activations.get(call.call_id)
         except ActivationStoreError:
             return False  # cannot tell: run it again, at least once
+        if stored is not None and not stored.is_final:
+            self._recorded_attempts[call.call_id] = int(stored.record.get("attempts") or 0)
         if stored is None or not stored.is_final:
             return False
         slot.release()
@@ -416,6 +439,21 @@ class Worker:
                 exc,
                 extra=call_context(call.call_id, call.function),
             )
+
+    def _reserve(self, function: FunctionSpec | None) -> bool:
+        """Count a call of ``function`` as running here, unless it is at its max_inflight."""
+        if function is None:
+            return True
+        running = self._running_by_function.get(function.name, 0)
+        limit = function.max_inflight
+        if limit is not None and running >= limit:
+            return False
+        self._running_by_function[function.name] = running + 1
+        return True
+
+    def _unreserve(self, function: FunctionSpec | None) -> None:
+        if function is not None:
+            self._running_by_function[function.name] -= 1
 
     def on_cancelled(self, call_id: str) -> None:
         """A call was cancelled through the API: never start it, and stop it if it runs here."""
@@ -690,7 +728,7 @@ class Worker:
     async def health(self) -> tuple[bool, dict[str, Any]]:
         details: dict[str, Any] = {
             "nats": "connected" if self._nc and self._nc.is_connected else "disconnected",
-            "consumer": self.settings.nats_consumer,
+            "consumer": self.settings.consumer_name,
             "inflight": self.inflight,
             "held": self.held,
             "maxInflight": self.settings.max_inflight,
@@ -699,7 +737,7 @@ class Worker:
             return False, details
         try:
             info = await self._js.consumer_info(
-                self.settings.nats_stream, self.settings.nats_consumer, timeout=1.0
+                self.settings.nats_stream, self.settings.consumer_name, timeout=1.0
             )
         except (nats.errors.Error, TimeoutError) as exc:
             details["problem"] = f"consumer check failed: {type(exc).__name__}"
@@ -712,7 +750,7 @@ class Worker:
             return
         with contextlib.suppress(nats.errors.Error, TimeoutError):
             info = await self._js.consumer_info(
-                self.settings.nats_stream, self.settings.nats_consumer, timeout=1.0
+                self.settings.nats_stream, self.settings.consumer_name, timeout=1.0
             )
             self.metrics.pending.set(info.num_pending or 0)
 

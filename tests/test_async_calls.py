@@ -256,7 +256,7 @@ async def test_accepted_call_is_stored_before_202_with_every_field(
     assert payload == {"callId": call_id}
 
     [stored] = await stored_messages(nats_client)
-    assert stored.subject == f"{SUBJECT_PREFIX}.echo"
+    assert stored.subject == f"{SUBJECT_PREFIX}.default.echo"
     assert (stored.headers or {}).get("Nats-Msg-Id") == call_id
     queued = QueuedCall.decode(stored.data or b"")
     assert queued.schema_version == SCHEMA_VERSION
@@ -913,7 +913,7 @@ async def test_callback_url_the_client_cannot_use_still_acks_the_call(
         accepted_at_ns=1,
     )
 
-    await publish_raw(nats_client, f"{SUBJECT_PREFIX}.echo", call.encode())
+    await publish_raw(nats_client, f"{SUBJECT_PREFIX}.default.echo", call.encode())
 
     await wait_completed(worker, 1)
     await wait_stream_empty(nats_client)
@@ -930,7 +930,7 @@ async def test_unreadable_message_is_dropped_without_calling_anything(
     function = await recorder()
     worker = await start_worker(registry_of(echo=function.url))
 
-    await publish_raw(nats_client, f"{SUBJECT_PREFIX}.echo", b"not a queued call")
+    await publish_raw(nats_client, f"{SUBJECT_PREFIX}.default.echo", b"not a queued call")
 
     async def counted() -> bool:
         metrics = await scrape(http, worker_url(worker, "/metrics"))

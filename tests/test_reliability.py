@@ -449,3 +449,75 @@ async def test_hostile_input_gets_4xx_and_never_a_queued_message(
     # And the gateway is still fine.
     await post_async(http, gateway, "/async-function/echo", data=b"ok")
     assert await stream_message_count(nats_client) == 1
+
+
+async def test_a_function_on_its_own_queue_is_served_only_by_that_queues_workers(
+    recorder: StartRecorder,
+    start_gateway: StartGateway,
+    start_worker: StartWorker,
+    http: aiohttp.ClientSession,
+) -> None:
+    slow = await recorder()
+    other = await recorder()
+    registry = registry_of(
+        slow={"url": slow.url, "annotations": {"com.openfaas.queue": "bulk"}},
+        other=other.url,
+    )
+    gateway = await ready_gateway(start_gateway, http, registry)
+    default_worker = await start_worker(registry)
+    bulk_calls = [await post_async(http, gateway, "/async-function/slow") for _ in range(5)]
+    other_calls = [await post_async(http, gateway, "/async-function/other") for _ in range(5)]
+    for call_id in other_calls:
+        await final_record(http, gateway, call_id)
+    # The default queue's worker never takes the bulk queue's calls.
+    assert slow.requests == []
+    status, record = await get_json(http, gateway.url(f"/system/activations/{bulk_calls[0]}"))
+    assert status == 200 and record["status"] == "queued"
+
+    bulk_worker = await start_worker(registry, worker_queue="bulk")
+    for call_id in bulk_calls:
+        await final_record(http, gateway, call_id)
+    assert sorted(r.headers["X-Call-Id"] for r in slow.requests) == sorted(bulk_calls)
+    assert (default_worker.completed, bulk_worker.completed) == (5, 5)
+
+
+async def test_a_function_at_its_max_inflight_holds_no_slot_others_could_use(
+    recorder: StartRecorder,
+    start_gateway: StartGateway,
+    start_worker: StartWorker,
+    http: aiohttp.ClientSession,
+) -> None:
+    running = 0
+    most_running = 0
+    release = asyncio.Event()
+
+    async def limited_function(request: web.Request, recorded: RecordedRequest) -> web.Response:
+        nonlocal running, most_running
+        running += 1
+        most_running = max(most_running, running)
+        await release.wait()
+        running -= 1
+        return web.Response(text="slow done")
+
+    limited = await recorder(limited_function)
+    quick = await recorder()
+    registry = registry_of(
+        limited={"url": limited.url, "annotations": {"max_inflight": "1"}},
+        quick=quick.url,
+    )
+    gateway = await ready_gateway(start_gateway, http, registry)
+    await start_worker(registry, max_inflight=3, defer_wait_s=0.2)
+    flood = [await post_async(http, gateway, "/async-function/limited") for _ in range(10)]
+    await limited.wait_for_requests(1, DEADLINE_S)
+    quick_calls = [await post_async(http, gateway, "/async-function/quick") for _ in range(10)]
+    # The flood waits behind its limit of one, and the other function's calls all get through.
+    for call_id in quick_calls:
+        await final_record(http, gateway, call_id)
+    assert len(limited.requests) == 1
+    release.set()
+    for call_id in flood:
+        record = await final_record(http, gateway, call_id)
+        assert (
+            record["status"] == "succeeded" and record["attempts"] == 1
+        )  # deferrals are not attempts
+    assert most_running == 1
