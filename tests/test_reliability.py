@@ -521,3 +521,44 @@ async def test_a_function_at_its_max_inflight_holds_no_slot_others_could_use(
             record["status"] == "succeeded" and record["attempts"] == 1
         )  # deferrals are not attempts
     assert most_running == 1
+
+
+async def test_callbacks_follow_307_and_308_with_the_body_and_fail_on_other_redirects(
+    recorder: StartRecorder,
+    start_gateway: StartGateway,
+    start_worker: StartWorker,
+    http: aiohttp.ClientSession,
+) -> None:
+    final = await recorder()
+
+    async def redirect(request: web.Request, recorded: RecordedRequest) -> web.Response:
+        code = int(request.query["code"])
+        return web.Response(status=code, headers={"Location": final.url + f"/moved-{code}"})
+
+    redirecting = await recorder(redirect)
+    function = await recorder(lambda request, recorded: _text_response("result"))
+    registry = registry_of(echo=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    await start_worker(registry)
+    ids = {
+        code: await post_async(
+            http, gateway, "/async-function/echo", f"{redirecting.url}/cb?code={code}"
+        )
+        for code in (307, 308, 302)
+    }
+    received = await final.wait_for_requests(2, DEADLINE_S)
+    assert sorted(r.path for r in received) == ["/moved-307", "/moved-308"]
+    assert all(r.method == "POST" and r.body == b"result" for r in received)
+
+    async def state_of(call_id: str) -> str | None:
+        _, record = await get_json(http, gateway.url(f"/system/activations/{call_id}"))
+        state = record["callback"]["state"]
+        return str(state) if state != "pending" else None
+
+    assert await wait_until(lambda: state_of(ids[307]), DEADLINE_S, "307") == "delivered"
+    assert await wait_until(lambda: state_of(ids[302]), DEADLINE_S, "302") == "failed"
+    assert len([r for r in redirecting.requests if "302" in r.query_string]) == 1  # final
+
+
+async def _text_response(text: str) -> web.Response:
+    return web.Response(text=text)
