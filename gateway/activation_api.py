@@ -82,24 +82,35 @@ def valid_call_id(call_id: str) -> str:
 def parse_list_query(params: Mapping[str, str]) -> ListQuery:
     """function, status, limit (1-200, default 30) and since (RFC 3339, or Unix time in
     milliseconds as OpenWhisk takes it); anything else is a 400 naming the parameter."""
-    function = params.get("function") or None
-    if function is not None and not is_valid_function_name(function):
-        raise InvalidRequestError(f"invalid function name {function!r}")
+    function = parse_function_param(params)
     status = params.get("status") or None
     if status is not None and status not in STATUSES:
         raise InvalidRequestError(f"status must be one of {', '.join(STATUSES)}")
-    limit = DEFAULT_LIMIT
-    if params.get("limit"):
-        try:
-            limit = int(params["limit"])
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= MAX_LIMIT:
-            raise InvalidRequestError(f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    limit = parse_limit_param(params)
     since_ns = None
     if params.get("since"):
         since_ns = parse_since_ns(params["since"])
     return ListQuery(function=function, status=status, limit=limit, since_ns=since_ns)
+
+
+def parse_function_param(params: Mapping[str, str]) -> str | None:
+    function = params.get("function") or None
+    if function is not None and not is_valid_function_name(function):
+        raise InvalidRequestError(f"invalid function name {function!r}")
+    return function
+
+
+def parse_limit_param(params: Mapping[str, str]) -> int:
+    """``limit``: 1-200, default 30, as OpenWhisk's activation listing takes it."""
+    if not params.get("limit"):
+        return DEFAULT_LIMIT
+    try:
+        limit = int(params["limit"])
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LIMIT:
+        raise InvalidRequestError(f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    return limit
 
 
 def parse_since_ns(text: str) -> int:

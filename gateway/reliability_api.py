@@ -21,11 +21,16 @@ from faas_common.cancellations import cancellation_bucket
 from faas_common.dead_letters import DeadLetterError, get_dead_letter, summary
 from faas_common.headers import CALL_ID
 from faas_common.message import QueuedCall
-from faas_common.registry import Registry, is_valid_function_name
-from gateway.activation_api import DEFAULT_LIMIT, MAX_LIMIT, location_of, valid_call_id
+from faas_common.registry import Registry
+from gateway.activation_api import (
+    location_of,
+    parse_function_param,
+    parse_limit_param,
+    valid_call_id,
+)
 from gateway.activations import ActivationQueries
 from gateway.calls import new_call_id
-from gateway.errors import GatewayError, InvalidRequestError, QueueUnavailableError
+from gateway.errors import GatewayError, QueueUnavailableError
 from gateway.publisher import Publisher
 from gateway.routing import resolve_function
 from gateway.settings import GatewaySettings
@@ -149,15 +154,4 @@ class ReliabilityApi:
 
 
 def parse_dead_letter_query(params: Mapping[str, str]) -> tuple[str | None, int]:
-    function = params.get("function") or None
-    if function is not None and not is_valid_function_name(function):
-        raise InvalidRequestError(f"invalid function name {function!r}")
-    limit = DEFAULT_LIMIT
-    if params.get("limit"):
-        try:
-            limit = int(params["limit"])
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= MAX_LIMIT:
-            raise InvalidRequestError(f"limit must be a whole number from 1 to {MAX_LIMIT}")
-    return function, limit
+    return parse_function_param(params), parse_limit_param(params)

@@ -9,8 +9,8 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -51,6 +51,8 @@ from queue_worker.settings import WorkerSettings
 from queue_worker.status import StatusServer
 
 log = logging.getLogger("faas.worker")
+
+T = TypeVar("T")
 
 
 class Worker:
@@ -562,22 +564,30 @@ class Worker:
     async def _keep_dead_letter(self, call: QueuedCall, outcome: Outcome, attempts: int) -> None:
         """Before the final record: a call recorded failed always has its dead letter."""
         assert self._acks is not None
+        acks = self._acks
+
+        async def keep() -> None:
+            await keep_dead_letter(acks, self.settings, call, outcome, attempts, time.time_ns())
+
+        await self._while_nats_is_away(keep, "keeping the dead letter", call.call_id, call.function)
+        self.metrics.dead_letters.labels(call.function).inc()
+
+    async def _while_nats_is_away(
+        self, write: Callable[[], Awaitable[T]], what: str, call_id: str, function: str
+    ) -> T:
+        """Retry a write while NATS is away, for up to ack_wait (the call's lease is renewed
+        meanwhile); after that the error goes up and the call goes back to the queue, rather
+        than finish without what the write keeps."""
         deadline = time.monotonic() + self.settings.ack_wait_s
         wait_s = 0.1
         while True:
             try:
-                await keep_dead_letter(
-                    self._acks, self.settings, call, outcome, attempts, time.time_ns()
-                )
-                self.metrics.dead_letters.labels(call.function).inc()
-                return
-            except DeadLetterError as exc:
+                return await write()
+            except (ActivationStoreError, DeadLetterError) as exc:
                 if time.monotonic() + wait_s > deadline or self._forced.is_set():
                     raise
                 log.info(
-                    "keeping the dead letter failed, retrying: %s",
-                    exc,
-                    extra=call_context(call.call_id, call.function),
+                    "%s failed, retrying: %s", what, exc, extra=call_context(call_id, function)
                 )
                 await asyncio.sleep(wait_s)
                 wait_s = min(wait_s * 2, 2.0)
@@ -612,33 +622,23 @@ class Worker:
     async def _record_final(
         self, activation: Activation, outcome: Outcome, keep_body: bool = True
     ) -> bytes:
-        """Write the outcome, retrying while NATS is away for up to ack_wait (the lease is
-        renewed meanwhile); after that the call goes back to the queue rather than finish
-        without a record. Returns the part of the body kept in the record itself."""
-        assert self._activations is not None
-        deadline = time.monotonic() + self.settings.ack_wait_s
-        wait_s = 0.1
-        while True:
-            try:
-                if not keep_body:
-                    await self._activations.put(activation)
-                    return b""
-                body, stored = await self._activations.store_result(
-                    activation.call_id, outcome.body
-                )
-                activation.note_stored(stored)
-                await self._activations.put(activation, body)
-                return body
-            except ActivationStoreError as exc:
-                if time.monotonic() + wait_s > deadline or self._forced.is_set():
-                    raise
-                log.info(
-                    "recording the outcome failed, retrying: %s",
-                    exc,
-                    extra=call_context(activation.call_id, activation.function),
-                )
-                await asyncio.sleep(wait_s)
-                wait_s = min(wait_s * 2, 2.0)
+        """Write the outcome (see _while_nats_is_away); returns the part of the body kept in
+        the record itself."""
+        store = self._activations
+        assert store is not None
+
+        async def write() -> bytes:
+            if not keep_body:
+                await store.put(activation)
+                return b""
+            body, stored = await store.store_result(activation.call_id, outcome.body)
+            activation.note_stored(stored)
+            await store.put(activation, body)
+            return body
+
+        return await self._while_nats_is_away(
+            write, "recording the outcome", activation.call_id, activation.function
+        )
 
     async def _take_slot(self) -> None:
         """Wait for one of the max_inflight slots; a stop cancels the waiters (see _drain)."""

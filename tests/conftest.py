@@ -19,7 +19,7 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from queue_worker.settings import WorkerSettings
 from queue_worker.worker import Worker
-from tests.harness import NatsServer, Recorder, Responder, default_responder
+from tests.harness import NatsServer, Recorder, Responder, default_responder, wait_until
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
@@ -167,3 +167,25 @@ async def start_worker(
         worker.request_stop()  # tests end at once: running calls go back to the queue
     for _, task in running:
         await asyncio.wait_for(task, 30)
+
+
+async def ready_gateway(
+    start_gateway: Callable[..., Awaitable[RunningGateway]],
+    http: aiohttp.ClientSession,
+    registry: Registry,
+    **overrides: Any,
+) -> RunningGateway:
+    """A gateway that is connected to NATS with its streams and buckets in place."""
+    gateway = await start_gateway(registry, **overrides)
+
+    async def healthy() -> bool:
+        async with http.get(gateway.url("/healthz")) as response:
+            return response.status == 200
+
+    await wait_until(healthy, 30.0, "the gateway to reach NATS")
+    return gateway
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with http.get(url) as response:
+        return response.status, await response.json(content_type=None)

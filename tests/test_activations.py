@@ -15,10 +15,9 @@ from nats.aio.client import Client as NatsClient
 from faas_common.activations import Activation, ActivationStore, ensure_activation_storage
 from faas_common.jetstream import AckedPublisher
 from faas_common.message import QueuedCall
-from faas_common.registry import Registry
 from faas_common.settings import CommonSettings
 from queue_worker.worker import Worker
-from tests.conftest import RunningGateway
+from tests.conftest import RunningGateway, get_json, ready_gateway
 from tests.harness import NatsServer, RecordedRequest, Recorder, registry_of, wait_until
 
 DEADLINE_S = 30.0
@@ -39,24 +38,6 @@ class Gate:
         self.entered.set()
         await self.opened.wait()
         return web.Response(status=201, body=b"made: " + recorded.body, content_type="text/x-made")
-
-
-async def ready_gateway(
-    start_gateway: StartGateway, http: aiohttp.ClientSession, registry: Registry, **overrides: Any
-) -> RunningGateway:
-    gateway = await start_gateway(registry, **overrides)
-
-    async def healthy() -> bool:
-        async with http.get(gateway.url("/healthz")) as response:
-            return response.status == 200
-
-    await wait_until(healthy, DEADLINE_S, "gateway connected to NATS")
-    return gateway
-
-
-async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
-    async with http.get(url) as response:
-        return response.status, await response.json(content_type=None)
 
 
 async def record_of(http: aiohttp.ClientSession, gateway: RunningGateway, call_id: str) -> Any:

@@ -22,9 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from faas_common.message import SCHEMA_VERSION, QueuedCall
-from faas_common.registry import Registry
 from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, stream_message_count
+from tests.conftest import RunningGateway, ready_gateway, stream_message_count
 from tests.harness import RecordedRequest, Recorder, Responder, registry_of, wait_until
 
 STREAM = "faas-async"
@@ -44,23 +43,6 @@ async def status_of(http: aiohttp.ClientSession, url: str) -> int:
     async with http.get(url) as response:
         await response.read()
         return response.status
-
-
-async def ready_gateway(
-    start_gateway: StartGateway,
-    http: aiohttp.ClientSession,
-    registry: Registry,
-    **overrides: Any,
-) -> RunningGateway:
-    """A gateway that is connected to NATS with the stream in place."""
-    gateway = await start_gateway(registry, **overrides)
-    healthz = gateway.url("/healthz")
-
-    async def healthy() -> bool:
-        return await status_of(http, healthz) == 200
-
-    await wait_until(healthy, DEADLINE_S, "the gateway to reach NATS")
-    return gateway
 
 
 async def post_accepted(

@@ -16,9 +16,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
 
-from faas_common.registry import Registry
 from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, stream_message_count
+from tests.conftest import RunningGateway, get_json, ready_gateway, stream_message_count
 from tests.harness import ROOT, RecordedRequest, Recorder, free_port, registry_of, wait_until
 
 DEADLINE_S = 30.0
@@ -35,19 +34,6 @@ FAST_RETRIES: dict[str, Any] = {
 }
 
 
-async def ready_gateway(
-    start_gateway: StartGateway, http: aiohttp.ClientSession, registry: Registry, **overrides: Any
-) -> RunningGateway:
-    gateway = await start_gateway(registry, **overrides)
-
-    async def healthy() -> bool:
-        async with http.get(gateway.url("/healthz")) as response:
-            return response.status == 200
-
-    await wait_until(healthy, DEADLINE_S, "gateway connected to NATS")
-    return gateway
-
-
 async def post_async(
     http: aiohttp.ClientSession,
     gateway: RunningGateway,
@@ -61,11 +47,6 @@ async def post_async(
     async with http.post(gateway.url(path), headers=headers, **kwargs) as response:
         assert response.status == 202, await response.text()
         return str((await response.json())["callId"])
-
-
-async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
-    async with http.get(url) as response:
-        return response.status, await response.json(content_type=None)
 
 
 async def final_record(http: aiohttp.ClientSession, gateway: RunningGateway, call_id: str) -> Any:
