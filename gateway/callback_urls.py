@@ -15,6 +15,10 @@ from gateway.errors import InvalidRequestError
 log = logging.getLogger("faas.gateway")
 
 RESOLVE_TIMEOUT_S = 2.0
+# Names are resolved to check where they lead; async calls with callbacks come in bursts to
+# few receivers, so a lookup is kept briefly instead of costing every request a getaddrinfo.
+RESOLVED_KEEP_S = 10.0
+RESOLVED_MAX_NAMES = 1024
 
 
 def parse_callback_url(value: str) -> tuple[str, int]:
@@ -42,6 +46,7 @@ def parse_callback_url(value: str) -> tuple[str, int]:
 class CallbackUrls:
     def __init__(self, allowed_hosts: str) -> None:
         self._policy = HostPolicy.parse(allowed_hosts)
+        self._resolved: dict[tuple[str, int], tuple[float, list[IPAddress]]] = {}
 
     async def validate(self, value: str | None) -> str | None:
         if value is None:
@@ -62,6 +67,17 @@ class CallbackUrls:
 
     async def _resolve(self, host: str, port: int) -> list[IPAddress]:
         """Addresses of a name; none when it cannot be resolved now (the sender decides)."""
+        loop = asyncio.get_running_loop()
+        kept = self._resolved.get((host, port))
+        if kept is not None and kept[0] > loop.time():
+            return kept[1]
+        addresses = await self._lookup(host, port)
+        if len(self._resolved) >= RESOLVED_MAX_NAMES:
+            self._resolved.clear()
+        self._resolved[(host, port)] = (loop.time() + RESOLVED_KEEP_S, addresses)
+        return addresses
+
+    async def _lookup(self, host: str, port: int) -> list[IPAddress]:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(RESOLVE_TIMEOUT_S):
