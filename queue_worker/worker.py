@@ -353,7 +353,7 @@ class Worker:
                     if recorded is not None:
                         attempt = recorded + 1
                     try:
-                        retry_in_s = await self._run_call(call, slot, attempt)
+                        retry_in_s = await self._run_call(call, function, slot, attempt)
                     finally:
                         self._unreserve(function)
             except asyncio.CancelledError:
@@ -478,7 +478,9 @@ class Worker:
         self._policies[function.name] = (function, policy)
         return policy
 
-    async def _run_call(self, call: QueuedCall, slot: "SlotRelease", attempt: int) -> float | None:
+    async def _run_call(
+        self, call: QueuedCall, function: FunctionSpec | None, slot: "SlotRelease", attempt: int
+    ) -> float | None:
         """Run the call once; None when it is done, else seconds until it is tried again."""
         assert self._invoker is not None and self._callbacks is not None
         context = call_context(call.call_id, call.function)
@@ -495,7 +497,6 @@ class Worker:
             running_record = asyncio.get_running_loop().call_later(
                 self.settings.running_record_delay_s, self._record_running, activation
             )
-        function = self.registry.get(call.function)
         policy = self._policy_for(function)
         self._calls_running[call.call_id] = asyncio.current_task()  # type: ignore[assignment]
         try:
