@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -32,6 +33,21 @@ class Layout:
 
     data_dir: Path
     port_offset: int
+    basic_auth: bool = True
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data_dir / "secrets"
+
+    def ensure_credentials(self) -> None:
+        """Basic auth credentials for /system/*, made once and kept with the stack's data."""
+        self.secrets_dir.mkdir(parents=True, exist_ok=True)
+        user_file = self.secrets_dir / "basic-auth-user"
+        password_file = self.secrets_dir / "basic-auth-password"
+        if not user_file.exists() or not password_file.exists():
+            user_file.write_text("admin\n")
+            password_file.touch(mode=0o600)
+            password_file.write_text(secrets.token_urlsafe(24) + "\n")
 
     def port(self, default: int) -> int:
         return default + self.port_offset
@@ -98,7 +114,10 @@ def services(layout: Layout) -> list[Service]:
         stack.append(Service(name, [python, sample, name, "--port", str(port)], [port]))
     gateway_port = layout.port(GATEWAY_PORT)
     worker_port = layout.port(WORKER_PORT)
-    stack.append(Service("gateway", [python, "-m", "gateway"], [gateway_port], common_env))
+    gateway_env = dict(common_env)
+    if layout.basic_auth:
+        gateway_env.update(basic_auth="true", secret_mount_path=str(layout.secrets_dir))
+    stack.append(Service("gateway", [python, "-m", "gateway"], [gateway_port], gateway_env))
     stack.append(Service("worker", [python, "-m", "queue_worker"], [worker_port], common_env))
     return stack
 
@@ -156,6 +175,8 @@ async def stop(service: Service) -> None:
 
 async def main(layout: Layout) -> int:
     layout.data_dir.mkdir(parents=True, exist_ok=True)
+    if layout.basic_auth:
+        layout.ensure_credentials()
     stack = services(layout)
     busy = [(s.name, port) for s in stack for port in s.ports if port_in_use(port)]
     if busy:
@@ -187,9 +208,17 @@ async def main(layout: Layout) -> int:
         print(
             f"\nstack is up: gateway http://127.0.0.1:{layout.port(GATEWAY_PORT)}, "
             f"worker status http://127.0.0.1:{layout.port(WORKER_PORT)}, "
-            f"NATS nats://127.0.0.1:{layout.port(NATS_PORT)}. Ctrl-C stops it.\n",
+            f"NATS nats://127.0.0.1:{layout.port(NATS_PORT)}. Ctrl-C stops it.",
             flush=True,
         )
+        if layout.basic_auth:
+            print(
+                f"/system/* needs basic auth: user and password are in the files "
+                f"basic-auth-user and basic-auth-password in {display(layout.secrets_dir)}\n"
+                f"  e.g. curl -u admin:$(cat {display(layout.secrets_dir)}/basic-auth-password) "
+                f"http://127.0.0.1:{layout.port(GATEWAY_PORT)}/system/functions\n",
+                flush=True,
+            )
         exits = {asyncio.create_task(s.process.wait()): s for s in stack if s.process is not None}
         stopper = asyncio.create_task(stop_requested.wait())
         done, _ = await asyncio.wait({*exits, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -220,8 +249,19 @@ def parse_layout() -> Layout:
         "--data-dir", type=Path, default=ROOT / ".data", help="NATS store and scratch files"
     )
     parser.add_argument("--port-offset", type=int, default=0, help="shift every port by this much")
+    parser.add_argument(
+        "--no-auth", action="store_true", help="no basic auth on the gateway's /system/* routes"
+    )
     args = parser.parse_args()
-    return Layout(args.data_dir.resolve(), args.port_offset)
+    return Layout(args.data_dir.resolve(), args.port_offset, basic_auth=not args.no_auth)
+
+
+def display(path: Path) -> str:
+    """A path as short as it can be for the user to type: relative to the current dir."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 if __name__ == "__main__":

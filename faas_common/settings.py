@@ -37,6 +37,16 @@ class CommonSettings(BaseSettings):
     functions_file: Path = setting(
         Path("deploy/functions.yml"), "functions_file", "YAML file that registers the functions."
     )
+    functions_bucket: str = setting(
+        "faas-functions",
+        "functions_bucket",
+        "NATS key-value bucket of the functions deployed through /system/functions.",
+    )
+    function_namespace: str = setting(
+        "openfaas-fn",
+        "function_namespace",
+        "The one namespace functions live in (GET /system/namespaces; name.namespace in URLs).",
+    )
     nats_stream: str = setting("faas-async", "nats_stream", "JetStream stream holding async calls.")
     nats_subject_prefix: str = setting(
         "faas.async",

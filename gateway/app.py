@@ -1,24 +1,27 @@
 """The gateway application: routes, and the lifetimes of its client session and NATS link."""
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from faas_common.callbacks import CallbackSender
+from faas_common.function_store import FunctionWatch
 from faas_common.registry import Registry
 from faas_common.upstream import UpstreamClient
 from gateway.activation_api import ActivationApi
 from gateway.activations import ActivationQueries
 from gateway.async_calls import AsyncInvoker
+from gateway.auth import Handler, load_credentials, require_auth
 from gateway.callback_urls import CallbackUrls
 from gateway.calls import CallContext
 from gateway.demotion import Demotions
+from gateway.functions_api import FunctionsApi
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import SyncProxy
 from gateway.publisher import Publisher
 from gateway.reliability_api import ReliabilityApi
-from gateway.routes import invocation, json_errors, no_such_route, read_only, system
+from gateway.routes import by_method, invocation, json_errors, no_such_route, read_only, system
 from gateway.settings import GatewaySettings
 
 SETTINGS = web.AppKey("settings", GatewaySettings)
@@ -31,6 +34,8 @@ ASYNC_INVOKER = web.AppKey("async_invoker", AsyncInvoker)
 ACTIVATION_API = web.AppKey("activation_api", ActivationApi)
 RELIABILITY_API = web.AppKey("reliability_api", ReliabilityApi)
 CALLBACK_URLS = web.AppKey("callback_urls", CallbackUrls)
+FUNCTION_WATCH = web.AppKey("function_watch", FunctionWatch)
+FUNCTIONS_API = web.AppKey("functions_api", FunctionsApi)
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -44,27 +49,56 @@ def create_app(
     app[REGISTRY] = registry
     app[METRICS] = metrics or GatewayMetrics()
     app[CALLBACK_URLS] = CallbackUrls(settings.callback_allowed_hosts)
+    app[FUNCTION_WATCH] = FunctionWatch(registry, settings)
+    app[METRICS].count_services(registry)
     # Cleaned up in reverse: calls that turned async finish while NATS and the client live.
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_queue_publisher)
     app.cleanup_ctx.append(_sync_proxy)
 
-    sync_call, async_call = invocation(_sync_call), invocation(_async_call)
+    # Without basic_auth the handlers are registered as they are: no per-request check.
+    guard_system: Callable[[Handler], Handler] = _as_is
+    guard_calls: Callable[[Handler], Handler] = _as_is
+    if settings.basic_auth:
+        credentials = load_credentials(settings)  # AuthSetupError stops start-up
+
+        def guard_system(handle: Handler) -> Handler:
+            return require_auth(handle, credentials)
+
+        if settings.basic_auth_invocations:
+            guard_calls = guard_system
+
+    def route(methods: str, pattern: str, handle: Handler) -> None:
+        app.router.add_route(methods, pattern, handle)
+
+    sync_call = guard_calls(invocation(_sync_call))
+    async_call = guard_calls(invocation(_async_call))
     for pattern in ("/function/{name}", "/function/{name}/", "/function/{name}/{path:.*}"):
-        app.router.add_route("*", pattern, sync_call)
+        route("*", pattern, sync_call)
     # Before the invocation route of the same path, which answers other methods with 405.
-    app.router.add_route("DELETE", "/async-function/{call_id}", json_errors(_cancel))
+    route("DELETE", "/async-function/{call_id}", guard_calls(json_errors(_cancel)))
     for pattern in ("/async-function/{name}", "/async-function/{name}/{path:.*}"):
-        app.router.add_route("*", pattern, async_call)
-    app.router.add_route("*", "/system/activations", system(_list_activations))
-    app.router.add_route("*", "/system/activations/{call_id}", system(_activation))
-    app.router.add_route("*", "/system/activations/{call_id}/result", system(_activation_result))
-    app.router.add_route("POST", "/system/activations/{call_id}/retry", json_errors(_retry))
-    app.router.add_route("*", "/system/dead-letters", system(_dead_letters))
+        route("*", pattern, async_call)
+    functions = by_method(
+        {"GET": _list_functions, "POST": _deploy, "PUT": _update, "DELETE": _delete}
+    )
+    route("*", "/system/functions", guard_system(functions))
+    route("*", "/system/function/{name}", guard_system(system(_function)))
+    route("*", "/system/info", guard_system(system(_info)))
+    route("*", "/system/namespaces", guard_system(system(_namespaces)))
+    route("*", "/system/activations", guard_system(system(_list_activations)))
+    route("*", "/system/activations/{call_id}", guard_system(system(_activation)))
+    route("*", "/system/activations/{call_id}/result", guard_system(system(_activation_result)))
+    route("POST", "/system/activations/{call_id}/retry", guard_system(json_errors(_retry)))
+    route("*", "/system/dead-letters", guard_system(system(_dead_letters)))
     app.router.add_route("*", "/healthz", read_only(_healthz))
     app.router.add_route("*", "/metrics", read_only(_metrics))
     app.router.add_route("*", "/{tail:.*}", no_such_route)
     return app
+
+
+def _as_is(handle: Handler) -> Handler:
+    return handle
 
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
@@ -80,8 +114,11 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _queue_publisher(app: web.Application) -> AsyncIterator[None]:
-    publisher = Publisher(app[SETTINGS])
+    publisher = Publisher(app[SETTINGS], app[FUNCTION_WATCH])
     app[PUBLISHER] = publisher
+    app[FUNCTIONS_API] = FunctionsApi(
+        app[SETTINGS], app[REGISTRY], publisher, app[FUNCTION_WATCH], app[METRICS]
+    )
     queries = ActivationQueries(app[SETTINGS], publisher)
     app[ACTIVATION_API] = ActivationApi(queries)
     app[ASYNC_INVOKER] = AsyncInvoker(
@@ -92,6 +129,7 @@ async def _queue_publisher(app: web.Application) -> AsyncIterator[None]:
         await publisher.start()
         yield
     finally:
+        await app[FUNCTION_WATCH].close()
         await publisher.close()
 
 
@@ -113,6 +151,34 @@ async def _sync_call(request: web.Request, call: CallContext) -> web.StreamRespo
 
 async def _async_call(request: web.Request, call: CallContext) -> web.StreamResponse:
     return await request.app[ASYNC_INVOKER].handle(request, call)
+
+
+async def _list_functions(request: web.Request) -> web.StreamResponse:
+    return await request.app[FUNCTIONS_API].list_functions(request)
+
+
+async def _function(request: web.Request) -> web.StreamResponse:
+    return await request.app[FUNCTIONS_API].get_function(request)
+
+
+async def _deploy(request: web.Request) -> web.StreamResponse:
+    return await request.app[FUNCTIONS_API].deploy(request)
+
+
+async def _update(request: web.Request) -> web.StreamResponse:
+    return await request.app[FUNCTIONS_API].update(request)
+
+
+async def _delete(request: web.Request) -> web.StreamResponse:
+    return await request.app[FUNCTIONS_API].delete(request)
+
+
+async def _info(request: web.Request) -> web.StreamResponse:
+    return await request.app[FUNCTIONS_API].info(request)
+
+
+async def _namespaces(request: web.Request) -> web.StreamResponse:
+    return await request.app[FUNCTIONS_API].namespaces(request)
 
 
 async def _list_activations(request: web.Request) -> web.StreamResponse:

@@ -10,6 +10,7 @@ from faas_common import __version__
 from faas_common.cli import load_settings, new_parser
 from faas_common.logs import configure_logging
 from faas_common.registry import FunctionsFileError, load_functions_file
+from gateway.auth import AuthSetupError, load_credentials
 from gateway.processes import process_count, serve, serve_in_processes
 from gateway.settings import GatewaySettings
 
@@ -41,8 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_settings(GatewaySettings, args, FLAG_FIELDS)
     configure_logging(settings.log_level)
     try:
-        registry = load_functions_file(settings.functions_file)
-    except FunctionsFileError as exc:
+        registry = load_functions_file(settings.functions_file, settings.function_namespace)
+        if settings.basic_auth:
+            load_credentials(settings)  # here, to stop with a clear message before serving
+    except (FunctionsFileError, AuthSetupError) as exc:
         sys.exit(f"faas-gateway: {exc}")
     log.info(
         "%d functions from %s; listening on http://%s:%d",

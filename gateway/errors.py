@@ -20,6 +20,10 @@ class InvalidRequestError(GatewayError):
     status = 400
 
 
+class UnauthorizedError(GatewayError):
+    status = 401
+
+
 class FunctionNotFoundError(GatewayError):
     status = 404
 
@@ -28,8 +32,16 @@ class MethodNotAllowedError(GatewayError):
     status = 405
 
 
+class ConflictError(GatewayError):
+    status = 409
+
+
 class PayloadTooLargeError(GatewayError):
     status = 413
+
+
+class TooManyRequestsError(GatewayError):
+    status = 429
 
 
 class UpstreamUnavailableError(GatewayError):

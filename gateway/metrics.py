@@ -1,9 +1,15 @@
 """Prometheus metrics of the gateway, with the OpenFaaS names and labels."""
 
 import os
+from collections import defaultdict
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from faas_common.registry import Registry
 
 # Requests for names that are invalid or not registered are counted under this label value,
 # which no function can have, so random paths cannot create unbounded series.
@@ -13,6 +19,7 @@ UNKNOWN_FUNCTION = "(unknown)"
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._services: ServiceCount | None = None
         self._started: dict[str, Gauge] = {}
         self._sync: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.invocation_total = Counter(
@@ -66,10 +73,51 @@ class GatewayMetrics:
         outcome = "accepted" if code == 202 else "rejected"
         self.async_requests.labels(function, outcome, str(code)).inc()
 
+    def count_services(self, functions: Registry) -> None:
+        """Export gateway_service_count for the functions registered now, at each scrape."""
+        if self._services is None:
+            self._services = ServiceCount(functions)
+            self.registry.register(self._services)
+
+    def invocation_counts(self) -> dict[str, float]:
+        """Invocations per function since start: sync calls (any status) and accepted async
+        calls, summed over this gateway's processes. FunctionStatus.invocationCount."""
+        counts: dict[str, float] = defaultdict(float)
+        for family in self._collected().collect():
+            for sample in family.samples:
+                if sample.name == "gateway_function_invocation_total" or (
+                    sample.name == "gateway_async_requests_total"
+                    and sample.labels.get("outcome") == "accepted"
+                ):
+                    counts[sample.labels["function_name"]] += sample.value
+        return counts
+
     def render(self) -> bytes:
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-            # Several gateway processes (gateway_workers): report the sum over all of them.
-            combined = CollectorRegistry()
-            MultiProcessCollector(combined)  # type: ignore[no-untyped-call]  # untyped upstream
-            return generate_latest(combined)
-        return generate_latest(self.registry)
+        return generate_latest(self._collected())
+
+    def _collected(self) -> CollectorRegistry:
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return self.registry
+        # Several gateway processes (gateway_workers): the sum over all of them, plus what
+        # only this process knows (which functions exist is the same in every process).
+        combined = CollectorRegistry()
+        MultiProcessCollector(combined)  # type: ignore[no-untyped-call]  # untyped upstream
+        if self._services is not None:
+            combined.register(self._services)
+        return combined
+
+
+class ServiceCount(Collector):
+    """gateway_service_count{function_name}: OpenFaaS reports replicas; a function here is one
+    service behind one URL, so 1 for each registered function."""
+
+    def __init__(self, functions: Registry) -> None:
+        self._functions = functions
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "gateway_service_count", "Registered functions (1 each).", labels=["function_name"]
+        )
+        for function in self._functions:
+            family.add_metric([function.name], 1.0)
+        yield family

@@ -21,7 +21,12 @@ from faas_common.upstream import (
 from faas_common.upstream import UpstreamTimeoutError as ClientTimeoutError
 from gateway.calls import CallContext
 from gateway.demotion import AsyncAfter, Demotions
-from gateway.errors import GatewayError, UpstreamTimeoutError, UpstreamUnavailableError
+from gateway.errors import (
+    GatewayError,
+    TooManyRequestsError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from gateway.routing import forwarded_headers, raw_subpath, resolve_function
 from gateway.settings import GatewaySettings
@@ -32,6 +37,8 @@ REQUEST_HEADERS_NOT_FORWARDED = frozenset({"host", "expect"})
 # Bodies up to this size, with a known length, are read whole rather than streamed; larger ones
 # and those of unknown length (chunked, event streams) are streamed in both directions.
 SMALL_BODY_BYTES = 64 * 1024
+# What a 429 for a busy function tells the client to wait: calls are usually shorter.
+RETRY_AFTER_BUSY_S = 1
 
 
 class SyncProxy:
@@ -49,6 +56,8 @@ class SyncProxy:
         self._metrics = metrics
         self._demotions = demotions
         self._timeouts_by_name: dict[str, tuple[FunctionSpec, Timeouts]] = {}
+        # Sync calls running now per function with a max_inflight annotation, this process.
+        self._inflight_by_name: dict[str, int] = {}
 
     async def handle(self, request: web.Request, call: CallContext) -> web.StreamResponse:
         name = request.match_info["name"]
@@ -57,6 +66,17 @@ class SyncProxy:
         except GatewayError as exc:
             self._metrics.observe_sync(UNKNOWN_FUNCTION, exc.status, call.elapsed_s())
             raise
+        limit = function.max_inflight
+        if limit is not None:
+            running = self._inflight_by_name.get(function.name, 0)
+            if running >= limit:
+                self._metrics.observe_sync(function.name, 429, call.elapsed_s())
+                raise TooManyRequestsError(
+                    f"function {function.name!r} is running its max_inflight of {limit} calls "
+                    f"on this gateway; try again",
+                    {"Retry-After": str(RETRY_AFTER_BUSY_S)},
+                )
+            self._inflight_by_name[function.name] = running + 1
         self._metrics.started(function.name)
         try:
             response = await self._forward(request, function, call)
@@ -64,6 +84,9 @@ class SyncProxy:
             self._metrics.observe_sync(function.name, exc.status, call.elapsed_s())
             log.info("sync call failed: %s", exc.message, extra=call_context(call.call_id, name))
             raise
+        finally:
+            if limit is not None:
+                self._inflight_by_name[function.name] -= 1
         return response
 
     async def _forward(

@@ -12,6 +12,7 @@ from nats.js import JetStreamContext
 from faas_common import jetstream
 from faas_common.activations import ActivationStore, ensure_activation_storage
 from faas_common.dead_letters import ensure_dead_letter_stream
+from faas_common.function_store import FunctionWatch
 from faas_common.headers import NATS_MSG_ID
 from gateway.errors import PayloadTooLargeError, QueueUnavailableError
 from gateway.settings import GatewaySettings
@@ -21,13 +22,15 @@ log = logging.getLogger("faas.gateway")
 # Room kept for the envelope (call metadata and request headers) when the body limit is
 # derived from the server's max_payload.
 ENVELOPE_RESERVE_BYTES = 64 * 1024
+FUNCTIONS_SYNC_WAIT_S = 2.0
 
 
 class Publisher:
     """Connects in the background so that sync calls never wait for NATS."""
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, watch: FunctionWatch | None = None) -> None:
         self._settings = settings
+        self._watch = watch
         self._client: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._activations: ActivationStore | None = None
@@ -96,6 +99,12 @@ class Publisher:
             await jetstream.ensure_stream(self._js, self._settings)
             await ensure_activation_storage(self._js, self._settings)
             await ensure_dead_letter_stream(self._js, self._settings)
+            if self._watch is not None and not self._watch.synced.is_set():
+                # Async calls for functions deployed through the API should not get 404
+                # just after start-up; bounded, so a broken bucket cannot keep the queue shut.
+                self._watch.start(self._js)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._watch.synced.wait(), FUNCTIONS_SYNC_WAIT_S)
             self._stream_problem = None
             self._stream_ready.set()
 
@@ -106,6 +115,8 @@ class Publisher:
     async def _on_reconnected(self) -> None:
         # A server restarted on an empty store has no stream; create it again at once.
         self._ensure_in_background()
+        if self._watch is not None:
+            self._watch.restart()
 
     def _ensure_in_background(self) -> None:
         task = asyncio.create_task(self._ensure_after_reconnect(), name="nats-ensure-stream")

@@ -30,14 +30,10 @@ from gateway.activation_api import (
 )
 from gateway.activations import ActivationQueries
 from gateway.calls import new_call_id
-from gateway.errors import GatewayError, QueueUnavailableError
+from gateway.errors import ConflictError, GatewayError, QueueUnavailableError
 from gateway.publisher import Publisher
 from gateway.routing import resolve_function
 from gateway.settings import GatewaySettings
-
-
-class ConflictError(GatewayError):
-    status = 409
 
 
 class ReliabilityApi:

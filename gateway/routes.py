@@ -65,6 +65,22 @@ def system(handle: Handler) -> Handler:
     return read_only(json_errors(handle))
 
 
+def by_method(handlers: dict[str, Handler]) -> Handler:
+    """One handler per method on one path; any other method gets a JSON 405."""
+    allowed = ", ".join(handlers)
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        handle = handlers.get(request.method)
+        if handle is None:
+            error = MethodNotAllowedError(
+                f"{request.path} accepts {allowed} only", {"Allow": allowed}
+            )
+            return error_response(error.status, error.message, None, error.headers)
+        return await handle(request)
+
+    return json_errors(route)
+
+
 def json_errors(handle: Handler) -> Handler:
     """GatewayErrors of a route that is not an invocation become JSON responses."""
 

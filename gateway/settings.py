@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from faas_common.settings import CommonSettings, Seconds, setting
 
 
@@ -49,4 +51,25 @@ class GatewaySettings(CommonSettings):
         "sync_async_after",
         "Every sync call the function has not answered after this long turns async (202 "
         "and an activation record); 0: off.",
+    )
+    basic_auth: bool = setting(
+        False, "basic_auth", "HTTP Basic auth on every /system/* route (as OpenFaaS)."
+    )
+    basic_auth_invocations: bool = setting(
+        False,
+        "basic_auth_invocations",
+        "With basic_auth, also require it on /function/* and /async-function/*.",
+    )
+    secret_mount_path: Path = setting(
+        Path("/run/secrets"),
+        "secret_mount_path",
+        "Directory holding the files basic-auth-user and basic-auth-password.",
+    )
+    basic_auth_user: str = setting(
+        "", "basic_auth_user", "Basic auth user when secret_mount_path has no credential files."
+    )
+    basic_auth_password: str = setting(
+        "",
+        "basic_auth_password",
+        "Basic auth password when secret_mount_path has no credential files (local use).",
     )

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_settings(WorkerSettings, args, FLAG_FIELDS)
     configure_logging(settings.log_level)
     try:
-        registry = load_functions_file(settings.functions_file)
+        registry = load_functions_file(settings.functions_file, settings.function_namespace)
     except FunctionsFileError as exc:
         sys.exit(f"faas-queue-worker: {exc}")
     try:

@@ -29,30 +29,34 @@ from faas_common.activations import (
 from faas_common.callbacks import CallbackResult, CallbackSender
 from faas_common.cancellations import CancellationWatch
 from faas_common.dead_letters import DeadLetterError, ensure_dead_letter_stream, keep_dead_letter
+from faas_common.function_store import FunctionWatch
 from faas_common.headers import RETRY, RETRY_MAX
 from faas_common.logs import call_context
 from faas_common.loops import new_event_loop
 from faas_common.message import MalformedMessageError, QueuedCall
 from faas_common.outcome import Outcome
 from faas_common.registry import FunctionSpec, Registry
-from faas_common.upstream import UpstreamClient
-from queue_worker.consumer import ensure_consumer
-from queue_worker.decisions import Ending, Settle, heartbeat_interval_s, outcome_label, settle
-from queue_worker.invoker import FunctionInvoker
-from queue_worker.metrics import WorkerMetrics
-from queue_worker.retries import (
+from faas_common.retries import (
     InvalidRetryPolicyError,
     RetryPolicy,
     judge_call_attempt,
     parse_codes,
     parse_retry_after_s,
 )
+from faas_common.upstream import UpstreamClient
+from queue_worker.consumer import ensure_consumer
+from queue_worker.decisions import Ending, Settle, heartbeat_interval_s, outcome_label, settle
+from queue_worker.invoker import FunctionInvoker
+from queue_worker.metrics import WorkerMetrics
 from queue_worker.settings import WorkerSettings
 from queue_worker.status import StatusServer
 
 log = logging.getLogger("faas.worker")
 
 T = TypeVar("T")
+
+# How long start-up waits for the functions deployed through the API before consuming.
+FUNCTIONS_SYNC_WAIT_S = 5.0
 
 
 class Worker:
@@ -98,6 +102,7 @@ class Worker:
         self._policies: dict[str, tuple[FunctionSpec, RetryPolicy]] = {}
         self._acks: jetstream.AckedPublisher | None = None
         self._cancellations: CancellationWatch | None = None
+        self._functions = FunctionWatch(registry, settings)
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
@@ -202,6 +207,7 @@ class Worker:
 
     async def _on_reconnected(self) -> None:
         self._reconnected.set()
+        self._functions.restart()
 
     async def _bind(self) -> None:
         assert self._js is not None
@@ -214,6 +220,11 @@ class Worker:
             watch = CancellationWatch(self._js, self.settings, self.on_cancelled)
             await watch.start()
             self._cancellations = watch
+        if not self._functions.synced.is_set():
+            # Before the first fetch too: a call of a function deployed through the API must
+            # find it, not fail as unknown.
+            self._functions.start(self._js)
+            await self._wait_for(self._functions.synced, FUNCTIONS_SYNC_WAIT_S)
         await ensure_consumer(self._js, self.settings)
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
@@ -341,6 +352,13 @@ class Worker:
                     await self._record_cancelled(call, attempt)
                 elif attempt > 1 and await self._finished_before(call, slot):
                     pass  # a redelivery of a call whose outcome is recorded: never run twice
+                elif function is None and not self._functions.synced.is_set():
+                    # Not known yet, perhaps only because the registry watch has not caught
+                    # up: wait rather than fail the call for good.
+                    self._recorded_attempts.pop(call.call_id, None)
+                    slot.release()
+                    await self._settle(msg, Settle.NAK_LATER, delay_s=self.settings.defer_wait_s)
+                    return
                 elif not self._reserve(function):
                     # The function is at its own limit: back to the queue, holding no slot
                     # that a call of another function could use.
@@ -704,6 +722,7 @@ class Worker:
         )
 
     async def _release(self) -> None:
+        await self._functions.close()
         if self._cancellations is not None:
             await self._cancellations.close()
         if self._nc is not None and not self._nc.is_closed:

@@ -5,7 +5,6 @@ against the code it configures."""
 import asyncio
 import random
 import re
-import shlex
 import signal
 import sys
 from pathlib import Path
@@ -176,6 +175,11 @@ async def test_make_run_stack_answers_the_readme_curl_lines(tmp_path):
             lambda: b"stack is up" in output or stack.returncode is not None, 60, "the stack"
         )
         assert b"stack is up" in output, output.decode(errors="replace")
+        await wait_until(lambda: b"basic-auth-password in" in output, 10, "where the creds are")
+        secrets = tmp_path / "data" / "secrets"
+        assert f"in {secrets}".encode() in output
+        assert (secrets / "basic-auth-user").read_text().strip() == "admin"
+        assert len((secrets / "basic-auth-password").read_text().strip()) >= 24
 
         def shifted(text: str) -> str:
             return re.sub(
@@ -185,11 +189,10 @@ async def test_make_run_stack_answers_the_readme_curl_lines(tmp_path):
         examples = readme_console_examples()
         assert len(examples) >= 6
         for command, expected_first_line in examples:
-            process = await asyncio.create_subprocess_exec(
-                *shlex.split(shifted(command)),
-                "-sS",
-                "--max-time",
-                "20",
+            # Through a shell, as a user runs it: the credentials come from $(cat ...).
+            in_this_stack = shifted(command).replace(".data/", f"{tmp_path / 'data'}/")
+            process = await asyncio.create_subprocess_shell(
+                f"{in_this_stack} -sS --max-time 20",
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
             )

@@ -2,7 +2,7 @@
 
 import pytest
 
-from queue_worker.retries import (
+from faas_common.retries import (
     DONE,
     CallVerdict,
     InvalidRetryPolicyError,

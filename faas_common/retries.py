@@ -59,6 +59,8 @@ def parse_codes(text: str) -> frozenset[int]:
         if not part:
             continue
         low, _, high = part.partition("-")
+        if not low.isdigit() or not (high or low).isdigit():
+            raise ValueError(f"invalid status code or range {part!r}")
         first, last = int(low), int(high or low)
         if not 100 <= first <= last <= 599:
             raise ValueError(f"invalid status code or range {part!r}")

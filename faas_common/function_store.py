@@ -1,0 +1,326 @@
+"""Functions deployed through the management API, in a NATS key-value bucket.
+
+One key per function (its name), one value: the OpenFaaS FunctionDeployment as deployed plus
+when it was first deployed. Every gateway and worker process watches the bucket and keeps its
+Registry's API functions equal to it, so a function deployed through one gateway is invokable
+through all of them as soon as the change reaches them (milliseconds on one NATS server).
+"""
+
+import asyncio
+import contextlib
+import logging
+import re
+from datetime import UTC, datetime
+
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.api import Header, KeyValueConfig, StorageType
+from nats.js.errors import APIError, BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+from faas_common.registry import (
+    MAX_INFLIGHT_ANNOTATION,
+    TIMEOUT_ANNOTATIONS,
+    FunctionSpec,
+    Registry,
+)
+from faas_common.settings import CommonSettings
+
+log = logging.getLogger("faas.functions")
+
+# Stricter than names in the functions file: no dots, because "name.namespace" selects a
+# namespace in OpenFaaS URLs, and a key-value key may not have empty dot-separated tokens.
+API_FUNCTION_NAME_PATTERN = re.compile(r"[a-zA-Z0-9][-a-zA-Z0-9_]{0,62}")
+# JetStream's "wrong last sequence" answers to a conditional write.
+WRONG_LAST_SEQUENCE_CODES = (10071, 10164)
+# How often a watch that has nothing to deliver looks whether it was asked to start over.
+RESTART_CHECK_S = 1.0
+
+
+class FunctionStoreError(Exception):
+    """A change to the deployed functions that cannot be made; the message says why."""
+
+
+class FunctionExistsError(FunctionStoreError):
+    pass
+
+
+class FunctionNotDeployedError(FunctionStoreError):
+    pass
+
+
+class ConcurrentChangeError(FunctionStoreError):
+    pass
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    memory: str | None = None
+    cpu: str | None = None
+
+
+class FunctionDeployment(BaseModel):
+    """OpenFaaS's deploy/update body, with ``url`` (where the function listens) in place of
+    a container to run. Fields we cannot act on (image, limits, ...) are kept and shown."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
+    )
+
+    service: str
+    url: str
+    image: str = ""
+    namespace: str = ""
+    env_process: str = ""
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    constraints: list[str] = Field(default_factory=list)
+    secrets: list[str] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    limits: Resources | None = None
+    requests: Resources | None = None
+    read_only_root_filesystem: bool = False
+
+    @field_validator("service")
+    @classmethod
+    def _service_is_a_name(cls, service: str) -> str:
+        if not API_FUNCTION_NAME_PATTERN.fullmatch(service):
+            raise ValueError(f"must match {API_FUNCTION_NAME_PATTERN.pattern}")
+        return service
+
+    def to_spec(self) -> FunctionSpec:
+        """What the gateway and worker act on; raises ValidationError for unusable values.
+
+        Timeouts and max_inflight may be set as env vars, as for the OpenFaaS watchdog, or as
+        annotations; an annotation wins.
+        """
+        from_env = {
+            key: value
+            for key, value in self.env_vars.items()
+            if key in (*TIMEOUT_ANNOTATIONS, MAX_INFLIGHT_ANNOTATION)
+        }
+        return FunctionSpec(
+            name=self.service, url=self.url, annotations={**from_env, **self.annotations}
+        )
+
+
+class StoredFunction(BaseModel):
+    """The bucket's value for one function."""
+
+    model_config = ConfigDict(
+        extra="ignore", frozen=True, alias_generator=to_camel, populate_by_name=True
+    )
+
+    deployment: FunctionDeployment
+    created_at: str
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> "StoredFunction":
+        return cls.model_validate_json(data)
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def function_bucket(js: JetStreamContext, settings: CommonSettings) -> KeyValue:
+    try:
+        return await js.create_key_value(
+            KeyValueConfig(
+                bucket=settings.functions_bucket,
+                description="Functions deployed through /system/functions (faas-gateway)",
+                history=1,
+                storage=StorageType.FILE,
+                replicas=settings.nats_stream_replicas,
+            )
+        )
+    except BadRequestError:  # exists already
+        return await js.key_value(settings.functions_bucket)
+
+
+class FunctionStore:
+    """Writes to the bucket. Each write is conditional on the revision it read, so two
+    gateways changing one function at once cannot lose either change silently."""
+
+    def __init__(self, js: JetStreamContext, settings: CommonSettings) -> None:
+        self._js = js
+        self._settings = settings
+
+    async def create(self, deployment: FunctionDeployment) -> tuple[int, StoredFunction]:
+        stored = StoredFunction(deployment=deployment, created_at=now_rfc3339())
+        bucket = await function_bucket(self._js, self._settings)
+        try:
+            revision = await bucket.create(deployment.service, stored.encode())
+        except KeyWrongLastSequenceError as exc:
+            raise FunctionExistsError(f"function {deployment.service!r} already exists") from exc
+        return revision, stored
+
+    async def update(self, deployment: FunctionDeployment) -> tuple[int, StoredFunction]:
+        bucket = await function_bucket(self._js, self._settings)
+        current = await self._current(bucket, deployment.service)
+        created_at = StoredFunction.decode(current.value or b"{}").created_at
+        stored = StoredFunction(deployment=deployment, created_at=created_at)
+        try:
+            revision = await bucket.update(deployment.service, stored.encode(), current.revision)
+        except KeyWrongLastSequenceError as exc:
+            raise ConcurrentChangeError(
+                f"function {deployment.service!r} was changed at the same time; try again"
+            ) from exc
+        return revision, stored
+
+    async def delete(self, name: str) -> int:
+        """Put a delete marker, as KeyValue.delete does, but keep its revision (nats-py's
+        returns True), so the watch can tell older deliveries from newer ones."""
+        bucket = await function_bucket(self._js, self._settings)
+        current = await self._current(bucket, name)
+        try:
+            ack = await self._js.publish(
+                f"$KV.{self._settings.functions_bucket}.{name}",
+                b"",
+                headers={
+                    KV_OP: KV_DEL,
+                    Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(current.revision),
+                },
+            )
+        except APIError as exc:
+            if exc.err_code in WRONG_LAST_SEQUENCE_CODES:
+                raise ConcurrentChangeError(
+                    f"function {name!r} was changed at the same time; try again"
+                ) from exc
+            raise
+        return ack.seq
+
+    async def _current(self, bucket: KeyValue, name: str) -> KeyValue.Entry:
+        try:
+            entry = await bucket.get(name)
+        except KeyNotFoundError as exc:  # never deployed, or deleted
+            raise FunctionNotDeployedError(f"function {name!r} not found") from exc
+        if entry.revision is None:
+            raise FunctionNotDeployedError(f"function {name!r} not found")
+        return entry
+
+
+class FunctionWatch:
+    """Keeps a Registry's API functions equal to the bucket: a snapshot, then each change.
+
+    Started again after each reconnect: a restarted server has lost the watch's ephemeral
+    consumer, and changes made meanwhile must not be missed. Changes this process made itself
+    are applied at once (``apply``) so that its own next request sees them; revisions keep a
+    late watch delivery from undoing a newer change.
+    """
+
+    def __init__(self, registry: Registry, settings: CommonSettings) -> None:
+        self._registry = registry
+        self._settings = settings
+        self.deployed: dict[str, StoredFunction] = {}
+        self._revisions: dict[str, int] = {}
+        self.synced = asyncio.Event()
+        self._restart = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, js: JetStreamContext) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(js), name="function-watch")
+
+    def restart(self) -> None:
+        self._restart.set()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def apply(self, name: str, revision: int, stored: StoredFunction | None) -> None:
+        """One change to one function: deployed or updated (``stored``), or deleted (None)."""
+        if revision <= self._revisions.get(name, 0):
+            return
+        self._revisions[name] = revision
+        spec = _usable_spec(name, stored)
+        if spec is None or stored is None:
+            self.deployed.pop(name, None)
+            self._registry.remove_api_function(name)
+            return
+        self.deployed[name] = stored
+        self._registry.put_api_function(spec)
+
+    async def _run(self, js: JetStreamContext) -> None:
+        wait_s = 0.1
+        while True:
+            self._restart.clear()
+            try:
+                bucket = await function_bucket(js, self._settings)
+                watcher = await bucket.watchall()
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("cannot watch the functions bucket yet: %s", exc)
+                await asyncio.sleep(wait_s)
+                wait_s = min(wait_s * 2, 5.0)
+                continue
+            wait_s = 0.1
+            try:
+                await self._follow(watcher)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("function watch interrupted, starting it again: %s", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()  # type: ignore[no-untyped-call]  # untyped upstream
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        snapshot: dict[str, tuple[int, StoredFunction | None]] | None = {}
+        while not self._restart.is_set():
+            try:
+                entry = await watcher.updates(timeout=RESTART_CHECK_S)  # type: ignore[no-untyped-call]
+            except nats.errors.TimeoutError:
+                continue
+            if entry is None:  # the bucket's state when the watch started is all in
+                if snapshot is not None:
+                    self._replace(snapshot)
+                    snapshot = None
+                    self.synced.set()
+                continue
+            if not isinstance(entry, KeyValue.Entry) or not entry.key:
+                continue
+            stored = None
+            if entry.operation not in (KV_DEL, KV_PURGE):
+                stored = _decode(entry.key, entry.value)
+            revision = entry.revision or 0
+            if snapshot is not None:
+                snapshot[entry.key] = (revision, stored)
+            else:
+                self.apply(entry.key, revision, stored)
+
+    def _replace(self, snapshot: dict[str, tuple[int, StoredFunction | None]]) -> None:
+        self._revisions = {name: revision for name, (revision, _) in snapshot.items()}
+        self.deployed = {}
+        specs: dict[str, FunctionSpec] = {}
+        for name, (_, stored) in snapshot.items():
+            spec = _usable_spec(name, stored)
+            if spec is not None and stored is not None:
+                self.deployed[name] = stored
+                specs[name] = spec
+        self._registry.replace_api_functions(specs)
+        log.info("%d functions deployed through the API", len(specs))
+
+
+def _decode(name: str, value: bytes | None) -> StoredFunction | None:
+    try:
+        return StoredFunction.decode(value or b"")
+    except ValidationError as exc:
+        log.warning("function %s: unreadable entry in the functions bucket ignored: %s", name, exc)
+        return None
+
+
+def _usable_spec(name: str, stored: StoredFunction | None) -> FunctionSpec | None:
+    if stored is None:
+        return None
+    try:
+        return stored.deployment.to_spec()
+    except ValidationError as exc:
+        log.warning("function %s: deployed entry cannot be used: %s", name, exc)
+        return None

@@ -1,0 +1,287 @@
+"""The OpenFaaS management API: /system/functions, /system/function/{name}, /system/info and
+/system/namespaces, with OpenFaaS's field names.
+
+Deploy (POST) and update (PUT) take a FunctionDeployment plus ``url``; both answer 202 with the
+FunctionStatus. As with faas-cli, update of an unknown function is 404 and deploy of a known
+one 409. Functions of the functions file are listed but read-only here (409).
+"""
+
+import functools
+import logging
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.alias_generators import to_camel
+
+from faas_common import __version__
+from faas_common.function_store import (
+    ConcurrentChangeError,
+    FunctionDeployment,
+    FunctionExistsError,
+    FunctionNotDeployedError,
+    FunctionStore,
+    FunctionStoreError,
+    FunctionWatch,
+    StoredFunction,
+    now_rfc3339,
+)
+from faas_common.registry import FunctionSpec, Registry, is_valid_function_name
+from gateway.errors import (
+    ConflictError,
+    FunctionNotFoundError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    QueueUnavailableError,
+)
+from gateway.metrics import GatewayMetrics
+from gateway.publisher import Publisher
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("faas.gateway")
+
+MAX_DEPLOYMENT_BYTES = 64 * 1024
+PROVIDER = "faas-gateway"
+ORCHESTRATION = "nats"
+
+
+class DeleteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+    function_name: str
+    namespace: str = ""
+
+
+class FunctionsApi:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        registry: Registry,
+        publisher: Publisher,
+        watch: FunctionWatch,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._publisher = publisher
+        self._watch = watch
+        self._metrics = metrics
+        # File functions exist from when this process read the file.
+        self._file_loaded_at = now_rfc3339()
+
+    # reads
+
+    async def list_functions(self, request: web.Request) -> web.Response:
+        self._check_namespace(request.query.get("namespace"))
+        counts = self._metrics.invocation_counts()
+        statuses = [
+            self._status(function, counts)
+            for function in sorted(self._registry, key=lambda f: f.name)
+        ]
+        return _json(200, statuses)
+
+    async def get_function(self, request: web.Request) -> web.Response:
+        self._check_namespace(request.query.get("namespace"))
+        name = request.match_info["name"]
+        function = self._registry.get(name)
+        if function is None:
+            if not is_valid_function_name(name):
+                raise InvalidRequestError(f"invalid function name {name!r}")
+            raise FunctionNotFoundError(f"function {name!r} not found")
+        return _json(200, self._status(function, self._metrics.invocation_counts()))
+
+    async def namespaces(self, request: web.Request) -> web.Response:
+        return _json(200, [self._settings.function_namespace])
+
+    async def info(self, request: web.Request) -> web.Response:
+        version = {"release": __version__, "sha": build_sha(), "commit_message": ""}
+        return _json(
+            200,
+            {
+                "provider": {
+                    "provider": PROVIDER,
+                    "orchestration": ORCHESTRATION,
+                    "version": version,
+                },
+                "version": version,
+                "arch": platform.machine(),
+            },
+        )
+
+    # changes
+
+    async def deploy(self, request: web.Request) -> web.Response:
+        deployment = await self._read_deployment(request)
+        self._refuse_file_function(deployment.service)
+        try:
+            revision, stored = await self._store().create(deployment)
+        except FunctionExistsError as exc:
+            raise ConflictError(f"{exc}; update it with PUT /system/functions") from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise _unavailable(exc) from exc
+        return self._changed(deployment.service, revision, stored)
+
+    async def update(self, request: web.Request) -> web.Response:
+        deployment = await self._read_deployment(request)
+        self._refuse_file_function(deployment.service)
+        try:
+            revision, stored = await self._store().update(deployment)
+        except FunctionStoreError as exc:
+            raise _store_error(exc) from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise _unavailable(exc) from exc
+        return self._changed(deployment.service, revision, stored)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        document = await _read_json(request)
+        try:
+            target = DeleteRequest.model_validate(document)
+        except ValidationError as exc:
+            raise InvalidRequestError(f"invalid delete request: {describe(exc)}") from exc
+        self._check_namespace(target.namespace or None)
+        name = target.function_name
+        if not is_valid_function_name(name):
+            raise InvalidRequestError(f"invalid function name {name!r}")
+        self._refuse_file_function(name)
+        try:
+            revision = await self._store().delete(name)
+        except FunctionStoreError as exc:
+            raise _store_error(exc) from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise _unavailable(exc) from exc
+        self._watch.apply(name, revision, None)
+        log.info("function %s deleted", name)
+        return web.Response(status=202)
+
+    # helpers
+
+    def _store(self) -> FunctionStore:
+        return FunctionStore(self._publisher.jetstream(), self._settings)
+
+    def _changed(self, name: str, revision: int, stored: StoredFunction) -> web.Response:
+        # Applied here at once, so this gateway's next request sees the change; the others
+        # get it from their watch.
+        self._watch.apply(name, revision, stored)
+        log.info("function %s deployed (revision %d)", name, revision)
+        function = self._registry.get(name)
+        assert function is not None  # just applied, and not shadowed by the file
+        response = _json(202, self._status(function, self._metrics.invocation_counts()))
+        response.headers["Location"] = f"/system/function/{name}"
+        return response
+
+    async def _read_deployment(self, request: web.Request) -> FunctionDeployment:
+        document = await _read_json(request)
+        try:
+            deployment = FunctionDeployment.model_validate(document)
+        except ValidationError as exc:
+            raise InvalidRequestError(f"invalid function deployment: {describe(exc)}") from exc
+        self._check_namespace(deployment.namespace or None)
+        try:
+            deployment.to_spec()
+        except ValidationError as exc:
+            raise InvalidRequestError(f"invalid function deployment: {describe(exc)}") from exc
+        return deployment
+
+    def _refuse_file_function(self, name: str) -> None:
+        if self._registry.in_file(name):
+            raise ConflictError(
+                f"function {name!r} is defined in the functions file "
+                f"({self._settings.functions_file}); change it there"
+            )
+
+    def _check_namespace(self, namespace: str | None) -> None:
+        if namespace is not None and namespace != self._settings.function_namespace:
+            raise InvalidRequestError(
+                f"namespace {namespace!r} does not exist; the one namespace is "
+                f"{self._settings.function_namespace!r}"
+            )
+
+    def _status(self, function: FunctionSpec, counts: dict[str, float]) -> dict[str, Any]:
+        stored = (
+            None
+            if self._registry.in_file(function.name)
+            else self._watch.deployed.get(function.name)
+        )
+        if stored is not None:
+            deployment: dict[str, Any] = stored.deployment.model_dump(by_alias=True)
+            del deployment["service"]
+            created_at, source = stored.created_at, "api"
+        else:
+            # Not validated: file names may hold dots, which API names may not.
+            deployment = FunctionDeployment.model_construct(
+                service=function.name, url=function.url, annotations=dict(function.annotations)
+            ).model_dump(by_alias=True)
+            del deployment["service"]
+            created_at, source = self._file_loaded_at, "file"
+        deployment["namespace"] = self._settings.function_namespace
+        return {
+            "name": function.name,
+            **deployment,
+            "invocationCount": counts.get(function.name, 0.0),
+            # One service behind one URL: the gateway does not run or scale it.
+            "replicas": 1,
+            "availableReplicas": 1,
+            "createdAt": created_at,
+            "source": source,
+        }
+
+
+async def _read_json(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > MAX_DEPLOYMENT_BYTES:
+        raise PayloadTooLargeError(f"the body is larger than {MAX_DEPLOYMENT_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(MAX_DEPLOYMENT_BYTES):
+        body += chunk
+        if len(body) > MAX_DEPLOYMENT_BYTES:
+            raise PayloadTooLargeError(f"the body is larger than {MAX_DEPLOYMENT_BYTES} bytes")
+    try:
+        return orjson.loads(bytes(body))
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(f"the body is not valid JSON: {exc}") from exc
+
+
+def describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "body"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems)
+
+
+def _store_error(exc: FunctionStoreError) -> Exception:
+    if isinstance(exc, FunctionNotDeployedError):
+        return FunctionNotFoundError(str(exc))
+    if isinstance(exc, ConcurrentChangeError | FunctionExistsError):
+        return ConflictError(str(exc))
+    return InvalidRequestError(str(exc))
+
+
+def _unavailable(exc: Exception) -> QueueUnavailableError:
+    return QueueUnavailableError(f"the function registry is unavailable: {type(exc).__name__}")
+
+
+def _json(status: int, document: Any) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(document), content_type="application/json")
+
+
+@functools.cache
+def build_sha() -> str:
+    """The git commit this code was installed from, when it runs from a checkout."""
+    try:
+        completed = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=2,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return completed.stdout.strip() if completed.returncode == 0 else "unknown"
