@@ -35,6 +35,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from faas_common.jetstream import AckedPublisher, PublishRejectedError
+from faas_common.logs import call_context
 from faas_common.message import QueuedCall
 from faas_common.outcome import Outcome
 from faas_common.settings import CommonSettings
@@ -354,7 +355,12 @@ class ActivationStore:
         try:
             await self._nc.publish(self.subject(activation.call_id), activation.encode(body))
         except nats.errors.Error as exc:
-            log.debug("record %s not written: %s", activation.call_id, exc)
+            log.debug(
+                "record %s not written: %s",
+                activation.call_id,
+                exc,
+                extra=call_context(activation.call_id, activation.function),
+            )
 
     async def put(self, activation: Activation, body: bytes | None = None) -> None:
         """Write and wait for the ack; a finished call's body goes with it."""

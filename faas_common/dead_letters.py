@@ -139,5 +139,6 @@ async def get_dead_letter(
     try:
         return QueuedCall.decode(msg.data)
     except MalformedMessageError:
-        log.warning("unreadable dead letter for %s", call_id)
+        # The function's name is inside the letter that cannot be read.
+        log.warning("unreadable dead letter for %s", call_id, extra={"callId": call_id})
         return None

@@ -142,6 +142,11 @@ class CommonSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = setting(
         "info", "log_level", "Log level."
     )
+    log_format: Literal["text", "json"] = setting(
+        "text",
+        "log_format",
+        "text: a line for people; json: one JSON object a line, for log collectors.",
+    )
 
     def subject_for(self, queue: str, function: str) -> str:
         """Async calls of ``function`` go to <prefix>.<queue>.<function>."""

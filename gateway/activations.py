@@ -23,6 +23,7 @@ from faas_common.activations import (
     parse_rfc3339_ns,
 )
 from faas_common.durations import format_duration_s
+from faas_common.logs import call_context
 from gateway.errors import GatewayError, QueueUnavailableError
 from gateway.publisher import Publisher
 from gateway.settings import GatewaySettings
@@ -80,7 +81,9 @@ class ActivationQueries:
         except ActivationStoreError as exc:
             raise QueueUnavailableError(f"activation results are unavailable: {exc}") from exc
 
-    async def wait_until_final(self, call_id: str, timeout_s: float) -> StoredActivation | None:
+    async def wait_until_final(
+        self, call_id: str, function: str, timeout_s: float
+    ) -> StoredActivation | None:
         """The record once finished, or its latest state when ``timeout_s`` runs out.
 
         Watches the record's subject rather than polling: subscribe first, then read the
@@ -90,7 +93,7 @@ class ActivationQueries:
             store = self._store()
             subscription = await self._publisher.client().subscribe(store.subject(call_id))
         except (GatewayError, nats.errors.Error) as exc:
-            log.info("cannot wait for %s: %s", call_id, exc)
+            log.info("cannot wait for %s: %s", call_id, exc, extra=call_context(call_id, function))
             return None
         try:
             latest = await store.get(call_id)
@@ -108,7 +111,12 @@ class ActivationQueries:
                     latest = update
             return latest
         except (ActivationStoreError, nats.errors.Error) as exc:
-            log.info("waiting for %s ended early: %s", call_id, exc)
+            log.info(
+                "waiting for %s ended early: %s",
+                call_id,
+                exc,
+                extra=call_context(call_id, function),
+            )
             return None
         finally:
             try:

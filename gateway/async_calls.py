@@ -90,7 +90,9 @@ class AsyncInvoker:
                 log.warning("accepted, but its record was not written: %s", exc, extra=context)
         prefer = parse_prefer(request.headers.getall(PREFER, []))
         if prefer.wait_s is not None:
-            return await self._wait_for_result(call, min(prefer.wait_s, self._max_wait_s()))
+            return await self._wait_for_result(
+                call, function.name, min(prefer.wait_s, self._max_wait_s())
+            )
         response = web.json_response({"callId": call.call_id}, status=202)
         response.headers["Location"] = location_of(call.call_id)
         return response
@@ -98,9 +100,11 @@ class AsyncInvoker:
     def _max_wait_s(self) -> float:
         return self._settings.max_wait_s
 
-    async def _wait_for_result(self, call: CallContext, wait_s: float) -> web.StreamResponse:
+    async def _wait_for_result(
+        self, call: CallContext, function: str, wait_s: float
+    ) -> web.StreamResponse:
         """Prefer: wait=N: the result if the call finishes within N seconds, else a 202."""
-        stored = await self._queries.wait_until_final(call.call_id, wait_s)
+        stored = await self._queries.wait_until_final(call.call_id, function, wait_s)
         if stored is not None and stored.is_final:
             response = await result_response(self._queries, stored)
             response.headers[PREFERENCE_APPLIED] = wait_applied(wait_s)

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     # Only the counters' values, not a *_created series beside each one.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
     settings = load_settings(GatewaySettings, args, FLAG_FIELDS)
-    configure_logging(settings.log_level)
+    configure_logging(settings)
     try:
         registry = load_functions_file(settings.functions_file, settings.function_namespace)
         if settings.basic_auth:

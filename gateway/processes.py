@@ -96,6 +96,11 @@ def serve_in_processes(settings: GatewaySettings, registry: Registry) -> int:
 def _child(settings: GatewaySettings, registry: Registry) -> None:
     # Our own process group: Ctrl-C reaches the supervisor, which stops us in order.
     os.setpgrp()
-    configure_logging(settings.log_level)
+    configure_logging(settings)
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
-    serve(settings, registry, reuse_port=True)
+    try:
+        serve(settings, registry, reuse_port=True)
+    except Exception:
+        # Logged, not left to multiprocessing, which prints it bare: not one JSON line.
+        log.critical("gateway process failed", exc_info=True)
+        sys.exit(1)
