@@ -48,6 +48,7 @@ from queue_worker.consumer import ensure_consumer
 from queue_worker.decisions import Ending, Settle, heartbeat_interval_s, outcome_label, settle
 from queue_worker.invoker import FunctionInvoker
 from queue_worker.metrics import WorkerMetrics
+from queue_worker.pending import read_pending
 from queue_worker.settings import WorkerSettings
 from queue_worker.status import StatusServer
 
@@ -206,6 +207,7 @@ class Worker:
         await jetstream.retry_until_jetstream_answers(self._bind, "stream and consumer")
 
     async def _on_reconnected(self) -> None:
+        self.metrics.nats_reconnects.inc()
         self._reconnected.set()
         self._functions.restart()
 
@@ -338,7 +340,7 @@ class Worker:
                 call = QueuedCall.decode(msg.data)
             except MalformedMessageError as exc:
                 log.error("dropping unreadable message %s: %s", _sequence(msg), exc)
-                self.metrics.processed.labels("", Ending.MALFORMED.value).inc()
+                self.metrics.function("").processed(Ending.MALFORMED.value)
                 await self._settle(msg, settle(Ending.MALFORMED))
                 return
             context = call_context(call.call_id, call.function)
@@ -371,7 +373,11 @@ class Worker:
                     if recorded is not None:
                         attempt = recorded + 1
                     try:
-                        retry_in_s = await self._run_call(call, function, slot, attempt)
+                        # Only the first attempt: a retry's wait is the backoff, not the queue.
+                        published_ns = _published_ns(msg) if attempt == 1 else None
+                        retry_in_s = await self._run_call(
+                            call, function, slot, attempt, published_ns
+                        )
                     finally:
                         self._unreserve(function)
             except asyncio.CancelledError:
@@ -388,11 +394,11 @@ class Worker:
                 raise
             except Exception:
                 log.exception("handling failed; the call goes back to the queue", extra=context)
-                self.metrics.processed.labels(call.function, Ending.CRASHED.value).inc()
+                self.metrics.function(call.function).processed(Ending.CRASHED.value)
                 await self._settle(msg, settle(Ending.CRASHED))
                 return
             if retry_in_s is not None:
-                self.metrics.retries.labels(call.function).inc()
+                self.metrics.function(call.function).retried()
                 await self._settle(msg, Settle.NAK_LATER, delay_s=retry_in_s)
                 return
             await self._settle(msg, settle(Ending.COMPLETED))
@@ -445,7 +451,7 @@ class Worker:
         return True
 
     async def _record_cancelled(self, call: QueuedCall, attempt: int) -> None:
-        self.metrics.processed.labels(call.function, "cancelled").inc()
+        self.metrics.function(call.function).processed("cancelled")
         if self._activations is None:
             return
         activation = Activation.queued(call)
@@ -497,14 +503,24 @@ class Worker:
         return policy
 
     async def _run_call(
-        self, call: QueuedCall, function: FunctionSpec | None, slot: "SlotRelease", attempt: int
+        self,
+        call: QueuedCall,
+        function: FunctionSpec | None,
+        slot: "SlotRelease",
+        attempt: int,
+        published_ns: int | None = None,
     ) -> float | None:
-        """Run the call once; None when it is done, else seconds until it is tried again."""
+        """Run the call once; None when it is done, else seconds until it is tried again.
+
+        ``published_ns``: when JetStream took the message, to observe the time it was queued.
+        """
         assert self._invoker is not None and self._callbacks is not None
         context = call_context(call.call_id, call.function)
         await self._take_slot()
-        inflight = self.metrics.inflight.labels(call.function)
-        inflight.inc()
+        series = self.metrics.function(call.function)
+        if published_ns is not None:
+            # Clocks of the NATS server and this host may differ a little: never below 0.
+            series.queued.observe(max(0.0, (time.time_ns() - published_ns) / 1e9))
         self._running += 1
         activation = Activation.queued(call) if self._activations is not None else None
         running_record: asyncio.TimerHandle | None = None
@@ -517,21 +533,19 @@ class Worker:
             )
         policy = self._policy_for(function)
         self._calls_running[call.call_id] = asyncio.current_task()  # type: ignore[assignment]
+        series.inflight.inc()  # next to the try, so that nothing can skip the dec
         try:
             outcome = await self._invoker.invoke(call, function, attempt, policy.max_attempts)
         finally:
             self._calls_running.pop(call.call_id, None)
             if running_record is not None:
                 running_record.cancel()
-            inflight.dec()
+            series.inflight.dec()
             self._running -= 1
             self._slots.release()
             slot.release()
         label = outcome_label(outcome.status_code)
-        self.metrics.processed.labels(call.function, label).inc()
-        self.metrics.duration.labels(call.function, str(outcome.status_code)).observe(
-            outcome.duration_s
-        )
+        series.duration(outcome.status_code, outcome.duration_s)
         # One line per call at debug; calls that failed at info, so they show by default.
         log.log(
             logging.DEBUG if outcome.succeeded else logging.INFO,
@@ -557,6 +571,8 @@ class Worker:
                 activation.wait_for_retry(outcome, verdict.wait_s)
                 await self._record_final(activation, outcome, keep_body=False)
             return verdict.wait_s
+        # Once per call, with its final outcome; attempts before it count as retries.
+        series.processed(label)
         if not outcome.succeeded and self._acks is not None:
             await self._keep_dead_letter(call, outcome, attempt)
         retry_headers = (attempt, policy.max_attempts)
@@ -589,7 +605,7 @@ class Worker:
             await keep_dead_letter(acks, self.settings, call, outcome, attempts, time.time_ns())
 
         await self._while_nats_is_away(keep, "keeping the dead letter", call.call_id, call.function)
-        self.metrics.dead_letters.labels(call.function).inc()
+        self.metrics.function(call.function).dead_lettered()
 
     async def _while_nats_is_away(
         self, write: Callable[[], Awaitable[T]], what: str, call_id: str, function: str
@@ -633,9 +649,7 @@ class Worker:
             outcome,
             [(RETRY, str(attempt)), (RETRY_MAX, str(max_attempts))],
         )
-        self.metrics.callbacks.labels(
-            call.function, "delivered" if result.delivered else "failed"
-        ).inc()
+        self.metrics.function(call.function).called_back(result.delivered)
         return result
 
     async def _record_final(
@@ -766,13 +780,10 @@ class Worker:
         return True, details
 
     async def refresh_metrics(self) -> None:
-        if self._js is None or self._nc is None or not self._nc.is_connected:
-            return
-        with contextlib.suppress(nats.errors.Error, TimeoutError):
-            info = await self._js.consumer_info(
-                self.settings.nats_stream, self.settings.consumer_name, timeout=1.0
-            )
-            self.metrics.pending.set(info.num_pending or 0)
+        counts = None
+        if self._js is not None and self._nc is not None and self._nc.is_connected:
+            counts = await read_pending(self._js, self.settings, timeout_s=1.0)
+        self.metrics.set_pending(self.settings.worker_queue, counts)
 
 
 class SlotRelease:
@@ -802,6 +813,20 @@ def _delivery_count(msg: Msg) -> int:
         return int(msg.metadata.num_delivered or 1)
     except (ValueError, nats.errors.Error):
         return 1
+
+
+def _published_ns(msg: Msg) -> int | None:
+    """When JetStream stored the message (its publish time), from the reply subject like
+    _delivery_count; None when the subject has no such field."""
+    tokens = msg.reply.split(".") if msg.reply else []
+    try:
+        if len(tokens) == 9:
+            return int(tokens[7])
+        if len(tokens) >= 11:
+            return int(tokens[9])
+    except ValueError:
+        pass
+    return None
 
 
 def _sequence(msg: Msg) -> str:

@@ -952,6 +952,7 @@ async def test_worker_metrics_show_pending_and_inflight_calls(
     gateway = await ready_gateway(start_gateway, http, registry)
     worker = await start_worker(registry, max_inflight=1)
     metrics_url = worker_url(worker, "/metrics")
+    pending_name = "queue_worker_pending_messages"
 
     for _ in range(3):
         await post_accepted(http, gateway)
@@ -959,7 +960,7 @@ async def test_worker_metrics_show_pending_and_inflight_calls(
 
     async def waiting_behind_the_running_call() -> str | None:
         metrics = await scrape(http, metrics_url)
-        pending = sample(metrics, "queue_worker_pending_messages") or 0
+        pending = sample(metrics, pending_name, function_name="echo", queue_name="default") or 0
         return metrics if pending > 0 else None
 
     metrics = await wait_until(waiting_behind_the_running_call, DEADLINE_S, "pending > 0")
@@ -972,7 +973,7 @@ async def test_worker_metrics_show_pending_and_inflight_calls(
     await wait_completed(worker, 3)
     await wait_stream_empty(nats_client)
     metrics = await scrape(http, metrics_url)
-    assert sample(metrics, "queue_worker_pending_messages") == 0
+    assert sample(metrics, pending_name, function_name="echo", queue_name="default") == 0
     assert sample(metrics, inflight, function_name="echo") == 0
     assert (
         sample(

@@ -20,6 +20,7 @@ from queue_worker.settings import WorkerSettings
 from tests.harness import ROOT, wait_until
 
 sys.path.insert(0, str(ROOT / "deploy"))
+import local_stack
 import sample_functions
 
 README = (ROOT / "README.md").read_text()
@@ -38,7 +39,11 @@ def env_names(settings_cls) -> set[str]:
 
 
 def test_compose_services_use_only_real_settings_and_commands():
-    services = COMPOSE["services"]
+    services = {
+        name: service
+        for name, service in COMPOSE["services"].items()
+        if "profiles" not in service  # the optional ones: see test_compose_monitoring_profile
+    }
     assert set(services) == {"nats", "gateway", "queue-worker", "echo", "sleep", "status"}
     for name, settings_cls in (("gateway", GatewaySettings), ("queue-worker", WorkerSettings)):
         unknown = set(services[name]["environment"]) - env_names(settings_cls)
@@ -51,6 +56,70 @@ def test_compose_services_use_only_real_settings_and_commands():
         command = services[function]["command"]
         assert command[:3] == ["python", "deploy/sample_functions.py", function]
     assert "--jetstream" in services["nats"]["command"]
+
+
+def scrape_targets(config_path: Path) -> dict[str, list[str]]:
+    config = yaml.safe_load(config_path.read_text())
+    return {
+        job["job_name"]: [
+            target for static in job["static_configs"] for target in static["targets"]
+        ]
+        for job in config["scrape_configs"]
+    }
+
+
+def test_prometheus_config_scrapes_the_local_stack_ports():
+    gateway_port = GatewaySettings.model_fields["gateway_port"].default
+    worker_port = WorkerSettings.model_fields["worker_port"].default
+    assert (gateway_port, worker_port) == (local_stack.GATEWAY_PORT, local_stack.WORKER_PORT)
+    assert scrape_targets(ROOT / "deploy" / "prometheus.yml") == {
+        "faas-gateway": [f"127.0.0.1:{gateway_port}"],
+        "faas-queue-worker": [f"127.0.0.1:{worker_port}"],
+    }
+
+
+def test_compose_monitoring_profile():
+    """Prometheus scrapes the compose services on the ports they listen on; Grafana gets
+    Prometheus as its data source and the dashboard where its provider looks."""
+    services = COMPOSE["services"]
+    monitoring = {name for name, service in services.items() if "profiles" in service}
+    assert monitoring == {"prometheus", "grafana"}
+    for name in monitoring:
+        assert services[name]["profiles"] == ["monitoring"]
+    mounts = {
+        name: dict(volume.rsplit(":", 2)[:2] for volume in services[name]["volumes"])
+        for name in monitoring
+    }
+    for name in monitoring:
+        for source in mounts[name]:
+            assert (ROOT / "deploy" / source).exists(), f"{name} mounts missing {source}"
+
+    config_source = next(
+        source
+        for source, target in mounts["prometheus"].items()
+        if target == "/etc/prometheus/prometheus.yml"
+    )
+    targets = scrape_targets(ROOT / "deploy" / config_source)
+    gateway_port = services["gateway"]["environment"]["gateway_port"]
+    worker_port = services["queue-worker"]["environment"]["worker_port"]
+    assert targets == {
+        "faas-gateway": [f"gateway:{gateway_port}"],
+        "faas-queue-worker": [f"queue-worker:{worker_port}"],
+    }
+    assert services["queue-worker"]["environment"]["worker_host"] == "0.0.0.0"
+
+    provisioning = ROOT / "deploy" / "grafana" / "provisioning"
+    assert mounts["grafana"]["./grafana/provisioning"] == "/etc/grafana/provisioning"
+    [datasource] = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    assert datasource["url"] == "http://prometheus:9090"
+    assert "127.0.0.1:9090:9090" in services["prometheus"]["ports"]
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "faas.yml").read_text())["providers"]
+    dashboard_target = mounts["grafana"]["./grafana/dashboard.json"]
+    assert Path(dashboard_target).parent == Path(provider["options"]["path"])
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == dashboard_target
 
 
 def test_compose_functions_file_points_at_compose_services():
