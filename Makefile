@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint format install clean bench bench-quick
+.PHONY: run test lint format install clean bench bench-quick compose-secrets
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -38,3 +38,11 @@ format: $(INSTALLED)
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
+
+# Basic auth credentials for deploy/docker-compose.yml's gateway; kept if they exist.
+compose-secrets:
+	@mkdir -p deploy/secrets
+	@test -s deploy/secrets/basic-auth-user || echo admin > deploy/secrets/basic-auth-user
+	@test -s deploy/secrets/basic-auth-password || $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(24))' > deploy/secrets/basic-auth-password
+	@chmod 600 deploy/secrets/basic-auth-password
+	@echo "gateway credentials: user $$(cat deploy/secrets/basic-auth-user), password in deploy/secrets/basic-auth-password"

@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from faas_common.registry import load_functions_file
 from faas_common.settings import CommonSettings, settings_table
+from gateway.auth import PASSWORD_FILE, USER_FILE
 from gateway.settings import GatewaySettings
 from queue_worker.settings import WorkerSettings
 from tests.harness import ROOT, wait_until
@@ -56,6 +57,14 @@ def test_compose_services_use_only_real_settings_and_commands():
         command = services[function]["command"]
         assert command[:3] == ["python", "deploy/sample_functions.py", function]
     assert "--jetstream" in services["nats"]["command"]
+    # Basic auth from Docker secrets, named as the gateway reads them (make compose-secrets).
+    assert services["gateway"]["environment"]["basic_auth"] == "true"
+    mount = Path(services["gateway"]["environment"]["secret_mount_path"])
+    assert mount == Path("/run/secrets")  # where compose mounts secrets
+    assert services["gateway"]["secrets"] == [USER_FILE, PASSWORD_FILE]
+    for name in (USER_FILE, PASSWORD_FILE):
+        assert COMPOSE["secrets"][name]["file"] == f"./secrets/{name}"
+    assert "deploy/secrets/basic-auth-password" in (ROOT / "Makefile").read_text()
 
 
 def scrape_targets(config_path: Path) -> dict[str, list[str]]:
