@@ -1,5 +1,6 @@
 """Routing details the schemathesis run (tests/test_openapi.py) found wrong, one test each."""
 
+import pytest
 from nats.aio.client import Client as NatsClient
 from yarl import URL
 
@@ -50,3 +51,19 @@ async def test_an_unknown_path_with_an_encoded_newline_gets_the_json_404(start_g
         assert response.status == 404
         assert response.content_type == "application/json"
         assert (await response.json())["error"] == "no route /no\nroute"
+
+
+@pytest.mark.parametrize(
+    ("path", "allow"),
+    [("/async-function/echo", "DELETE, POST"), ("/async-function/echo/sub", "POST")],
+)
+async def test_405_on_async_function_lists_delete_where_it_cancels(
+    path, allow, recorder, start_gateway, http
+):
+    # DELETE /async-function/{callId} cancels a call, so Allow on that path names DELETE too.
+    function = await recorder()
+    gateway = await start_gateway(registry_of(echo=function.url))
+
+    async with http.get(gateway.url(path)) as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == allow
