@@ -90,7 +90,8 @@ def create_app(
     route("*", "/system/activations", guard_system(system(_list_activations)))
     route("*", "/system/activations/{call_id}", guard_system(system(_activation)))
     route("*", "/system/activations/{call_id}/result", guard_system(system(_activation_result)))
-    route("POST", "/system/activations/{call_id}/retry", guard_system(json_errors(_retry)))
+    # "*": other methods get by_method's 405, not the catch-all's 404 (no such path).
+    route("*", "/system/activations/{call_id}/retry", guard_system(by_method({"POST": _retry})))
     route("*", "/system/dead-letters", guard_system(system(_dead_letters)))
     app.router.add_route("*", "/healthz", read_only(_healthz))
     app.router.add_route("*", "/metrics", read_only(_metrics))

@@ -1,5 +1,6 @@
 """Routing details the schemathesis run (tests/test_openapi.py) found wrong, one test each."""
 
+import aiohttp
 import pytest
 from nats.aio.client import Client as NatsClient
 from yarl import URL
@@ -67,3 +68,19 @@ async def test_405_on_async_function_lists_delete_where_it_cancels(
     async with http.get(gateway.url(path)) as response:
         assert response.status == 405
         assert response.headers["Allow"] == allow
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+async def test_retry_route_answers_other_methods_405_not_no_route(
+    method, start_gateway, http: aiohttp.ClientSession
+):
+    # The route was POST-only, so any other method fell through to the catch-all's 404.
+    gateway = await start_gateway(registry_of())
+
+    async with http.request(method, gateway.url("/system/activations/some-id/retry")) as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "POST"
+        assert await response.json() == {
+            "error": "/system/activations/some-id/retry accepts POST only",
+            "callId": None,
+        }
