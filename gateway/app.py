@@ -18,6 +18,7 @@ from gateway.calls import CallContext
 from gateway.demotion import Demotions
 from gateway.functions_api import FunctionsApi
 from gateway.metrics import GatewayMetrics
+from gateway.openapi import document_route
 from gateway.proxy import SyncProxy
 from gateway.publisher import Publisher
 from gateway.reliability_api import ReliabilityApi
@@ -95,6 +96,7 @@ def create_app(
     route("*", "/system/dead-letters", guard_system(system(_dead_letters)))
     app.router.add_route("*", "/healthz", read_only(_healthz))
     app.router.add_route("*", "/metrics", read_only(_metrics))
+    app.router.add_route("*", "/openapi.json", read_only(document_route()))
     app.router.add_route("*", "/{tail:(?s:.*)}", no_such_route)
     return app
 
