@@ -73,7 +73,7 @@ async def log_requests(request: web.Request, handler: Handler) -> web.StreamResp
 def build_app(name: str) -> web.Application:
     # Large uploads are streamed by echo; the others accept up to 64 MiB.
     app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[log_requests])
-    app.router.add_route("*", "/{tail:.*}", FUNCTIONS[name])
+    app.router.add_route("*", "/{tail:(?s:.*)}", FUNCTIONS[name])  # any path, %0A too
     return app
 
 

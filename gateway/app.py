@@ -18,6 +18,7 @@ from gateway.calls import CallContext
 from gateway.demotion import Demotions
 from gateway.functions_api import FunctionsApi
 from gateway.metrics import GatewayMetrics
+from gateway.openapi import document_route
 from gateway.proxy import SyncProxy
 from gateway.publisher import Publisher
 from gateway.reliability_api import ReliabilityApi
@@ -73,11 +74,12 @@ def create_app(
 
     sync_call = guard_calls(invocation(_sync_call))
     async_call = guard_calls(invocation(_async_call))
-    for pattern in ("/function/{name}", "/function/{name}/", "/function/{name}/{path:.*}"):
+    sub = "{path:(?s:.*)}"  # (?s): a sub-path's %0A is decoded to a newline before matching
+    for pattern in ("/function/{name}", "/function/{name}/", f"/function/{{name}}/{sub}"):
         route("*", pattern, sync_call)
     # Before the invocation route of the same path, which answers other methods with 405.
     route("DELETE", "/async-function/{call_id}", guard_calls(json_errors(_cancel)))
-    for pattern in ("/async-function/{name}", "/async-function/{name}/{path:.*}"):
+    for pattern in ("/async-function/{name}", f"/async-function/{{name}}/{sub}"):
         route("*", pattern, async_call)
     functions = by_method(
         {"GET": _list_functions, "POST": _deploy, "PUT": _update, "DELETE": _delete}
@@ -89,11 +91,13 @@ def create_app(
     route("*", "/system/activations", guard_system(system(_list_activations)))
     route("*", "/system/activations/{call_id}", guard_system(system(_activation)))
     route("*", "/system/activations/{call_id}/result", guard_system(system(_activation_result)))
-    route("POST", "/system/activations/{call_id}/retry", guard_system(json_errors(_retry)))
+    # "*": other methods get by_method's 405, not the catch-all's 404 (no such path).
+    route("*", "/system/activations/{call_id}/retry", guard_system(by_method({"POST": _retry})))
     route("*", "/system/dead-letters", guard_system(system(_dead_letters)))
     app.router.add_route("*", "/healthz", read_only(_healthz))
     app.router.add_route("*", "/metrics", read_only(_metrics))
-    app.router.add_route("*", "/{tail:.*}", no_such_route)
+    app.router.add_route("*", "/openapi.json", read_only(document_route()))
+    app.router.add_route("*", "/{tail:(?s:.*)}", no_such_route)
     return app
 
 

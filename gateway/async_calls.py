@@ -52,7 +52,7 @@ class AsyncInvoker:
         try:
             if request.method != "POST":
                 raise MethodNotAllowedError(
-                    "async invocation accepts POST only", headers={"Allow": "POST"}
+                    "async invocation accepts POST only", headers={"Allow": allowed(request)}
                 )
             function = resolve_function(self._registry, request.match_info["name"])
             label = function.name
@@ -114,6 +114,11 @@ class AsyncInvoker:
             response.headers["Location"] = location_of(call.call_id)
             return response
         return unfinished_response(stored)
+
+
+def allowed(request: web.Request) -> str:
+    """What Allow lists: /async-function/{x} also takes DELETE, which cancels call x."""
+    return "POST" if "path" in request.match_info else "DELETE, POST"
 
 
 async def read_body_within(request: web.Request, limit_bytes: int) -> bytes:

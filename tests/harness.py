@@ -151,7 +151,7 @@ class Recorder:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1024**3)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
+        app.router.add_route("*", "/{tail:(?s:.*)}", self._handle)  # any path, %0A too
         return app
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
