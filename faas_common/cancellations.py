@@ -14,9 +14,9 @@ from collections.abc import Callable
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
+from faas_common.jetstream import ensure_key_value
 from faas_common.settings import CommonSettings
 
 log = logging.getLogger("faas.cancellations")
@@ -26,19 +26,17 @@ INITIAL_SYNC_WAIT_S = 5.0
 
 
 async def cancellation_bucket(js: JetStreamContext, settings: CommonSettings) -> KeyValue:
-    try:
-        return await js.create_key_value(
-            KeyValueConfig(
-                bucket=settings.cancellation_bucket,
-                description="Cancelled async calls (faas-gateway)",
-                history=1,
-                ttl=settings.activation_retention_s,
-                storage=StorageType.FILE,
-                replicas=settings.nats_stream_replicas,
-            )
-        )
-    except BadRequestError:  # exists, perhaps with another TTL: use it as it is
-        return await js.key_value(settings.cancellation_bucket)
+    return await ensure_key_value(
+        js,
+        KeyValueConfig(
+            bucket=settings.cancellation_bucket,
+            description="Cancelled async calls (faas-gateway)",
+            history=1,
+            ttl=settings.activation_retention_s,
+            storage=StorageType.FILE,
+            replicas=settings.nats_stream_replicas,
+        ),
+    )
 
 
 class CancellationWatch:

@@ -15,11 +15,12 @@ from datetime import UTC, datetime
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import Header, KeyValueConfig, StorageType
-from nats.js.errors import APIError, BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
+from faas_common.jetstream import ensure_key_value
 from faas_common.registry import (
     MAX_INFLIGHT_ANNOTATION,
     TIMEOUT_ANNOTATIONS,
@@ -130,18 +131,16 @@ def now_rfc3339() -> str:
 
 
 async def function_bucket(js: JetStreamContext, settings: CommonSettings) -> KeyValue:
-    try:
-        return await js.create_key_value(
-            KeyValueConfig(
-                bucket=settings.functions_bucket,
-                description="Functions deployed through /system/functions (faas-gateway)",
-                history=1,
-                storage=StorageType.FILE,
-                replicas=settings.nats_stream_replicas,
-            )
-        )
-    except BadRequestError:  # exists already
-        return await js.key_value(settings.functions_bucket)
+    return await ensure_key_value(
+        js,
+        KeyValueConfig(
+            bucket=settings.functions_bucket,
+            description="Functions deployed through /system/functions (faas-gateway)",
+            history=1,
+            storage=StorageType.FILE,
+            replicas=settings.nats_stream_replicas,
+        ),
+    )
 
 
 class FunctionStore:

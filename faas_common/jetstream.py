@@ -12,8 +12,9 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
 
 from faas_common.settings import CommonSettings
 
@@ -130,6 +131,15 @@ def desired_stream_config(settings: CommonSettings) -> StreamConfig:
         num_replicas=settings.nats_stream_replicas,
         duplicate_window=settings.duplicate_window_s,
     )
+
+
+async def ensure_key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """The bucket, created with ``config`` if missing; one that exists is used as it is
+    (perhaps with another TTL or description: nothing of ours depends on those)."""
+    try:
+        return await js.create_key_value(config)
+    except BadRequestError:
+        return await js.key_value(config.bucket)
 
 
 async def ensure_stream(js: JetStreamContext, settings: CommonSettings) -> None:

@@ -10,6 +10,7 @@ import functools
 import logging
 import platform
 import subprocess
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,26 +117,10 @@ class FunctionsApi:
     # changes
 
     async def deploy(self, request: web.Request) -> web.Response:
-        deployment = await self._read_deployment(request)
-        self._refuse_file_function(deployment.service)
-        try:
-            revision, stored = await self._store().create(deployment)
-        except FunctionExistsError as exc:
-            raise ConflictError(f"{exc}; update it with PUT /system/functions") from exc
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise _unavailable(exc) from exc
-        return self._changed(deployment.service, revision, stored)
+        return await self._write(request, FunctionStore.create)
 
     async def update(self, request: web.Request) -> web.Response:
-        deployment = await self._read_deployment(request)
-        self._refuse_file_function(deployment.service)
-        try:
-            revision, stored = await self._store().update(deployment)
-        except FunctionStoreError as exc:
-            raise _store_error(exc) from exc
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise _unavailable(exc) from exc
-        return self._changed(deployment.service, revision, stored)
+        return await self._write(request, FunctionStore.update)
 
     async def delete(self, request: web.Request) -> web.Response:
         document = await _read_json(request)
@@ -159,6 +144,23 @@ class FunctionsApi:
         return web.Response(status=202)
 
     # helpers
+
+    async def _write(
+        self,
+        request: web.Request,
+        change: Callable[
+            [FunctionStore, FunctionDeployment], Awaitable[tuple[int, StoredFunction]]
+        ],
+    ) -> web.Response:
+        deployment = await self._read_deployment(request)
+        self._refuse_file_function(deployment.service)
+        try:
+            revision, stored = await change(self._store(), deployment)
+        except FunctionStoreError as exc:
+            raise _store_error(exc) from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise _unavailable(exc) from exc
+        return self._changed(deployment.service, revision, stored)
 
     def _store(self) -> FunctionStore:
         return FunctionStore(self._publisher.jetstream(), self._settings)
@@ -257,7 +259,9 @@ def describe(error: ValidationError) -> str:
 def _store_error(exc: FunctionStoreError) -> Exception:
     if isinstance(exc, FunctionNotDeployedError):
         return FunctionNotFoundError(str(exc))
-    if isinstance(exc, ConcurrentChangeError | FunctionExistsError):
+    if isinstance(exc, FunctionExistsError):
+        return ConflictError(f"{exc}; update it with PUT /system/functions")
+    if isinstance(exc, ConcurrentChangeError):
         return ConflictError(str(exc))
     return InvalidRequestError(str(exc))
 
