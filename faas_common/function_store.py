@@ -84,6 +84,10 @@ class FunctionDeployment(BaseModel):
     limits: Resources | None = None
     requests: Resources | None = None
     read_only_root_filesystem: bool = False
+    # Sent by older OpenFaaS clients and in examples of its docs; taken so that those requests
+    # work, and dropped: registryAuth is a credential, nothing here uses either.
+    network: str = Field(default="", exclude=True)
+    registry_auth: str = Field(default="", exclude=True)
 
     @field_validator("service")
     @classmethod

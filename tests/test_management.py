@@ -67,9 +67,12 @@ async def test_deploy_list_get_invoke_update_and_delete_with_openfaas_fields(
             labels={"team": "a"},
             annotations={"topic": "orders"},
             limits={"memory": "128Mi"},
+            network="func_functions",  # older OpenFaaS clients send these two
+            registryAuth="c2VjcmV0",
         ),
     )
     assert status == 202, body
+    assert "registryAuth" not in body and "network" not in body
     assert headers["Location"] == "/system/function/api-echo"
     assert body["name"] == "api-echo"
     assert body["url"] == function.url
