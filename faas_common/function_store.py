@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from datetime import UTC, datetime
 
 import nats.errors
@@ -36,6 +37,8 @@ log = logging.getLogger("faas.functions")
 API_FUNCTION_NAME_PATTERN = re.compile(r"[a-zA-Z0-9][-a-zA-Z0-9_]{0,62}")
 # JetStream's "wrong last sequence" answers to a conditional write.
 WRONG_LAST_SEQUENCE_CODES = (10071, 10164)
+# How often a watch starts over from a fresh read of the whole bucket, reconnects or not.
+RESYNC_EVERY_S = 300.0
 # How often a watch that has nothing to deliver looks whether it was asked to start over.
 RESTART_CHECK_S = 1.0
 
@@ -276,7 +279,10 @@ class FunctionWatch:
 
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
         snapshot: dict[str, tuple[int, StoredFunction | None]] | None = {}
-        while not self._restart.is_set():
+        # A safety net for a watch that went quiet without a disconnect (nats-py does not
+        # notice a lost ordered consumer): read the whole bucket again now and then.
+        resync_at = time.monotonic() + RESYNC_EVERY_S
+        while not self._restart.is_set() and time.monotonic() < resync_at:
             try:
                 entry = await watcher.updates(timeout=RESTART_CHECK_S)  # type: ignore[no-untyped-call]
             except nats.errors.TimeoutError:

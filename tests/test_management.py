@@ -9,10 +9,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 from nats.js.errors import NoKeysError
 
+from faas_common import function_store
 from faas_common.function_store import ConcurrentChangeError, FunctionDeployment, FunctionStore
 from queue_worker.worker import Worker
 from tests.conftest import RunningGateway, gateway_settings, get_json, ready_gateway
@@ -386,3 +388,31 @@ async def test_a_change_based_on_a_stale_read_is_refused_not_lost(
         raise AssertionError("a write based on a stale revision went through")
     entry = await bucket.get("raced")
     assert b'"image":"newer"' in (entry.value or b"")
+
+
+async def test_a_watch_whose_consumer_vanished_catches_up_at_its_next_resync(
+    start_gateway: StartGateway,
+    recorder: StartRecorder,
+    http: aiohttp.ClientSession,
+    nats_client: NatsClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(function_store, "RESYNC_EVERY_S", 0.5)
+    function = await recorder()
+    one = await ready_gateway(start_gateway, http, registry_of())
+    other = await ready_gateway(start_gateway, http, registry_of())
+    js = nats_client.jetstream()
+    # Lost without a disconnect, as when a cluster moves the consumer away: nothing more
+    # arrives through these watches, and nats-py does not notice.
+    for consumer in await js.consumers_info("KV_faas-functions"):
+        await js.delete_consumer("KV_faas-functions", consumer.name)
+    status, _, _ = await send(
+        http, "POST", one.url("/system/functions"), deployment("late", function.url)
+    )
+    assert status == 202
+
+    async def other_serves_it() -> bool:
+        async with http.post(other.url("/function/late"), data=b"x") as response:
+            return response.status == 200
+
+    await wait_until(other_serves_it, DEADLINE_S, "the other gateway's resync")
