@@ -118,7 +118,9 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _queue_publisher(app: web.Application) -> AsyncIterator[None]:
-    publisher = Publisher(app[SETTINGS], app[FUNCTION_WATCH])
+    publisher = Publisher(
+        app[SETTINGS], app[FUNCTION_WATCH], on_reconnected=app[METRICS].nats_reconnects.inc
+    )
     app[PUBLISHER] = publisher
     app[FUNCTIONS_API] = FunctionsApi(
         app[SETTINGS], app[REGISTRY], publisher, app[FUNCTION_WATCH], app[METRICS]

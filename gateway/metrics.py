@@ -50,6 +50,12 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        self.nats_reconnects = Counter(
+            "gateway_nats_reconnects_total",
+            "Times the gateway lost its NATS connection and made it again.",
+            registry=self.registry,
+        )
+
     def started(self, function: str) -> None:
         child = self._started.get(function)
         if child is None:

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -28,9 +29,15 @@ FUNCTIONS_SYNC_WAIT_S = 2.0
 class Publisher:
     """Connects in the background so that sync calls never wait for NATS."""
 
-    def __init__(self, settings: GatewaySettings, watch: FunctionWatch | None = None) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        watch: FunctionWatch | None = None,
+        on_reconnected: Callable[[], None] | None = None,
+    ) -> None:
         self._settings = settings
         self._watch = watch
+        self._reconnected_hook = on_reconnected
         self._client: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._activations: ActivationStore | None = None
@@ -113,6 +120,8 @@ class Publisher:
         self._stream_problem = "disconnected from NATS"
 
     async def _on_reconnected(self) -> None:
+        if self._reconnected_hook is not None:
+            self._reconnected_hook()
         # A server restarted on an empty store has no stream; create it again at once.
         self._ensure_in_background()
         if self._watch is not None:

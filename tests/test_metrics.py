@@ -255,6 +255,7 @@ async def test_nats_restart_counts_a_reconnect_and_pending_is_absent_while_down(
     metrics = await scrape(http, worker_metrics)
     assert sample(metrics, PENDING, function_name="echo", queue_name="default") == 1
     assert sample(metrics, reconnects) == 0
+    assert sample(await scrape(http, gateway.url("/metrics")), "gateway_nats_reconnects_total") == 0
     gate.set()
     await wait_completed(worker, 1)
 
@@ -281,6 +282,12 @@ async def test_nats_restart_counts_a_reconnect_and_pending_is_absent_while_down(
         return metrics if sample(metrics, reconnects) == 1 else None
 
     await wait_until(reconnected, DEADLINE_S, "the reconnect to be counted")
+
+    async def gateway_reconnected() -> bool:
+        metrics = await scrape(http, gateway.url("/metrics"))
+        return sample(metrics, "gateway_nats_reconnects_total") == 1
+
+    await wait_until(gateway_reconnected, DEADLINE_S, "the gateway's reconnect to be counted")
 
     async def pending_again() -> bool:
         metrics = await scrape(http, worker_metrics)
