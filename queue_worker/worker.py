@@ -354,16 +354,12 @@ class Worker:
                     await self._record_cancelled(call, attempt)
                 elif attempt > 1 and await self._finished_before(call, slot):
                     pass  # a redelivery of a call whose outcome is recorded: never run twice
-                elif function is None and not self._functions.synced.is_set():
-                    # Not known yet, perhaps only because the registry watch has not caught
-                    # up: wait rather than fail the call for good.
-                    self._recorded_attempts.pop(call.call_id, None)
-                    slot.release()
-                    await self._settle(msg, Settle.NAK_LATER, delay_s=self.settings.defer_wait_s)
-                    return
-                elif not self._reserve(function):
-                    # The function is at its own limit: back to the queue, holding no slot
-                    # that a call of another function could use.
+                elif (
+                    function is None and not self._functions.synced.is_set()
+                ) or not self._reserve(function):
+                    # Back to the queue, holding no slot that a call of another function could
+                    # use: the function is at its own limit, or not known yet perhaps only
+                    # because the registry watch has not caught up (not a reason to fail it).
                     self._recorded_attempts.pop(call.call_id, None)
                     slot.release()
                     await self._settle(msg, Settle.NAK_LATER, delay_s=self.settings.defer_wait_s)
