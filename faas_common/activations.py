@@ -34,7 +34,13 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
-from faas_common.jetstream import AckedPublisher, PublishRejectedError
+from faas_common.jetstream import (
+    WRONG_LAST_SEQUENCE_CODES,
+    AckedPublisher,
+    PublishRejectedError,
+    direct_get_batch,
+    message_sequence,
+)
 from faas_common.logs import call_context
 from faas_common.message import QueuedCall
 from faas_common.outcome import Outcome
@@ -55,11 +61,27 @@ FINAL_STATUSES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 INLINE_RESULT_BYTES = 512 * 1024
 
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
-WRONG_LAST_SEQUENCE = 10071  # JetStream's error code when that expectation fails
+KV_OPERATION = "KV-Operation"
 
 
 class ActivationStoreError(RuntimeError):
     """A record could not be read or written: NATS is away or did not answer in time."""
+
+
+class RecordConflictError(Exception):
+    """A conditional write lost: the record is not what this process last read or wrote."""
+
+
+class ActivationExistsError(RecordConflictError):
+    """The call id has a record already; ``stored`` is that record, if it could be read."""
+
+    def __init__(self, call_id: str, stored: "StoredActivation | None") -> None:
+        super().__init__(f"call id {call_id!r} has a record already")
+        self.stored = stored
+
+
+class ActivationChangedError(RecordConflictError):
+    """Another writer (a cancellation, another worker) changed the record since it was read."""
 
 
 def rfc3339_ms(unix_ns: int | None) -> str | None:
@@ -85,6 +107,15 @@ def parse_rfc3339_ns(text: str) -> int:
         raise ValueError(f"{text!r} has no time zone")
     # Integer arithmetic: a float timestamp loses the last digits of nanoseconds.
     return (moment - _EPOCH) // timedelta(microseconds=1) * 1000
+
+
+def _ns_or_none(text: object) -> int | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return parse_rfc3339_ns(text)
+    except ValueError:
+        return None
 
 
 def _header(headers: list[tuple[str, str]], name: str) -> str | None:
@@ -114,6 +145,12 @@ class Activation:
     callback: dict[str, Any] | None = None
     next_attempt_at_ns: int | None = None
     retry_of: str | None = None
+    # What the call was asked to do (QueuedCall.request_digest): a re-post of the same call id
+    # is the same call only if it asks the same.
+    request_digest: str | None = None
+    # Not part of the record: the revision of the entry this process last read or wrote, on
+    # which its next write is conditional. 0: no entry yet.
+    revision: int = 0
 
     @classmethod
     def queued(cls, call: QueuedCall) -> "Activation":
@@ -133,6 +170,56 @@ class Activation:
             if call.callback_url is None
             else {"url": call.callback_url, "state": "pending", "attempts": 0, "lastStatus": None},
             retry_of=call.retry_of,
+            request_digest=call.request_digest(),
+        )
+
+    @classmethod
+    def from_stored(cls, stored: "StoredActivation") -> "Activation":
+        """The record read back, to change it with the transitions below and write it again."""
+        record = stored.record
+        duration_ms = record.get("durationMs")
+        return cls(
+            call_id=str(record["callId"]),
+            function=str(record["function"]),
+            status=str(record["status"]),
+            queued_at_ns=_ns_or_none(record.get("queuedAt")) or 0,
+            request=dict(record.get("request") or {}),
+            status_code=record.get("statusCode"),
+            attempts=int(record.get("attempts") or 0),
+            started_at_ns=_ns_or_none(record.get("startedAt")),
+            finished_at_ns=_ns_or_none(record.get("finishedAt")),
+            duration_s=None if duration_ms is None else float(duration_ms) / 1000,
+            response=record.get("response"),
+            error=record.get("error"),
+            callback=record.get("callback"),
+            next_attempt_at_ns=_ns_or_none(record.get("nextAttemptAt")),
+            retry_of=record.get("retryOf"),
+            request_digest=record.get("requestDigest"),
+            revision=stored.revision,
+        )
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+    @property
+    def callback_owed(self) -> bool:
+        """Finished, with a callback that was neither delivered nor given up yet."""
+        return (
+            self.status in (SUCCEEDED, FAILED)
+            and self.callback is not None
+            and self.callback.get("state") == "pending"
+        )
+
+    def outcome(self, body: bytes) -> Outcome:
+        """A finished call's outcome as its record keeps it, with its stored body."""
+        content_type = (self.response or {}).get("contentType")
+        return Outcome(
+            status_code=int(self.status_code or 502),
+            headers=[("Content-Type", str(content_type))] if content_type else [],
+            body=body,
+            duration_s=self.duration_s or 0.0,
+            error=self.error,
         )
 
     def start(self, attempts: int, started_at_ns: int | None = None) -> None:
@@ -204,6 +291,7 @@ class Activation:
             "callback": self.callback,
             "nextAttemptAt": rfc3339_ms(self.next_attempt_at_ns),
             "retryOf": self.retry_of,
+            "requestDigest": self.request_digest,
         }
 
     def encode(self, body: bytes = b"") -> bytes:
@@ -219,18 +307,23 @@ class StoredActivation:
     record_json: bytes
     record: dict[str, Any]
     inline_body: bytes
+    revision: int = 0  # the entry's sequence in the bucket's stream
 
     @classmethod
-    def decode(cls, value: bytes) -> "StoredActivation":
+    def decode(cls, value: bytes, revision: int = 0) -> "StoredActivation":
         line, _, body = value.partition(b"\n")
         record = orjson.loads(line)
         if not isinstance(record, dict):
             raise ValueError("activation record is not a JSON object")
-        return cls(line, record, body)
+        return cls(line, record, body, revision)
 
     @property
     def is_final(self) -> bool:
         return self.record.get("status") in FINAL_STATUSES
+
+
+def queued_at_ns(stored: StoredActivation) -> int:
+    return _ns_or_none(stored.record.get("queuedAt")) or 0
 
 
 def index_subject(settings: CommonSettings, function: str) -> str:
@@ -303,7 +396,14 @@ async def _keep_max_age(js: JetStreamContext, stream: str, max_age_s: float) -> 
 
 
 class ActivationStore:
-    """Reads and writes records; one per process, over that process's NATS connection."""
+    """Reads and writes records; one per process, over that process's NATS connection.
+
+    A record is created once, by whoever accepts the call (``create``: only if the key is
+    new), and every later write is conditional on the revision the writer last read or wrote
+    (``Activation.revision``): a writer that lost track of the record (a cancellation came in
+    between, or another worker ran the same call) is told so (ActivationChangedError) instead
+    of overwriting what it did not see.
+    """
 
     def __init__(
         self,
@@ -317,43 +417,56 @@ class ActivationStore:
         self._acks = acks
         self._settings = settings
         self._subject_prefix = f"$KV.{settings.activation_bucket}."
-        self._direct_get = f"$JS.API.DIRECT.GET.KV_{settings.activation_bucket}"
+        self._stream = f"KV_{settings.activation_bucket}"
+        self._direct_get = f"$JS.API.DIRECT.GET.{self._stream}"
         self._timeout_s = 5.0
 
     def subject(self, call_id: str) -> str:
         return self._subject_prefix + call_id
 
-    async def create(self, activation: Activation) -> None:
-        """Index an accepted call and record it, unless a worker has written its record already.
+    async def create(self, activation: Activation, body: bytes = b"") -> None:
+        """Index an accepted call and record it, only if its call id has no record yet.
 
-        The record is written only if the key is new: on a NATS cluster the worker's
-        ``running`` may overtake this write, and must not be turned back into ``queued``.
-        The index entry is not acked, to spare every async call a round trip; it goes out
-        first on the same connection, so the record's ack follows the server taking it. Lost
-        with a connection cut between the two, it costs only that call's listing entry.
+        ActivationExistsError (with the record there, to compare) if it has one. The index
+        entry is not acked, to spare every async call a round trip; it goes out first on the
+        same connection, so the record's ack follows the server taking it. Lost with a
+        connection cut between the two, it costs only that call's listing entry.
         """
         try:
             await self._nc.publish(
                 index_subject(self._settings, activation.function), activation.call_id.encode()
             )
-            await self._acks.publish(
-                self.subject(activation.call_id),
-                activation.encode(),
-                self._timeout_s,
-                headers={EXPECTED_LAST_SUBJECT_SEQUENCE: "0"},
-            )
-        except PublishRejectedError as exc:
-            if exc.err_code != WRONG_LAST_SEQUENCE:
-                raise ActivationStoreError(f"recording the call failed: {exc!r}") from exc
-            # The worker was first, which is fine.
-        except (TimeoutError, nats.errors.Error) as exc:
+        except nats.errors.Error as exc:
             raise ActivationStoreError(f"recording the call failed: {exc!r}") from exc
+        expected = 0
+        for _ in range(3):
+            try:
+                await self._write(activation, activation.encode(body), expected)
+                return
+            except ActivationChangedError:
+                pass
+            # Taken, or a tombstone of a record deleted after a failed enqueue, which a new
+            # call may take over (conditional on the tombstone's revision).
+            stored, revision = await self._entry(activation.call_id)
+            if stored is not None:
+                raise ActivationExistsError(activation.call_id, stored) from None
+            expected = revision or 0
+        raise ActivationExistsError(activation.call_id, None)
+
+    async def put(self, activation: Activation, body: bytes = b"") -> None:
+        """Write and wait for the ack, conditional on ``activation.revision``; a finished
+        call's body goes with it. ActivationChangedError if the record changed meanwhile."""
+        await self._write(activation, activation.encode(body), activation.revision)
 
     async def put_nowait(self, activation: Activation, body: bytes = b"") -> None:
-        """Write without waiting for JetStream's ack, for writes whose loss costs little: a
-        state a later write supersedes, or a detail added to a final record."""
+        """Write without waiting for the ack, for the last write of a call only (a detail added
+        to a final record): conditional like ``put``, but its new revision stays unknown."""
         try:
-            await self._nc.publish(self.subject(activation.call_id), activation.encode(body))
+            await self._nc.publish(
+                self.subject(activation.call_id),
+                activation.encode(body),
+                headers={EXPECTED_LAST_SUBJECT_SEQUENCE: str(activation.revision)},
+            )
         except nats.errors.Error as exc:
             log.debug(
                 "record %s not written: %s",
@@ -362,21 +475,43 @@ class ActivationStore:
                 extra=call_context(activation.call_id, activation.function),
             )
 
-    async def put(self, activation: Activation, body: bytes | None = None) -> None:
-        """Write and wait for the ack; a finished call's body goes with it."""
-        payload = activation.encode(body or b"")
+    async def delete(self, activation: Activation) -> None:
+        """Remove a record this process created for a call that was then not queued (the
+        publish was refused), so that the client can post the same call id again."""
         try:
-            await self._acks.publish(self.subject(activation.call_id), payload, self._timeout_s)
+            await self._acks.publish(
+                self.subject(activation.call_id),
+                b"",
+                self._timeout_s,
+                headers={
+                    KV_OPERATION: "DEL",
+                    EXPECTED_LAST_SUBJECT_SEQUENCE: str(activation.revision),
+                },
+            )
+        except PublishRejectedError as exc:
+            if exc.err_code not in WRONG_LAST_SEQUENCE_CODES:
+                raise ActivationStoreError(f"deleting the record failed: {exc!r}") from exc
+            raise ActivationChangedError(str(exc)) from exc
         except (TimeoutError, nats.errors.Error) as exc:
-            raise ActivationStoreError(f"writing the record failed: {exc!r}") from exc
+            raise ActivationStoreError(f"deleting the record failed: {exc!r}") from exc
 
-    async def put_record(self, call_id: str, record: dict[str, Any], body: bytes = b"") -> None:
-        """Write a record read back and changed (a cancellation, a callback's state)."""
-        payload = orjson.dumps(record) + b"\n" + body
+    async def _write(self, activation: Activation, payload: bytes, expected: int) -> None:
         try:
-            await self._acks.publish(self.subject(call_id), payload, self._timeout_s)
+            ack = await self._acks.publish(
+                self.subject(activation.call_id),
+                payload,
+                self._timeout_s,
+                headers={EXPECTED_LAST_SUBJECT_SEQUENCE: str(expected)},
+            )
+        except PublishRejectedError as exc:
+            if exc.err_code not in WRONG_LAST_SEQUENCE_CODES:
+                raise ActivationStoreError(f"writing the record failed: {exc!r}") from exc
+            raise ActivationChangedError(
+                f"the record of {activation.call_id!r} changed since revision {expected}"
+            ) from exc
         except (TimeoutError, nats.errors.Error) as exc:
             raise ActivationStoreError(f"writing the record failed: {exc!r}") from exc
+        activation.revision = ack_sequence(ack)
 
     async def store_result(self, call_id: str, body: bytes) -> tuple[bytes, dict[str, Any]]:
         """Where a response body goes: (bytes kept inline, what the record says about it)."""
@@ -393,13 +528,39 @@ class ActivationStore:
         return b"", {**stored, "storedIn": "objectStore"}
 
     async def get(self, call_id: str) -> StoredActivation | None:
+        stored, _ = await self._entry(call_id)
+        return stored
+
+    async def _entry(self, call_id: str) -> tuple[StoredActivation | None, int | None]:
+        """The record, and the revision of the key's last entry (a tombstone's too)."""
         try:
             msg = await self._nc.request(
                 f"{self._direct_get}.{self.subject(call_id)}", b"", timeout=self._timeout_s
             )
         except (TimeoutError, nats.errors.Error) as exc:
             raise ActivationStoreError(f"reading the record failed: {exc!r}") from exc
-        return decode_entry(msg)
+        revision = message_sequence(msg) or None
+        return decode_entry(msg), revision
+
+    async def get_many(self, call_ids: list[str]) -> dict[str, StoredActivation]:
+        """Records by call id, in one batched request (those without one are left out)."""
+        if not call_ids:
+            return {}
+        try:
+            messages = await direct_get_batch(
+                self._nc,
+                self._stream,
+                {"multi_last": [self.subject(call_id) for call_id in call_ids]},
+                self._timeout_s,
+            )
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise ActivationStoreError(f"reading records failed: {exc!r}") from exc
+        records = {}
+        for msg in messages:
+            stored = decode_entry(msg)
+            if stored is not None:
+                records[str(stored.record.get("callId"))] = stored
+        return records
 
     async def result_body(self, stored: StoredActivation) -> bytes:
         response = stored.record.get("response") or {}
@@ -413,6 +574,14 @@ class ActivationStore:
         return result.data or b""
 
 
+def ack_sequence(ack: bytes) -> int:
+    """The stream sequence a JetStream publish ack gives: the entry's new revision."""
+    try:
+        return int(orjson.loads(ack)["seq"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return 0
+
+
 def decode_entry(msg: Msg) -> StoredActivation | None:
     """A direct-get answer: None for no entry (or a deleted one), else the record."""
     headers = msg.headers or {}
@@ -420,11 +589,13 @@ def decode_entry(msg: Msg) -> StoredActivation | None:
         status = headers.get("Status")
         if status in (None, "404"):
             return None
+        if headers.get(KV_OPERATION) in ("DEL", "PURGE"):
+            return None
         raise ActivationStoreError(f"reading the record failed: status {status}")
-    if headers.get("KV-Operation") in ("DEL", "PURGE"):
+    if headers.get(KV_OPERATION) in ("DEL", "PURGE"):
         return None
     try:
-        return StoredActivation.decode(msg.data)
+        return StoredActivation.decode(msg.data, message_sequence(msg))
     except ValueError as exc:
         log.warning("unreadable activation record on %s: %s", msg.subject, exc)
         return None

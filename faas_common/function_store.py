@@ -21,7 +21,7 @@ from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
-from faas_common.jetstream import ensure_key_value
+from faas_common.jetstream import WRONG_LAST_SEQUENCE_CODES, ensure_key_value
 from faas_common.registry import (
     MAX_INFLIGHT_ANNOTATION,
     TIMEOUT_ANNOTATIONS,
@@ -35,8 +35,6 @@ log = logging.getLogger("faas.functions")
 # Stricter than names in the functions file: no dots, because "name.namespace" selects a
 # namespace in OpenFaaS URLs, and a key-value key may not have empty dot-separated tokens.
 API_FUNCTION_NAME_PATTERN = re.compile(r"[a-zA-Z0-9][-a-zA-Z0-9_]{0,62}")
-# JetStream's "wrong last sequence" answers to a conditional write.
-WRONG_LAST_SEQUENCE_CODES = (10071, 10164)
 # How often a watch starts over from a fresh read of the whole bucket, reconnects or not.
 RESYNC_EVERY_S = 300.0
 # How often a watch that has nothing to deliver looks whether it was asked to start over.

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
@@ -215,6 +216,11 @@ async def direct_get_batch(
             await subscription.unsubscribe()
 
 
+# JetStream's answers to a write whose Nats-Expected-Last-Subject-Sequence does not hold: the
+# stream's "wrong last sequence" (10071) and the key-value form of it (10164).
+WRONG_LAST_SEQUENCE_CODES = frozenset({10071, 10164})
+
+
 class PublishRejectedError(nats.errors.Error):
     """JetStream answered a publish with an error (code and JetStream err_code)."""
 
@@ -335,3 +341,30 @@ async def read_backwards(
 
 def message_sequence(msg: Msg) -> int:
     return int((msg.headers or {}).get("Nats-Sequence", 0))
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A message as a pull consumer handed it over, with what its reply subject says.
+
+    The reply subject is ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer
+    seq>.<published ns>.<pending>``, or with ``<domain>.<account hash>`` after ACK and a token
+    at the end. Read once here: nats-py's ``msg.metadata`` parses all of it into objects.
+    """
+
+    msg: Msg
+    count: int  # how many times JetStream has delivered it, this time included
+    sequence: int  # its sequence in the stream: the same for every redelivery
+    published_ns: int | None  # when JetStream stored it (the server's clock)
+
+    @classmethod
+    def from_msg(cls, msg: Msg) -> "Delivery":
+        tokens = msg.reply.split(".") if msg.reply else []
+        try:
+            if len(tokens) == 9:
+                return cls(msg, int(tokens[4]), int(tokens[5]), int(tokens[7]))
+            if len(tokens) >= 11:
+                return cls(msg, int(tokens[6]), int(tokens[7]), int(tokens[9]))
+        except ValueError:
+            pass
+        return cls(msg, 1, 0, None)

@@ -6,6 +6,7 @@ a copy of the body through a JSON encoder. JSON text never contains a raw newlin
 newline always ends the envelope.
 """
 
+import hashlib
 from dataclasses import dataclass, field
 
 import orjson
@@ -46,6 +47,18 @@ class QueuedCall:
         if self.retry_of is not None:
             envelope["retryOf"] = self.retry_of
         return orjson.dumps(envelope) + b"\n" + self.body
+
+    def request_digest(self) -> str:
+        """What makes two posts with one call id the same call: the function, method, path,
+        query, callback URL and body (SHA-256, hex). Headers are left out: clients vary them
+        (a trace id, a date) between a post and its retry."""
+        described = orjson.dumps(
+            [self.function, self.method, self.path, self.query, self.callback_url]
+        )
+        digest = hashlib.sha256(described)
+        digest.update(b"\n")
+        digest.update(hashlib.sha256(self.body).digest())
+        return digest.hexdigest()
 
     @classmethod
     def decode(cls, payload: bytes) -> "QueuedCall":

@@ -37,6 +37,7 @@ RELIABILITY_API = web.AppKey("reliability_api", ReliabilityApi)
 CALLBACK_URLS = web.AppKey("callback_urls", CallbackUrls)
 FUNCTION_WATCH = web.AppKey("function_watch", FunctionWatch)
 FUNCTIONS_API = web.AppKey("functions_api", FunctionsApi)
+QUERIES = web.AppKey("activation_queries", ActivationQueries)
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -78,7 +79,8 @@ def create_app(
     for pattern in ("/function/{name}", "/function/{name}/", f"/function/{{name}}/{sub}"):
         route("*", pattern, sync_call)
     # Before the invocation route of the same path, which answers other methods with 405.
-    route("DELETE", "/async-function/{call_id}", guard_calls(json_errors(_cancel)))
+    # Cancelling reaches another caller's call: it takes the /system credentials.
+    route("DELETE", "/async-function/{call_id}", guard_system(json_errors(_cancel)))
     for pattern in ("/async-function/{name}", f"/async-function/{{name}}/{sub}"):
         route("*", pattern, async_call)
     functions = by_method(
@@ -105,6 +107,11 @@ def _as_is(handle: Handler) -> Handler:
     return handle
 
 
+def _gateway_checks_invocations(settings: GatewaySettings) -> bool:
+    """Whether a client's Authorization on an invocation is the gateway's own credential."""
+    return settings.basic_auth and settings.basic_auth_invocations
+
+
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     # Keeps no cookies and never decompresses: bodies pass through byte for byte, and
@@ -126,9 +133,16 @@ async def _queue_publisher(app: web.Application) -> AsyncIterator[None]:
         app[SETTINGS], app[REGISTRY], publisher, app[FUNCTION_WATCH], app[METRICS]
     )
     queries = ActivationQueries(app[SETTINGS], publisher)
+    app[QUERIES] = queries
     app[ACTIVATION_API] = ActivationApi(queries)
     app[ASYNC_INVOKER] = AsyncInvoker(
-        app[SETTINGS], app[REGISTRY], publisher, queries, app[CALLBACK_URLS], app[METRICS]
+        app[SETTINGS],
+        app[REGISTRY],
+        publisher,
+        queries,
+        app[CALLBACK_URLS],
+        app[METRICS],
+        strip_authorization=_gateway_checks_invocations(app[SETTINGS]),
     )
     app[RELIABILITY_API] = ReliabilityApi(app[SETTINGS], app[REGISTRY], publisher, queries)
     try:
@@ -142,9 +156,16 @@ async def _queue_publisher(app: web.Application) -> AsyncIterator[None]:
 async def _sync_proxy(app: web.Application) -> AsyncIterator[None]:
     settings, client = app[SETTINGS], app[UPSTREAM_CLIENT]
     demotions = Demotions(
-        settings, app[PUBLISHER], CallbackSender(settings, client), app[CALLBACK_URLS]
+        settings, app[PUBLISHER], app[QUERIES], CallbackSender(settings, client), app[CALLBACK_URLS]
     )
-    app[SYNC_PROXY] = SyncProxy(settings, app[REGISTRY], client, app[METRICS], demotions)
+    app[SYNC_PROXY] = SyncProxy(
+        settings,
+        app[REGISTRY],
+        client,
+        app[METRICS],
+        demotions,
+        strip_authorization=_gateway_checks_invocations(settings),
+    )
     try:
         yield
     finally:

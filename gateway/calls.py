@@ -15,10 +15,13 @@ CALL_ID_PATTERN = re.compile(r"(?=.{1,128}\Z)[A-Za-z0-9][A-Za-z0-9_=-]*(?:\.[A-Z
 
 
 class CallContext:
-    __slots__ = ("call_id", "start_ns", "started_monotonic")
+    __slots__ = ("call_id", "chosen_by_client", "start_ns", "started_monotonic")
 
-    def __init__(self, call_id: str) -> None:
+    def __init__(self, call_id: str, chosen_by_client: bool = False) -> None:
         self.call_id = call_id
+        # A client-chosen X-Call-Id is an idempotency key: posted again with the same request
+        # it names the same call, with another request it is a conflict.
+        self.chosen_by_client = chosen_by_client
         self.start_ns = time.time_ns()
         self.started_monotonic = time.monotonic()
 

@@ -11,27 +11,37 @@ is killed outright leaves their records at ``running`` until they expire.
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from faas_common.activations import Activation, ActivationStoreError
+from faas_common.activations import (
+    Activation,
+    ActivationExistsError,
+    ActivationStoreError,
+    RecordConflictError,
+)
 from faas_common.callbacks import CallbackSender
-from faas_common.headers import end_to_end
+from faas_common.headers import CALL_ID, end_to_end
 from faas_common.logs import call_context
 from faas_common.message import QueuedCall
 from faas_common.outcome import Outcome, failure
 from faas_common.registry import FunctionSpec
 from faas_common.upstream import UpstreamError, UpstreamResponse, UpstreamTimeoutError
-from gateway.activation_api import location_of
+from gateway.activation_api import location_of, result_response, unfinished_response
+from gateway.activations import ActivationQueries
 from gateway.callback_urls import CallbackUrls
 from gateway.calls import CallContext
-from gateway.errors import GatewayError
+from gateway.errors import ConflictError, GatewayError, TooManyRequestsError
 from gateway.prefer import PREFER, PREFERENCE_APPLIED, parse_prefer
 from gateway.publisher import Publisher
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")
+
+# What a 429 for a gateway at its max_turned_async tells the client to wait.
+RETRY_AFTER_FULL_S = 5
 
 
 class Demotions:
@@ -39,14 +49,57 @@ class Demotions:
         self,
         settings: GatewaySettings,
         publisher: Publisher,
+        queries: ActivationQueries,
         callbacks: CallbackSender,
         callback_urls: CallbackUrls,
     ) -> None:
         self.callback_urls = callback_urls
         self._settings = settings
         self._publisher = publisher
+        self._queries = queries
         self._callbacks = callbacks
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def raise_if_full(self) -> None:
+        """Calls that turned async run on in this process, each holding its request and a
+        connection: at most max_turned_async of them; a call that could become one more is
+        refused before it is sent."""
+        if len(self._tasks) >= self._settings.max_turned_async:
+            raise TooManyRequestsError(
+                f"this gateway runs {len(self._tasks)} calls that turned async, its "
+                f"max_turned_async; try again",
+                {"Retry-After": str(RETRY_AFTER_FULL_S)},
+            )
+
+    async def posted_before(
+        self, queued: QueuedCall, after: "AsyncAfter"
+    ) -> web.StreamResponse | None:
+        """A sync call that may turn async, with a client-chosen call id that has a record:
+        the same request is the same call (not sent again: its record or result answers),
+        another request is a 409. None: the id is free."""
+        try:
+            stored = await self._publisher.activations().get(queued.call_id)
+        except (ActivationStoreError, GatewayError):
+            return None  # it cannot turn async then either (its record cannot be written)
+        if stored is None:
+            return None
+        if stored.record.get("requestDigest") != queued.request_digest():
+            raise ConflictError(
+                f"{CALL_ID} {queued.call_id!r} is used by another call; a call id may be "
+                "posted again only with the same function, method, path, query, body and "
+                "callback URL"
+            )
+        if not stored.is_final:
+            latest = await self._queries.wait_until_final(
+                queued.call_id, queued.function, after.wait_s
+            )
+            stored = latest or stored
+        if stored.is_final:
+            return await result_response(self._queries, stored)
+        response = unfinished_response(stored)
+        if after.preference_applied is not None:
+            response.headers[PREFERENCE_APPLIED] = after.preference_applied
+        return response
 
     def wait_before_async(self, request: web.Request) -> "AsyncAfter | None":
         """How long this sync call waits before it turns async; None: it never does.
@@ -82,14 +135,18 @@ class Demotions:
         function: FunctionSpec,
         pending: "asyncio.Task[UpstreamResponse]",
         after: "AsyncAfter",
+        hold: "Hold",
     ) -> web.Response | None:
-        """Record the call as running and answer 202; None if it cannot be recorded, in
-        which case the caller keeps waiting as for any sync call."""
+        """Record the call as running and answer 202; None if it cannot be recorded (or its
+        call id was taken meanwhile), in which case the caller keeps waiting as for any sync
+        call. The call keeps its place in the function's max_inflight until it ends."""
+        if len(self._tasks) >= self._settings.max_turned_async:
+            return None
         activation = Activation.queued(queued)
         activation.start(attempts=1, started_at_ns=call.start_ns)
         try:
             await self._publisher.activations().create(activation)
-        except (ActivationStoreError, GatewayError) as exc:
+        except (ActivationStoreError, ActivationExistsError, GatewayError) as exc:
             log.info(
                 "not turning async, the record cannot be written: %s",
                 exc,
@@ -99,6 +156,8 @@ class Demotions:
         task = asyncio.create_task(self._finish(call, queued, function, activation, pending))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        kept = hold.hand_over()
+        task.add_done_callback(lambda _: kept.release())
         response = web.Response(
             status=202, body=activation.encode().rstrip(b"\n"), content_type="application/json"
         )
@@ -126,30 +185,34 @@ class Demotions:
             await self._record(activation, outcome, context)
             raise
         kept = await self._record(activation, outcome, context)
-        if queued.callback_url is None:
+        if kept is None or queued.callback_url is None:
             return
         result = await self._callbacks.deliver(
             queued.callback_url, call.call_id, function.name, outcome
         )
         activation.note_callback(result.delivered, result.attempts, result.last_status)
-        store = self._publisher.activations()
         try:
-            await store.put(activation, kept)
-        except ActivationStoreError as exc:
+            await self._publisher.activations().put(activation, kept)
+        except (ActivationStoreError, RecordConflictError, GatewayError) as exc:
             log.warning("callback state not recorded: %s", exc, extra=context)
 
     async def _record(
         self, activation: Activation, outcome: Outcome, context: dict[str, str]
-    ) -> bytes:
+    ) -> bytes | None:
+        """The outcome into the record; None when it was not written: NATS away, or the call
+        was cancelled meanwhile (the cancellation stands, and no callback is sent)."""
         try:
             store = self._publisher.activations()
             kept, stored = await store.store_result(activation.call_id, outcome.body)
             activation.finish(outcome, stored)
             await store.put(activation, kept)
             return kept
+        except RecordConflictError:
+            log.info("cancelled while it ran: its outcome is not recorded", extra=context)
+            return None
         except (ActivationStoreError, GatewayError) as exc:
             log.error("outcome of a call turned async not recorded: %s", exc, extra=context)
-            return b""
+            return None
 
     async def close(self) -> None:
         if not self._tasks:
@@ -163,6 +226,25 @@ class Demotions:
         for task in still_running:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+class Hold:
+    """A call's place in its function's max_inflight count: released once, by the sync call,
+    or by a call that turned async when it ends (it still runs the function meanwhile)."""
+
+    __slots__ = ("_release",)
+
+    def __init__(self, release: Callable[[], None] | None) -> None:
+        self._release = release
+
+    def release(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+    def hand_over(self) -> "Hold":
+        taken, self._release = Hold(self._release), None
+        return taken
 
 
 @dataclass(frozen=True, slots=True)

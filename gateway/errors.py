@@ -52,6 +52,11 @@ class QueueUnavailableError(GatewayError):
     status = 503
 
 
+class QueueUncertainError(QueueUnavailableError):
+    """No confirmation in time: the call may have reached the queue or not. Posting it again
+    with the same X-Call-Id is safe (it is the same call)."""
+
+
 class UpstreamTimeoutError(GatewayError):
     status = 504
 

@@ -1,6 +1,7 @@
 """Synchronous invocation: stream the request to the function and its response back."""
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterable
 
@@ -20,7 +21,7 @@ from faas_common.upstream import (
 )
 from faas_common.upstream import UpstreamTimeoutError as ClientTimeoutError
 from gateway.calls import CallContext
-from gateway.demotion import AsyncAfter, Demotions
+from gateway.demotion import AsyncAfter, Demotions, Hold
 from gateway.errors import (
     GatewayError,
     TooManyRequestsError,
@@ -49,7 +50,12 @@ class SyncProxy:
         client: UpstreamClient,
         metrics: GatewayMetrics,
         demotions: Demotions | None = None,
+        strip_authorization: bool = False,
     ) -> None:
+        # With basic_auth_invocations the client's Authorization is the gateway's credential.
+        self._not_forwarded = REQUEST_HEADERS_NOT_FORWARDED | (
+            {"authorization"} if strip_authorization else frozenset()
+        )
         self._settings = settings
         self._registry = registry
         self._client = client
@@ -66,40 +72,50 @@ class SyncProxy:
         except GatewayError as exc:
             self._metrics.observe_sync(UNKNOWN_FUNCTION, exc.status, call.elapsed_s())
             raise
-        limit = function.max_inflight
-        if limit is not None:
-            running = self._inflight_by_name.get(function.name, 0)
-            if running >= limit:
-                self._metrics.observe_sync(function.name, 429, call.elapsed_s())
-                raise TooManyRequestsError(
-                    f"function {function.name!r} is running its max_inflight of {limit} calls "
-                    f"on this gateway; try again",
-                    {"Retry-After": str(RETRY_AFTER_BUSY_S)},
-                )
-            self._inflight_by_name[function.name] = running + 1
+        hold = self._hold(function, call)
         self._metrics.started(function.name)
         try:
-            response = await self._forward(request, function, call)
+            response = await self._forward(request, function, call, hold)
         except GatewayError as exc:
             self._metrics.observe_sync(function.name, exc.status, call.elapsed_s())
             log.info("sync call failed: %s", exc.message, extra=call_context(call.call_id, name))
             raise
         finally:
-            if limit is not None:
-                self._inflight_by_name[function.name] -= 1
+            hold.release()  # unless a call that turned async took it over
         return response
 
+    def _hold(self, function: FunctionSpec, call: CallContext) -> Hold:
+        """Count the call against its function's max_inflight on this process, or 429."""
+        limit = function.max_inflight
+        if limit is None:
+            return Hold(None)
+        running = self._inflight_by_name.get(function.name, 0)
+        if running >= limit:
+            self._metrics.observe_sync(function.name, 429, call.elapsed_s())
+            raise TooManyRequestsError(
+                f"function {function.name!r} is running its max_inflight of {limit} calls "
+                f"on this gateway; try again",
+                {"Retry-After": str(RETRY_AFTER_BUSY_S)},
+            )
+        self._inflight_by_name[function.name] = running + 1
+        return Hold(functools.partial(self._release_inflight, function.name))
+
+    def _release_inflight(self, name: str) -> None:
+        self._inflight_by_name[name] -= 1
+
     async def _forward(
-        self, request: web.Request, function: FunctionSpec, call: CallContext
+        self, request: web.Request, function: FunctionSpec, call: CallContext, hold: Hold
     ) -> web.StreamResponse:
-        headers = forwarded_headers(request, REQUEST_HEADERS_NOT_FORWARDED)
+        headers = forwarded_headers(request, self._not_forwarded)
         headers[CALL_ID] = call.call_id
         headers[START_TIME] = str(call.start_ns)
         url = function.url_for(raw_subpath(request), request.rel_url.raw_query_string)
         after = self._demotions.wait_before_async(request) if self._demotions else None
         if after is not None and self._demotions is not None and self._demotions.fits(request):
-            turned = await self._call_may_turn_async(request, function, call, headers, url, after)
-            if isinstance(turned, web.Response):
+            turned = await self._call_may_turn_async(
+                request, function, call, headers, url, after, hold
+            )
+            if isinstance(turned, web.StreamResponse):
                 self._metrics.observe_sync(function.name, turned.status, call.elapsed_s())
                 return turned
             upstream = turned
@@ -143,17 +159,34 @@ class SyncProxy:
         headers: CIMultiDict[str],
         url: URL,
         after: AsyncAfter,
-    ) -> UpstreamResponse | web.Response:
+        hold: Hold,
+    ) -> UpstreamResponse | web.StreamResponse:
         """Call the function; if it has not answered after ``after.wait_s``, a 202 instead.
 
         The request body is read whole first: once the client has its 202 it may hang up,
         and the function must still get the whole request.
         """
-        assert self._demotions is not None
-        callback_url = await self._demotions.callback_urls.validate(
-            request.headers.get(CALLBACK_URL)
-        )
+        demotions = self._demotions
+        assert demotions is not None
+        demotions.raise_if_full()
+        callback_url = await demotions.callback_urls.validate(request.headers.get(CALLBACK_URL))
         body = await request.read() if request.body_exists else b""
+        queued = QueuedCall(
+            call_id=call.call_id,
+            function=function.name,
+            method=request.method,
+            path=raw_subpath(request),
+            query=request.rel_url.raw_query_string,
+            headers=list(headers.items()),
+            body=body,
+            callback_url=callback_url,
+            accepted_at_ns=call.start_ns,
+        )
+        if call.chosen_by_client:
+            # The call id may name a call already (this one, posted again, or another).
+            same_call = await demotions.posted_before(queued, after)
+            if same_call is not None:
+                return same_call
         pending = asyncio.create_task(
             self._client.request(
                 request.method, url, headers.items(), body or None, self._timeouts(function)
@@ -162,18 +195,7 @@ class SyncProxy:
         try:
             done, _ = await asyncio.wait({pending}, timeout=after.wait_s)
             if not done:
-                queued = QueuedCall(
-                    call_id=call.call_id,
-                    function=function.name,
-                    method=request.method,
-                    path=raw_subpath(request),
-                    query=request.rel_url.raw_query_string,
-                    headers=list(headers.items()),
-                    body=body,
-                    callback_url=callback_url,
-                    accepted_at_ns=call.start_ns,
-                )
-                response = await self._demotions.demote(call, queued, function, pending, after)
+                response = await demotions.demote(call, queued, function, pending, after, hold)
                 if response is not None:
                     return response
             return await pending

@@ -14,8 +14,8 @@ from faas_common import jetstream
 from faas_common.activations import ActivationStore, ensure_activation_storage
 from faas_common.dead_letters import ensure_dead_letter_stream
 from faas_common.function_store import FunctionWatch
-from faas_common.headers import NATS_MSG_ID
-from gateway.errors import PayloadTooLargeError, QueueUnavailableError
+from faas_common.headers import CALL_ID, NATS_MSG_ID
+from gateway.errors import PayloadTooLargeError, QueueUnavailableError, QueueUncertainError
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")
@@ -199,8 +199,9 @@ class Publisher:
                 f"the queue refused the request: {exc.description}"
             ) from exc
         except (TimeoutError, nats.errors.Error) as exc:
-            raise QueueUnavailableError(
-                f"the queue did not confirm the request in time: {type(exc).__name__}"
+            raise QueueUncertainError(
+                f"the queue did not confirm the request in time ({type(exc).__name__}); "
+                f"post it again with the same {CALL_ID}"
             ) from exc
         return jetstream.ack_is_duplicate(ack)
 

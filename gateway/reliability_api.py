@@ -14,8 +14,9 @@ from faas_common.activations import (
     CANCELLED,
     FAILED,
     Activation,
+    ActivationExistsError,
     ActivationStoreError,
-    rfc3339_ms,
+    RecordConflictError,
 )
 from faas_common.cancellations import cancellation_bucket
 from faas_common.dead_letters import DeadLetterError, get_dead_letter, summary
@@ -51,34 +52,42 @@ class ReliabilityApi:
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         """DELETE /async-function/{callId}: a queued call never runs, a running one is
-        stopped; 202 and the record. 404 for an unknown id, 409 once it has finished."""
+        stopped; 202 and ``{"callId", "status"}``. 404 for an unknown id, 409 once it has
+        finished; a call cancelled before is cancelled again (202), as DELETE is idempotent."""
         call_id = valid_call_id(request.match_info["call_id"])
-        stored = await self._queries.get(call_id)
-        if stored.is_final:
-            raise ConflictError(
-                f"call {call_id!r} has finished already ({stored.record.get('status')})"
-            )
-        record = dict(stored.record)
-        record.update(
-            status=CANCELLED,
-            finishedAt=rfc3339_ms(time.time_ns()),
-            nextAttemptAt=None,
-            error="cancelled",
-        )
-        if record.get("callback"):
-            record["callback"] = {**record["callback"], "state": "not sent"}
         try:
+            await self._record_cancelled(call_id)
             bucket = await cancellation_bucket(self._publisher.jetstream(), self._settings)
             await bucket.put(call_id, b"")
-            await self._publisher.activations().put_record(call_id, record)
         except (TimeoutError, nats.errors.Error, ActivationStoreError) as exc:
             raise QueueUnavailableError(f"cannot cancel now: {exc}") from exc
         response = web.Response(
-            status=202, body=orjson.dumps(record), content_type="application/json"
+            status=202,
+            body=orjson.dumps({"callId": call_id, "status": CANCELLED}),
+            content_type="application/json",
         )
         response.headers[CALL_ID] = call_id
         response.headers["Location"] = location_of(call_id)
         return response
+
+    async def _record_cancelled(self, call_id: str) -> None:
+        """The record says cancelled, written over the revision read (a worker that writes
+        the call's state meanwhile makes this read it again, and its own write lose)."""
+        store = self._publisher.activations()
+        for _ in range(5):
+            stored = await self._queries.get(call_id)
+            activation = Activation.from_stored(stored)
+            if activation.status == CANCELLED:
+                return
+            if activation.is_final:
+                raise ConflictError(f"call {call_id!r} has finished already ({activation.status})")
+            activation.cancel()
+            try:
+                await store.put(activation, stored.inline_body)
+                return
+            except RecordConflictError:
+                continue
+        raise QueueUnavailableError(f"call {call_id!r} changed too often to cancel; try again")
 
     async def dead_letters(self, request: web.Request) -> web.StreamResponse:
         """GET /system/dead-letters?function=&limit=: newest first."""
@@ -137,7 +146,7 @@ class ReliabilityApi:
         )
         if self._settings.record_activations:
             # Queued already; if this fails the worker writes the whole record when it starts.
-            with contextlib.suppress(ActivationStoreError, GatewayError):
+            with contextlib.suppress(ActivationStoreError, ActivationExistsError, GatewayError):
                 await self._publisher.activations().create(Activation.queued(again))
         response = web.Response(
             status=202,

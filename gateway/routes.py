@@ -20,8 +20,9 @@ def invocation(handle: InvocationHandler) -> Handler:
     """Give the call its id, map GatewayError to JSON, stamp the call headers on the response."""
 
     async def route(request: web.Request) -> web.StreamResponse:
+        requested = request.headers.get(CALL_ID)
         try:
-            call = CallContext(resolve_call_id(request.headers.get(CALL_ID)))
+            call = CallContext(resolve_call_id(requested), chosen_by_client=bool(requested))
         except InvalidCallIdError as exc:
             # Rejected, but still an invocation response: a new call id (the invalid one is
             # never echoed into headers or logs) and the timing headers.

@@ -52,6 +52,12 @@ class GatewaySettings(CommonSettings):
         "Every sync call the function has not answered after this long turns async (202 "
         "and an activation record); 0: off.",
     )
+    max_turned_async: int = setting(
+        1000,
+        "max_turned_async",
+        "Sync calls that turned async and still run, per gateway process, at most; a sync "
+        "call that could turn async beyond it gets 429 before it is sent.",
+    )
     basic_auth: bool = setting(
         False, "basic_auth", "HTTP Basic auth on every /system/* route (as OpenFaaS)."
     )

@@ -9,10 +9,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
-from faas_common.activations import Activation, ActivationStore, ensure_activation_storage
+from faas_common.activations import (
+    Activation,
+    ActivationChangedError,
+    ActivationExistsError,
+    ActivationStore,
+    ensure_activation_storage,
+)
 from faas_common.jetstream import AckedPublisher
 from faas_common.message import QueuedCall
 from faas_common.settings import CommonSettings
@@ -497,10 +504,11 @@ async def test_a_call_turned_async_still_running_when_the_gateway_stops_is_recor
     gate.opened.set()
 
 
-async def test_a_late_queued_record_never_overwrites_the_workers_state(
+async def test_a_record_is_created_once_and_written_only_over_the_revision_read(
     nats_server: NatsServer, nats_client: NatsClient
 ) -> None:
-    """On a NATS cluster the worker's 'running' can overtake the gateway's 'queued'."""
+    """No writer overwrites a record it did not see: create is create-if-absent, and every
+    later write is conditional on the revision the writer last read or wrote."""
     settings = CommonSettings(nats_url=nats_server.url)
     js = nats_client.jetstream()
     await ensure_activation_storage(js, settings)
@@ -508,7 +516,7 @@ async def test_a_late_queued_record_never_overwrites_the_workers_state(
     await acks.start()
     store = ActivationStore(nats_client, js, acks, settings)
     call = QueuedCall(
-        call_id="overtaken-1",
+        call_id="taken-1",
         function="echo",
         method="POST",
         path="",
@@ -518,10 +526,33 @@ async def test_a_late_queued_record_never_overwrites_the_workers_state(
         callback_url=None,
         accepted_at_ns=time.time_ns(),
     )
-    running = Activation.queued(call)
-    running.start(attempts=1)
-    await store.put(running)
-    await store.create(Activation.queued(call))  # no error: the worker was first
-    stored = await store.get("overtaken-1")
-    assert stored is not None and stored.record["status"] == "running"
+    first = Activation.queued(call)
+    await store.create(first)
+    assert first.revision > 0
+
+    with pytest.raises(ActivationExistsError) as taken:
+        await store.create(Activation.queued(call))
+    assert taken.value.stored is not None
+    assert taken.value.stored.record["requestDigest"] == call.request_digest()
+
+    # A second writer that read the record, and the first writer, both change it: the one
+    # whose revision is stale loses, and the record keeps what the other wrote.
+    stored = await store.get("taken-1")
+    assert stored is not None and stored.revision == first.revision
+    cancelling = Activation.from_stored(stored)
+    cancelling.cancel()
+    await store.put(cancelling)
+    first.start(attempts=1)
+    with pytest.raises(ActivationChangedError):
+        await store.put(first)
+    after = await store.get("taken-1")
+    assert after is not None and after.record["status"] == "cancelled"
+
+    # A record deleted (a call that could not be queued) frees its id for a new create.
+    await store.delete(cancelling)
+    assert await store.get("taken-1") is None
+    again = Activation.queued(call)
+    await store.create(again)
+    records = await store.get_many(["taken-1", "never-accepted"])
+    assert list(records) == ["taken-1"] and records["taken-1"].revision == again.revision
     assert await store.get("never-accepted") is None

@@ -277,17 +277,23 @@ async def test_call_without_subpath_or_callback_is_queued_as_such(
     )
 
 
-async def test_same_call_id_within_duplicate_window_is_queued_once(
+async def test_same_call_id_and_request_is_queued_once_another_request_is_a_409(
     nats_client, recorder, start_gateway, http
 ):
     function = await recorder()
     gateway = await ready_gateway(start_gateway, http, registry_of(echo=function.url))
 
     first = await post_accepted(http, gateway, data=b"one", headers={"X-Call-Id": "order-42"})
-    again = await post_accepted(http, gateway, data=b"two", headers={"X-Call-Id": "order-42"})
+    again = await post_accepted(http, gateway, data=b"one", headers={"X-Call-Id": "order-42"})
+    async with http.post(
+        gateway.url("/async-function/echo"), data=b"two", headers={"X-Call-Id": "order-42"}
+    ) as response:
+        assert response.status == 409
+        error = await response.json()
     other = await post_accepted(http, gateway, data=b"three")
 
     assert first == again == "order-42"
+    assert "order-42" in error["error"] and "another call" in error["error"]
     state = await stream_state(nats_client)
     assert (state.messages, state.last_seq) == (2, 2)
     stored = [QueuedCall.decode(msg.data or b"") for msg in await stored_messages(nats_client)]

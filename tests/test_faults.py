@@ -880,3 +880,122 @@ async def stream_empty(nats_url: str) -> bool:
         return await stream_message_count(client, STREAM) == 0
     finally:
         await client.close()
+
+
+# redeliveries of calls that ran (issue: trust boundaries, crashes and pauses)
+
+
+async def test_a_finished_call_delivered_again_with_count_1_is_not_run_again(
+    nats_client, recorder, start_gateway, start_worker, http
+):
+    """The server may lose an ack (a crash) and hand a finished call out again as a first
+    delivery: the worker goes by the call's record, not by the delivery count."""
+    function = await recorder()
+    receiver = await recorder()
+    registry = registry_of(echo=function.url)
+    gateway = await start_gateway(registry)
+    await wait_until(
+        lambda: status_is(http_status(http, gateway.url("/healthz")), 200), WAIT_S, "gateway"
+    )
+    call_id = await accepted(http, gateway, "echo", receiver.url)
+    message = await nats_client.jetstream().get_msg(STREAM, 1)  # as queued, before it runs
+    assert message.data is not None and message.subject is not None
+    worker = await start_worker(registry)
+    await receiver.wait_for_requests(1, WAIT_S)
+    await wait_until(lambda: worker.completed == 1, WAIT_S, "the call to be acked")
+    await wait_stream_empty(nats_client)
+
+    await nats_client.jetstream().publish(message.subject, message.data)  # delivered once more
+    await wait_stream_empty(nats_client)  # the copy is acked
+
+    assert call_ids(function.requests) == [call_id]
+    assert call_ids(receiver.requests) == [call_id]
+
+
+async def test_a_worker_paused_past_its_lease_runs_no_call_twice(
+    nats_server, held, recorder, start_gateway, http, tmp_path
+):
+    """SIGSTOP a worker while its calls run, past ack_wait: JetStream hands them out again
+    when it resumes, to the same worker, which still runs them and must not start them twice."""
+    function, control = await held(hold_s=60.0)
+    receiver = await recorder()
+    gateway = await start_gateway(registry_of(slow=function.url))
+    functions_file = write_functions_file(tmp_path / "functions.yml", slow=function.url)
+    env = worker_process_env(nats_server.url, functions_file, max_inflight="20", ack_wait="1")
+    with (tmp_path / "worker.log").open("wb") as log:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "queue_worker", env=env, cwd=ROOT, stdout=log, stderr=log
+        )
+    try:
+        queued = [await accepted(http, gateway, "slow", receiver.url) for _ in range(20)]
+        await wait_until(lambda: len(function.requests) == 20, WAIT_S, "every call to start")
+        worker.send_signal(signal.SIGSTOP)
+        stopped_at = asyncio.get_running_loop().time()
+        # Three leases' time: every held message's lease runs out while the worker sleeps.
+        await wait_until(
+            lambda: asyncio.get_running_loop().time() > stopped_at + 3.0, WAIT_S, "3 s to pass"
+        )
+        worker.send_signal(signal.SIGCONT)
+        resumed_at = asyncio.get_running_loop().time()
+        # The calls still run when JetStream hands them out again: the worker knows them (its
+        # log says so), or after a while the test goes on and sees what it did with them.
+        log_path = tmp_path / "worker.log"
+        await wait_until(
+            lambda: (
+                log_path.read_bytes().count(b"redelivered while handled here") == 20
+                or asyncio.get_running_loop().time() > resumed_at + 5.0
+            ),
+            WAIT_S,
+            "the calls to be handed out again",
+        )
+        control.released.set()
+        await wait_until(
+            lambda: set(call_ids(receiver.requests)) == set(queued), WAIT_S, "every callback"
+        )
+        await wait_until(lambda: stream_empty(nats_server.url), WAIT_S, "an empty queue")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            worker.send_signal(signal.SIGCONT)
+        await stop_process(worker)
+    assert sorted(call_ids(function.requests)) == sorted(queued), "a call ran twice"
+    assert sorted(call_ids(receiver.requests)) == sorted(queued), "a call was called back twice"
+
+
+async def test_nats_killed_for_seconds_runs_no_call_twice(
+    nats_server, recorder, start_gateway, start_worker, http
+):
+    """nats-server SIGKILLed for a few seconds (far below ack_wait) while calls finish: acks
+    and writes in flight are lost, and what comes back is settled by the records."""
+
+    async def brief(request: web.Request, recorded: RecordedRequest) -> web.Response:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.Event().wait(), 0.01)
+        return web.Response(text="done")
+
+    function = await recorder(brief)
+    receiver = await recorder()
+    registry = registry_of(work=function.url)
+    gateway = await start_gateway(registry)
+    await wait_until(
+        lambda: status_is(http_status(http, gateway.url("/healthz")), 200), WAIT_S, "gateway"
+    )
+    queued = [await accepted(http, gateway, "work", receiver.url) for _ in range(300)]
+    # A short lease: messages whose delivery the server forgot come back soon.
+    await start_worker(registry, max_inflight=50, ack_wait_s=3.0)
+    await wait_until(lambda: len(receiver.requests) >= 100, WAIT_S, "a third of the callbacks")
+    nats_server.kill()
+    killed_at = asyncio.get_running_loop().time()
+    await wait_until(
+        lambda: asyncio.get_running_loop().time() > killed_at + 4.0, WAIT_S, "4 s to pass"
+    )
+    await nats_server.start()
+    await wait_until(
+        lambda: set(call_ids(receiver.requests)) >= set(queued), WAIT_S * 2, "every callback"
+    )
+    await wait_until(lambda: stream_empty(nats_server.url), WAIT_S, "an empty queue")
+    invoked = call_ids(function.requests)
+    called_back = call_ids(receiver.requests)
+    assert sorted(invoked) == sorted(queued), f"{len(invoked) - len(set(invoked))} ran twice"
+    assert sorted(called_back) == sorted(queued), (
+        f"{len(called_back) - len(set(called_back))} called back twice"
+    )
