@@ -314,15 +314,14 @@ class CallHandler:
     async def _record_callback(self, activation: Activation, kept_body: bytes) -> None:
         store = self._store
         assert store is not None
-        try:
+        # A conflict: cancelled or rewritten meanwhile, and that record stands.
+        with contextlib.suppress(RecordConflictError):
             await self._while_nats_is_away(
                 lambda: store.put(activation, kept_body),
                 "recording the callback",
                 activation.call_id,
                 activation.function,
             )
-        except RecordConflictError:
-            pass  # cancelled or rewritten meanwhile: that record stands
 
     async def _record(
         self, activation: Activation, outcome: Outcome, keep_body: bool = True
