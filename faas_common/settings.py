@@ -202,6 +202,12 @@ class CommonSettings(BaseSettings):
         """Async calls of ``function`` go to <prefix>.<queue>.<function>."""
         return f"{self.nats_subject_prefix}.{queue}.{function}"
 
+    def consumer_for(self, queue: str) -> str:
+        """The durable consumer the workers of ``queue`` share."""
+        if queue == "default":
+            return self.nats_consumer
+        return f"{self.nats_consumer}-{queue}"
+
     @property
     def subjects_wildcard(self) -> str:
         return f"{self.nats_subject_prefix}.>"

@@ -33,6 +33,7 @@ from tests.conftest import (
     worker_settings,
 )
 from tests.harness import NatsServer, RecordedRequest, Recorder, registry_of, wait_until
+from tests.test_async_calls import sample, scrape
 
 StartGateway = Callable[..., Awaitable[RunningGateway]]
 StartWorker = Callable[..., Awaitable[Worker]]
@@ -276,3 +277,56 @@ async def test_a_result_that_does_not_fit_the_results_store_is_cut_and_the_call_
     assert kept == big[: 512 * KIB]
     assert headers["X-Result-Truncated"] == "true"
     assert len(function.requests) == 2
+
+
+# a queue no worker serves
+
+
+async def test_a_queue_no_worker_serves_is_warned_about_at_deploy_and_shown_by_a_metric(
+    start_gateway: StartGateway,
+    start_worker: StartWorker,
+    recorder: StartRecorder,
+    http: aiohttp.ClientSession,
+) -> None:
+    function = await recorder()
+    gateway = await ready_gateway(start_gateway, http, registry_of())
+    deployment = {
+        "service": "encode",
+        "url": function.url,
+        "annotations": {"com.openfaas.queue": "bulk"},
+    }
+
+    async with http.post(gateway.url("/system/functions"), json=deployment) as response:
+        assert response.status == 202
+        warning = response.headers.get("Warning")
+        status_body = await response.json()
+    assert warning == (
+        "299 - \"no worker serves queue 'bulk' (consumer faas-queue-worker-bulk on stream "
+        "faas-async): its async calls wait in the queue until one does "
+        '(faas-queue-worker --queue bulk)"'
+    )
+    assert status_body["name"] == "encode"  # the FunctionStatus as before
+
+    async def unserved() -> float | None:
+        metrics = await scrape(http, gateway.url("/metrics"))
+        return sample(metrics, "gateway_queue_unserved", queue_name="bulk")
+
+    assert await unserved() == 1
+
+    worker = await start_worker(registry_of(), worker_queue="bulk")
+
+    async def served() -> bool:
+        return await unserved() == 0
+
+    await wait_until(served, DEADLINE_S, "the metric to see the worker")
+    async with http.put(gateway.url("/system/functions"), json=deployment) as response:
+        assert response.status == 202
+        assert "Warning" not in response.headers
+
+    # The consumer outlives its worker; the queue is unserved again all the same.
+    worker.request_stop()
+
+    async def unserved_again() -> bool:
+        return await unserved() == 1
+
+    await wait_until(unserved_again, DEADLINE_S, "the metric to see the worker gone")
