@@ -26,19 +26,25 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
+    DiscardPolicy,
     KeyValueConfig,
     ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError
 
 from faas_common.jetstream import (
     WRONG_LAST_SEQUENCE_CODES,
     AckedPublisher,
     PublishRejectedError,
+    StreamLimits,
     direct_get_batch,
+    ensure_key_value,
+    ensure_limited_stream,
+    is_storage_full,
+    keep_limits,
     message_sequence,
 )
 from faas_common.logs import call_context
@@ -335,64 +341,70 @@ def results_bucket(settings: CommonSettings) -> str:
 
 
 async def ensure_activation_storage(js: JetStreamContext, settings: CommonSettings) -> None:
-    """Bucket, object store and index stream, each created if missing, retention kept current."""
+    """Bucket, object store and index stream, each created if missing, limits kept current.
+
+    Records and index entries go oldest first when full (discard old), so a full store never
+    stops a worker from writing an outcome. The object store refuses instead (discard new):
+    evicting the oldest chunks would corrupt the objects they belong to.
+    """
     retention_s = settings.activation_retention_s
     replicas = settings.nats_stream_replicas
-    try:
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=settings.activation_bucket,
-                description="Activation records (faas-gateway)",
-                history=1,
-                ttl=retention_s,
-                storage=StorageType.FILE,
-                replicas=replicas,
-                direct=True,
-            )
-        )
-    except BadRequestError:
-        await _keep_max_age(js, f"KV_{settings.activation_bucket}", retention_s)
+    await ensure_key_value(
+        js,
+        KeyValueConfig(
+            bucket=settings.activation_bucket,
+            description="Activation records (faas-gateway)",
+            history=1,
+            ttl=retention_s,
+            max_bytes=settings.activation_max_bytes,
+            storage=StorageType.FILE,
+            replicas=replicas,
+            direct=True,
+        ),
+        DiscardPolicy.OLD,
+        "activation_max_bytes",
+    )
+    results = StreamLimits(
+        settings.activation_results_max_bytes,
+        DiscardPolicy.NEW,
+        retention_s,
+        "activation_results_max_bytes",
+    )
     try:
         await js.create_object_store(
             results_bucket(settings),
             ObjectStoreConfig(
                 description="Large results of activations (faas-gateway)",
                 ttl=retention_s,
+                max_bytes=results.max_bytes,
                 storage=StorageType.FILE,
                 replicas=replicas,
             ),
         )
     except BadRequestError:
-        await _keep_max_age(js, f"OBJ_{results_bucket(settings)}", retention_s)
-    index_name = settings.activation_index_stream
-    index = StreamConfig(
-        name=index_name,
-        description="Activation index: one message per call, in the order accepted",
-        subjects=[f"{settings.activation_index_stream}.>"],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        num_replicas=replicas,
-        max_age=retention_s,
-        # JetStream refuses a duplicate window longer than max_age.
-        duplicate_window=min(120.0, retention_s),
-        allow_direct=True,
+        await keep_limits(js, f"OBJ_{results_bucket(settings)}", results)
+    except APIError as exc:
+        raise results.refused(f"OBJ_{results_bucket(settings)}", exc) from exc
+    await ensure_limited_stream(
+        js,
+        StreamConfig(
+            name=settings.activation_index_stream,
+            description="Activation index: one message per call, in the order accepted",
+            subjects=[f"{settings.activation_index_stream}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            # JetStream refuses a duplicate window longer than max_age.
+            duplicate_window=min(120.0, retention_s),
+            allow_direct=True,
+        ),
+        StreamLimits(
+            settings.activation_index_max_bytes,
+            DiscardPolicy.OLD,
+            retention_s,
+            "activation_index_max_bytes",
+        ),
     )
-    try:
-        await js.stream_info(index_name)
-    except NotFoundError:
-        try:
-            await js.add_stream(index)
-            return
-        except BadRequestError:
-            pass  # another process made it first
-    await _keep_max_age(js, index_name, retention_s)
-
-
-async def _keep_max_age(js: JetStreamContext, stream: str, max_age_s: float) -> None:
-    info = await js.stream_info(stream)
-    if abs((info.config.max_age or 0) - max_age_s) > 1e-3:
-        log.info("stream %s: retention %ss -> %ss", stream, info.config.max_age, max_age_s)
-        await js.update_stream(info.config.evolve(max_age=max_age_s))
 
 
 class ActivationStore:
@@ -523,6 +535,15 @@ class ActivationStore:
         try:
             store = await self._js.object_store(results_bucket(self._settings))
             await store.put(call_id, kept)
+        except APIError as exc:
+            if not is_storage_full(exc.err_code):
+                raise ActivationStoreError(f"storing the result failed: {exc!r}") from exc
+            # Waiting for room could take until results expire; the call is finished, so
+            # keep what fits beside the record (nats-py removed the chunks it had sent).
+            log.warning(
+                "results store full: result of %s cut to %d bytes", call_id, INLINE_RESULT_BYTES
+            )
+            return kept[:INLINE_RESULT_BYTES], {"truncated": True, "storageFull": True}
         except (TimeoutError, nats.errors.Error) as exc:
             raise ActivationStoreError(f"storing the result failed: {exc!r}") from exc
         return b"", {**stored, "storedIn": "objectStore"}

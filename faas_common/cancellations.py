@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from faas_common.jetstream import ensure_key_value
@@ -33,9 +33,14 @@ async def cancellation_bucket(js: JetStreamContext, settings: CommonSettings) ->
             description="Cancelled async calls (faas-gateway)",
             history=1,
             ttl=settings.activation_retention_s,
+            max_bytes=settings.cancellation_max_bytes,
             storage=StorageType.FILE,
             replicas=settings.nats_stream_replicas,
         ),
+        # Discard new: a cancel refused (503) is better than an older one forgotten early,
+        # which would let that call run.
+        DiscardPolicy.NEW,
+        "cancellation_max_bytes",
     )
 
 

@@ -13,12 +13,11 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from faas_common.activations import rfc3339_ms
 from faas_common.headers import NATS_MSG_ID
-from faas_common.jetstream import AckedPublisher
+from faas_common.jetstream import AckedPublisher, StreamLimits, ensure_limited_stream
 from faas_common.message import MalformedMessageError, QueuedCall
 from faas_common.outcome import Outcome
 from faas_common.settings import CommonSettings
@@ -43,27 +42,27 @@ def dead_letter_subject(settings: CommonSettings, call_id: str) -> str:
 
 async def ensure_dead_letter_stream(js: JetStreamContext, settings: CommonSettings) -> None:
     retention_s = settings.dead_letter_retention_s
-    config = StreamConfig(
-        name=settings.dead_letter_stream,
-        description="Requests of async calls that failed for good (faas-gateway)",
-        subjects=[f"{settings.dead_letter_stream}.>"],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        num_replicas=settings.nats_stream_replicas,
-        max_age=retention_s,
-        duplicate_window=min(120.0, retention_s),
-        allow_direct=True,
+    await ensure_limited_stream(
+        js,
+        StreamConfig(
+            name=settings.dead_letter_stream,
+            description="Requests of async calls that failed for good (faas-gateway)",
+            subjects=[f"{settings.dead_letter_stream}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=settings.nats_stream_replicas,
+            duplicate_window=min(120.0, retention_s),
+            allow_direct=True,
+        ),
+        # Discard old: when full the oldest letters go, so a failing call can always be
+        # finished; refusing its letter would keep it in the queue, retried without end.
+        StreamLimits(
+            settings.dead_letter_max_bytes,
+            DiscardPolicy.OLD,
+            retention_s,
+            "dead_letter_max_bytes",
+        ),
     )
-    try:
-        info = await js.stream_info(settings.dead_letter_stream)
-    except NotFoundError:
-        try:
-            await js.add_stream(config)
-            return
-        except BadRequestError:
-            info = await js.stream_info(settings.dead_letter_stream)
-    if abs((info.config.max_age or 0) - retention_s) > 1e-3:
-        await js.update_stream(info.config.evolve(max_age=retention_s))
 
 
 def _one_line(text: str) -> str:

@@ -15,13 +15,13 @@ from datetime import UTC, datetime
 
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js.api import Header, KeyValueConfig, StorageType
+from nats.js.api import DiscardPolicy, Header, KeyValueConfig, StorageType
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
-from faas_common.jetstream import WRONG_LAST_SEQUENCE_CODES, ensure_key_value
+from faas_common.jetstream import WRONG_LAST_SEQUENCE_CODES, StorageLimitError, ensure_key_value
 from faas_common.registry import (
     MAX_INFLIGHT_ANNOTATION,
     TIMEOUT_ANNOTATIONS,
@@ -142,9 +142,12 @@ async def function_bucket(js: JetStreamContext, settings: CommonSettings) -> Key
             bucket=settings.functions_bucket,
             description="Functions deployed through /system/functions (faas-gateway)",
             history=1,
+            max_bytes=settings.functions_max_bytes,
             storage=StorageType.FILE,
             replicas=settings.nats_stream_replicas,
         ),
+        DiscardPolicy.NEW,  # a deploy refused, never a deployed function dropped
+        "functions_max_bytes",
     )
 
 
@@ -261,6 +264,11 @@ class FunctionWatch:
             try:
                 bucket = await function_bucket(js, self._settings)
                 watcher = await bucket.watchall()
+            except StorageLimitError as exc:
+                # Not for this task to stop the process; said loudly, and tried again.
+                log.error("cannot set up the functions bucket: %s", exc)
+                await asyncio.sleep(5.0)
+                continue
             except (nats.errors.Error, TimeoutError) as exc:
                 log.warning("cannot watch the functions bucket yet: %s", exc)
                 await asyncio.sleep(wait_s)

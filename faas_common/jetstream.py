@@ -13,8 +13,15 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamInfo,
+)
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from faas_common.settings import CommonSettings
@@ -24,6 +31,115 @@ log = logging.getLogger("faas.nats")
 
 class StreamConfigConflictError(RuntimeError):
     """The stream exists with settings we cannot use; starting anyway would lose or mix work."""
+
+
+class StorageLimitError(StreamConfigConflictError):
+    """NATS cannot set aside the bytes a size limit asks for; waiting cannot fix that."""
+
+
+# JetStream's err_code values (checked against nats-server 2.15):
+# a publish to a stream at its max_bytes or max_msgs with discard new (503, "maximum bytes
+# exceeded" / "maximum messages exceeded"),
+STREAM_STORE_FAILED = 10077
+# a publish when the server's own JetStream storage (max_file_store) is used up (503),
+INSUFFICIENT_RESOURCES = 10023
+# and a stream whose max_bytes the server cannot reserve, at create or update (500).
+STORAGE_RESOURCES_EXCEEDED = 10047
+
+
+def is_storage_full(err_code: int | None) -> bool:
+    """Whether a refused write means "no room now" (a limit reached), which passes as the
+    stream is consumed or expires, rather than a fault."""
+    return err_code in (STREAM_STORE_FAILED, INSUFFICIENT_RESOURCES)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """What a stream may hold, kept current at every start, on streams that older versions
+    made without limits too. ``setting`` names the size setting, for error messages."""
+
+    max_bytes: int
+    discard: DiscardPolicy
+    max_age_s: float
+    setting: str
+
+    def changes(self, config: StreamConfig) -> dict[str, Any]:
+        """The fields of ``config`` that differ from these limits, for StreamConfig.evolve."""
+        changes: dict[str, Any] = {}
+        if config.max_bytes != self.max_bytes:
+            changes["max_bytes"] = self.max_bytes
+        if config.discard != self.discard:
+            changes["discard"] = self.discard
+        if abs((config.max_age or 0) - self.max_age_s) > 1e-3:
+            changes["max_age"] = self.max_age_s
+        return changes
+
+    def apply(self, config: StreamConfig) -> StreamConfig:
+        return config.evolve(max_bytes=self.max_bytes, discard=self.discard, max_age=self.max_age_s)
+
+    def refused(self, stream: str, exc: APIError) -> Exception:
+        """StorageLimitError when the server cannot reserve max_bytes; else ``exc``."""
+        if exc.err_code != STORAGE_RESOURCES_EXCEEDED:
+            return exc
+        return StorageLimitError(
+            f"NATS cannot set aside {self.max_bytes} bytes for stream {stream!r} "
+            f"({self.setting}): its JetStream storage (max_file_store) is smaller than the "
+            f"limits of all its streams together. Lower {self.setting} or give NATS more storage."
+        )
+
+
+async def keep_limits(
+    js: JetStreamContext,
+    stream: str,
+    limits: StreamLimits,
+    info: StreamInfo | None = None,
+    **also: Any,
+) -> None:
+    """Bring an existing stream's size limit, discard policy and max_age to ``limits`` (and
+    the fields in ``also`` to theirs), in one update.
+
+    Lowering max_bytes below what a discard-new stream holds drops nothing (checked on
+    nats-server 2.15): it refuses new messages until it is under the limit again.
+    """
+    if info is None:
+        info = await js.stream_info(stream)
+    changes = limits.changes(info.config)
+    for key, value in also.items():
+        if getattr(info.config, key) != value:
+            changes[key] = value
+    if not changes:
+        return
+    log.info(
+        "stream %s: %s",
+        stream,
+        ", ".join(
+            f"{key} {_value(getattr(info.config, key))} -> {_value(value)}"
+            for key, value in changes.items()
+        ),
+    )
+    try:
+        await js.update_stream(info.config.evolve(**changes))
+    except APIError as exc:
+        raise limits.refused(stream, exc) from exc
+
+
+async def ensure_limited_stream(
+    js: JetStreamContext, config: StreamConfig, limits: StreamLimits
+) -> None:
+    """Create the stream with ``config`` and ``limits`` if it is missing; one that exists is
+    used as it is, except that its limits are kept current."""
+    assert config.name is not None
+    try:
+        info = await js.stream_info(config.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(limits.apply(config))
+            return
+        except BadRequestError:
+            info = await js.stream_info(config.name)  # another process made it first
+        except APIError as exc:
+            raise limits.refused(config.name, exc) from exc
+    await keep_limits(js, config.name, limits, info)
 
 
 async def connect(
@@ -123,29 +239,70 @@ async def close_quietly(client: NatsClient) -> None:
 
 
 def desired_stream_config(settings: CommonSettings) -> StreamConfig:
-    return StreamConfig(
-        name=settings.nats_stream,
-        description="Async function calls (faas-gateway)",
-        subjects=[settings.subjects_wildcard],
-        retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.FILE,
-        num_replicas=settings.nats_stream_replicas,
-        duplicate_window=settings.duplicate_window_s,
+    return queue_limits(settings).apply(
+        StreamConfig(
+            name=settings.nats_stream,
+            description="Async function calls (faas-gateway)",
+            subjects=[settings.subjects_wildcard],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=settings.nats_stream_replicas,
+            duplicate_window=queue_duplicate_window_s(settings),
+        )
     )
 
 
-async def ensure_key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+def queue_limits(settings: CommonSettings) -> StreamLimits:
+    # Discard new: a full queue refuses the next call (503) rather than drop an accepted one.
+    return StreamLimits(
+        settings.async_queue_max_bytes,
+        DiscardPolicy.NEW,
+        settings.async_retention_s,
+        "async_queue_max_bytes",
+    )
+
+
+def queue_duplicate_window_s(settings: CommonSettings) -> float:
+    # JetStream refuses a duplicate window longer than max_age.
+    if settings.async_retention_s > 0:
+        return min(settings.duplicate_window_s, settings.async_retention_s)
+    return settings.duplicate_window_s
+
+
+async def ensure_key_value(
+    js: JetStreamContext,
+    config: KeyValueConfig,
+    discard: DiscardPolicy = DiscardPolicy.NEW,
+    setting: str = "",
+) -> KeyValue:
     """The bucket, created with ``config`` if missing; one that exists is used as it is
-    (perhaps with another TTL or description: nothing of ours depends on those)."""
+    (perhaps with another description: nothing of ours depends on that), except that its
+    size limit (``config.max_bytes``, named by ``setting``), ``discard`` policy and TTL are
+    kept current. nats-py creates buckets with discard new; another policy is set after."""
+    limits = (
+        StreamLimits(config.max_bytes, discard, config.ttl or 0.0, setting)
+        if config.max_bytes is not None and config.max_bytes > 0
+        else None
+    )
+    stream = f"KV_{config.bucket}"
     try:
-        return await js.create_key_value(config)
+        bucket = await js.create_key_value(config)
+        created = True
     except BadRequestError:
-        return await js.key_value(config.bucket)
+        bucket = await js.key_value(config.bucket)
+        created = False
+    except APIError as exc:
+        raise (limits.refused(stream, exc) if limits else exc) from exc
+    if limits is not None and (not created or discard != DiscardPolicy.NEW):
+        await keep_limits(js, stream, limits)
+    return bucket
 
 
 async def ensure_stream(js: JetStreamContext, settings: CommonSettings) -> None:
-    """Create the stream if it is missing; refuse to run against one that differs in kind."""
+    """Create the stream if it is missing; refuse to run against one that differs in kind;
+    keep its limits and duplicate window current."""
     desired = desired_stream_config(settings)
+    limits = queue_limits(settings)
     try:
         info = await js.stream_info(settings.nats_stream)
     except NotFoundError:
@@ -156,6 +313,8 @@ async def ensure_stream(js: JetStreamContext, settings: CommonSettings) -> None:
         except BadRequestError:
             # Another process created it between our two requests; check what it made.
             info = await js.stream_info(settings.nats_stream)
+        except APIError as exc:
+            raise limits.refused(settings.nats_stream, exc) from exc
 
     existing = info.config
     conflicts = []
@@ -171,14 +330,12 @@ async def ensure_stream(js: JetStreamContext, settings: CommonSettings) -> None:
             + "; ".join(conflicts)
             + ". Delete it (nats stream rm) or set nats_stream to another name."
         )
-    if abs((existing.duplicate_window or 0) - desired.duplicate_window) > 1e-3:
-        log.info(
-            "stream %s: duplicate_window %ss -> %ss",
-            desired.name,
-            existing.duplicate_window,
-            desired.duplicate_window,
-        )
-        await js.update_stream(existing.evolve(duplicate_window=desired.duplicate_window))
+    # One update with the limits: a window longer than max_age is refused in between.
+    window_s = desired.duplicate_window or 0
+    if abs((existing.duplicate_window or 0) - window_s) > 1e-3:
+        await keep_limits(js, settings.nats_stream, limits, info, duplicate_window=window_s)
+    else:
+        await keep_limits(js, settings.nats_stream, limits, info)
 
 
 def _value(enum_or_none: Any) -> str:

@@ -76,8 +76,8 @@ class ResultStore:
                     )
                     for task in done:
                         task.result()
-            for task in asyncio.as_completed(in_flight):
-                await task
+            for acked in asyncio.as_completed(in_flight):
+                await acked
             in_flight = set()
             previous = await self._info(name)
             info = {

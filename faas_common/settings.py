@@ -15,6 +15,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from faas_common.durations import format_duration_s, parse_duration_s
 
 Seconds = Annotated[float, BeforeValidator(parse_duration_s)]
+# A size limit of a stream or bucket: JetStream's -1 (none) is not offered.
+ByteLimit = Annotated[int, Field(gt=0)]
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
 
 
 def setting(default: Any, env: str, description: str) -> Any:
@@ -42,12 +48,29 @@ class CommonSettings(BaseSettings):
         "functions_bucket",
         "NATS key-value bucket of the functions deployed through /system/functions.",
     )
+    functions_max_bytes: ByteLimit = setting(
+        64 * MIB,
+        "functions_max_bytes",
+        "Most bytes of the functions bucket; when full, deploys get 503.",
+    )
     function_namespace: str = setting(
         "openfaas-fn",
         "function_namespace",
         "The one namespace functions live in (GET /system/namespaces; name.namespace in URLs).",
     )
     nats_stream: str = setting("faas-async", "nats_stream", "JetStream stream holding async calls.")
+    async_queue_max_bytes: ByteLimit = setting(
+        GIB,
+        "async_queue_max_bytes",
+        "Most bytes the async stream holds; a call that does not fit gets 503 with "
+        "Retry-After, and nothing queued is dropped to make room.",
+    )
+    async_retention_s: Seconds = setting(
+        7 * 24 * 3600.0,
+        "async_retention",
+        "A call still in the queue this long after it was accepted leaves it without running "
+        "(the stream's max_age); 0: kept until it runs.",
+    )
     nats_subject_prefix: str = setting(
         "faas.async",
         "nats_subject_prefix",
@@ -76,6 +99,22 @@ class CommonSettings(BaseSettings):
         72 * 3600.0,
         "activation_retention",
         "How long activation records and their results are kept.",
+    )
+    activation_max_bytes: ByteLimit = setting(
+        GIB,
+        "activation_max_bytes",
+        "Most bytes of the activation records bucket; when full, the oldest records go first.",
+    )
+    activation_results_max_bytes: ByteLimit = setting(
+        2 * GIB,
+        "activation_results_max_bytes",
+        "Most bytes of the object store of large results; a result that does not fit is cut to "
+        "what fits in its record (512 KiB) and the record says storageFull.",
+    )
+    activation_index_max_bytes: ByteLimit = setting(
+        256 * MIB,
+        "activation_index_max_bytes",
+        "Most bytes of the activation index stream; when full, the oldest entries go first.",
     )
     activation_max_result_bytes: int = setting(
         1024 * 1024,
@@ -134,10 +173,21 @@ class CommonSettings(BaseSettings):
     dead_letter_retention_s: Seconds = setting(
         7 * 24 * 3600.0, "dead_letter_retention", "How long dead letters are kept."
     )
+    dead_letter_max_bytes: ByteLimit = setting(
+        GIB,
+        "dead_letter_max_bytes",
+        "Most bytes of the dead letter stream; when full, the oldest dead letters go first.",
+    )
     cancellation_bucket: str = setting(
         "faas-cancellations",
         "cancellation_bucket",
         "NATS key-value bucket of cancelled call ids, watched by every worker.",
+    )
+    cancellation_max_bytes: ByteLimit = setting(
+        64 * MIB,
+        "cancellation_max_bytes",
+        "Most bytes of the cancellation bucket; when full, a cancel gets 503 until older "
+        "cancellations expire (none is forgotten early).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = setting(
         "info", "log_level", "Log level."
@@ -151,6 +201,12 @@ class CommonSettings(BaseSettings):
     def subject_for(self, queue: str, function: str) -> str:
         """Async calls of ``function`` go to <prefix>.<queue>.<function>."""
         return f"{self.nats_subject_prefix}.{queue}.{function}"
+
+    def consumer_for(self, queue: str) -> str:
+        """The durable consumer the workers of ``queue`` share."""
+        if queue == "default":
+            return self.nats_consumer
+        return f"{self.nats_consumer}-{queue}"
 
     @property
     def subjects_wildcard(self) -> str:

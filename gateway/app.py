@@ -21,6 +21,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.openapi import document_route
 from gateway.proxy import SyncProxy
 from gateway.publisher import Publisher
+from gateway.queues import ServedQueues
 from gateway.reliability_api import ReliabilityApi
 from gateway.routes import by_method, invocation, json_errors, no_such_route, read_only, system
 from gateway.settings import GatewaySettings
@@ -38,6 +39,7 @@ CALLBACK_URLS = web.AppKey("callback_urls", CallbackUrls)
 FUNCTION_WATCH = web.AppKey("function_watch", FunctionWatch)
 FUNCTIONS_API = web.AppKey("functions_api", FunctionsApi)
 QUERIES = web.AppKey("activation_queries", ActivationQueries)
+SERVED_QUEUES = web.AppKey("served_queues", ServedQueues)
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -129,8 +131,11 @@ async def _queue_publisher(app: web.Application) -> AsyncIterator[None]:
         app[SETTINGS], app[FUNCTION_WATCH], on_reconnected=app[METRICS].nats_reconnects.inc
     )
     app[PUBLISHER] = publisher
+    queues = ServedQueues(app[SETTINGS], app[REGISTRY], publisher)
+    app[SERVED_QUEUES] = queues
+    app[METRICS].watch_queues(queues.served)
     app[FUNCTIONS_API] = FunctionsApi(
-        app[SETTINGS], app[REGISTRY], publisher, app[FUNCTION_WATCH], app[METRICS]
+        app[SETTINGS], app[REGISTRY], publisher, app[FUNCTION_WATCH], app[METRICS], queues
     )
     queries = ActivationQueries(app[SETTINGS], publisher)
     app[QUERIES] = queries
@@ -243,6 +248,7 @@ async def _healthz(request: web.Request) -> web.StreamResponse:
 
 
 async def _metrics(request: web.Request) -> web.StreamResponse:
+    await request.app[SERVED_QUEUES].refresh()  # at most every few seconds
     response = web.Response(body=request.app[METRICS].render())
     response.headers["Content-Type"] = PROMETHEUS_CONTENT_TYPE
     return response

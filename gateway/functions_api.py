@@ -42,6 +42,7 @@ from gateway.errors import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.publisher import Publisher
+from gateway.queues import ServedQueues
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")
@@ -66,12 +67,14 @@ class FunctionsApi:
         publisher: Publisher,
         watch: FunctionWatch,
         metrics: GatewayMetrics,
+        queues: ServedQueues,
     ) -> None:
         self._settings = settings
         self._registry = registry
         self._publisher = publisher
         self._watch = watch
         self._metrics = metrics
+        self._queues = queues
         # File functions exist from when this process read the file.
         self._file_loaded_at = now_rfc3339()
 
@@ -160,7 +163,15 @@ class FunctionsApi:
             raise _store_error(exc) from exc
         except (nats.errors.Error, TimeoutError) as exc:
             raise _unavailable(exc) from exc
-        return self._changed(deployment.service, revision, stored)
+        response = self._changed(deployment.service, revision, stored)
+        queue = deployment.to_spec().queue
+        if await self._queues.is_served(queue) is False:
+            warning = self._queues.warning(queue)
+            log.warning("function %s: %s", deployment.service, warning)
+            # A header, as Kubernetes' API warns (RFC 7234's Warning with code 299), so the
+            # FunctionStatus body stays as OpenFaaS clients know it.
+            response.headers["Warning"] = f'299 - "{warning}"'
+        return response
 
     def _store(self) -> FunctionStore:
         return FunctionStore(self._publisher.jetstream(), self._settings)

@@ -2,7 +2,7 @@
 
 import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -50,6 +50,10 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        # Registered now, so the name is exported from the start; filled by watch_queues.
+        self._queues = QueueUnserved()
+        self.registry.register(self._queues)
+
         self.nats_reconnects = Counter(
             "gateway_nats_reconnects_total",
             "Times the gateway lost its NATS connection and made it again.",
@@ -85,6 +89,10 @@ class GatewayMetrics:
             self._services = ServiceCount(functions)
             self.registry.register(self._services)
 
+    def watch_queues(self, served: Callable[[], Mapping[str, bool]]) -> None:
+        """Export gateway_queue_unserved from ``served`` ({queue: served}) at each scrape."""
+        self._queues.source = served
+
     def invocation_counts(self) -> dict[str, float]:
         """Invocations per function since start: sync calls (any status) and accepted async
         calls, summed over this gateway's processes. FunctionStatus.invocationCount."""
@@ -110,6 +118,7 @@ class GatewayMetrics:
         MultiProcessCollector(combined)  # type: ignore[no-untyped-call]  # untyped upstream
         if self._services is not None:
             combined.register(self._services)
+        combined.register(self._queues)
         return combined
 
 
@@ -126,4 +135,22 @@ class ServiceCount(Collector):
         )
         for function in self._functions:
             family.add_metric([function.name], 1.0)
+        yield family
+
+
+class QueueUnserved(Collector):
+    """gateway_queue_unserved{queue_name}: 1 for a queue that registered functions use and no
+    worker serves (gateway/queues.py), 0 for one that a worker serves."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Mapping[str, bool]] = dict
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "gateway_queue_unserved",
+            "1 for a queue of registered functions that no worker serves; its calls pile up.",
+            labels=["queue_name"],
+        )
+        for queue, served in sorted(self.source().items()):
+            family.add_metric([queue], 0.0 if served else 1.0)
         yield family

@@ -15,6 +15,7 @@ from faas_common.activations import ActivationStore, ensure_activation_storage
 from faas_common.dead_letters import ensure_dead_letter_stream
 from faas_common.function_store import FunctionWatch
 from faas_common.headers import CALL_ID, NATS_MSG_ID
+from faas_common.jetstream import PublishRejectedError
 from gateway.errors import PayloadTooLargeError, QueueUnavailableError, QueueUncertainError
 from gateway.settings import GatewaySettings
 
@@ -24,6 +25,9 @@ log = logging.getLogger("faas.gateway")
 # derived from the server's max_payload.
 ENVELOPE_RESERVE_BYTES = 64 * 1024
 FUNCTIONS_SYNC_WAIT_S = 2.0
+# Retry-After of a 503 for a full queue: long enough for workers to make room, short
+# enough that a client is not kept waiting much past it.
+QUEUE_FULL_RETRY_AFTER_S = 5
 
 
 class Publisher:
@@ -195,6 +199,8 @@ class Publisher:
             self._ensure_in_background()
             raise QueueUnavailableError("the queue is unavailable: stream missing") from exc
         except jetstream.PublishRejectedError as exc:
+            if jetstream.is_storage_full(exc.err_code):
+                raise self._queue_full(exc) from exc
             raise QueueUnavailableError(
                 f"the queue refused the request: {exc.description}"
             ) from exc
@@ -204,6 +210,20 @@ class Publisher:
                 f"post it again with the same {CALL_ID}"
             ) from exc
         return jetstream.ack_is_duplicate(ack)
+
+    def _queue_full(self, exc: PublishRejectedError) -> QueueUnavailableError:
+        """503 with Retry-After: the queue takes calls again as workers finish them."""
+        stream = self._settings.nats_stream
+        if exc.err_code == jetstream.INSUFFICIENT_RESOURCES:
+            limit = f"NATS has no storage left for stream {stream}"
+        elif "bytes" in exc.description:
+            limit = f"max_bytes {self._settings.async_queue_max_bytes} of stream {stream}"
+        else:  # a limit set on the stream outside our settings (max_msgs, ...)
+            limit = f"{exc.description} on stream {stream}"
+        return QueueUnavailableError(
+            f"the async queue is full ({limit}); try again later",
+            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+        )
 
     def problem(self) -> str:
         if self._client is None or not self._client.is_connected:

@@ -79,9 +79,7 @@ class WorkerSettings(CommonSettings):
 
     @property
     def consumer_name(self) -> str:
-        if self.worker_queue == "default":
-            return self.nats_consumer
-        return f"{self.nats_consumer}-{self.worker_queue}"
+        return self.consumer_for(self.worker_queue)
 
     @property
     def queue_subjects(self) -> str:

@@ -59,9 +59,11 @@ async def wait_until(
 class NatsServer:
     """A real nats-server with JetStream on a free port and a store dir that outlives restarts."""
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    def __init__(self, store_dir: Path, port: int | None = None, config: str = "") -> None:
+        """``config``: nats-server configuration text, for what has no command-line flag."""
         self.store_dir = store_dir
         self.port = port or free_port()
+        self.config = config
         self.log_path = store_dir.parent / f"nats-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -85,11 +87,17 @@ class NatsServer:
     def _spawn(self) -> int:
         """Start the process; return where its lines begin in the (appended) log."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        config_args: list[str] = []
+        if self.config:
+            config_path = self.store_dir.parent / f"nats-{self.port}.conf"
+            config_path.write_text(self.config)
+            config_args = ["--config", str(config_path)]
         log = self.log_path.open("ab")
         start_offset = log.tell()
         self.process = subprocess.Popen(
             [
                 nats_server_binary(),
+                *config_args,
                 "--jetstream",
                 "--store_dir",
                 str(self.store_dir),
