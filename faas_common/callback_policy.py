@@ -2,13 +2,17 @@
 
 Allowed hosts (``callback_allowed_hosts``, comma-separated): host names (``hooks.example.com``),
 wildcards (``*.example.com``: any name below it) and CIDRs (``10.0.0.0/8``, ``::1/128``). Empty
-(the default): every host, except that no callback goes to a link-local or unspecified
-address (169.254.0.0/16 holds the cloud metadata endpoints). With a list, a URL is allowed when
-its host name matches a name or wildcard, or when the addresses it resolves to all lie in
-listed CIDRs; link-local and unspecified addresses then only pass if a CIDR names them.
+(the default): every host, except that no callback goes to a link-local address (169.254.0.0/16
+holds the cloud metadata endpoints). With a list, a URL is allowed when its host name matches a
+name or wildcard, or when the addresses it resolves to all lie in listed CIDRs; link-local
+addresses then only pass if a CIDR names them. An unspecified address (0.0.0.0, ::) never
+passes: connecting to it reaches this host's own services.
 
-The gateway checks at enqueue (400), and the sender checks the address it actually connected
-to before sending anything, so a name that resolves elsewhere later (DNS rebinding) is caught.
+An IPv6 address that carries an IPv4 one (IPv4-mapped, IPv4-compatible, NAT64, 6to4) is judged
+as that IPv4 address, against the list too: the packets end up there.
+
+The gateway checks at enqueue (400), and the sender checks each address it is about to connect
+to, on every redirect hop, so a name that resolves elsewhere later (DNS rebinding) is caught.
 """
 
 import hashlib
@@ -28,10 +32,33 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return SIGNATURE_PREFIX + digest.hexdigest()
 
 
+# RFC 6052's well-known NAT64 prefix: a translator sends these on to the IPv4 address inside.
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# RFC 4291's deprecated IPv4-compatible addresses, ::a.b.c.d; :: and ::1 are not among them.
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries: ::ffff:a.b.c.d, ::a.b.c.d, NAT64, 6to4."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:  # 2002::/16, the IPv4 address in bits 16-47
+        return address.sixtofour
+    if address in NAT64 or (address in IPV4_COMPATIBLE and int(address) > 1):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def judged_as(address: IPAddress) -> IPAddress:
+    embedded = embedded_ipv4(address)
+    return address if embedded is None else embedded
+
+
 def never_allowed_by_default(address: IPAddress) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_link_local or address.is_unspecified
+    judged = judged_as(address)
+    return judged.is_link_local or judged.is_unspecified
 
 
 def parse_address(host: str) -> IPAddress | None:
@@ -86,10 +113,13 @@ class HostPolicy:
         return None if self.networks else False
 
     def allows_address(self, address: IPAddress) -> bool:
-        if any(address in network for network in self.networks):
+        judged = judged_as(address)
+        if judged.is_unspecified:
+            return False
+        if any(judged in network for network in self.networks):
             return True
         if self.open:
-            return not never_allowed_by_default(address)
+            return not never_allowed_by_default(judged)
         return False
 
     def allows_connection(self, host: str, address: IPAddress) -> bool:

@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
+from yarl import URL
 
 from queue_worker.worker import Worker
 from tests.conftest import RunningGateway, get_json, ready_gateway, stream_message_count
@@ -290,6 +291,12 @@ async def test_callback_urls_to_forbidden_hosts_are_refused_at_enqueue_and_at_se
         (gateway, "http://169.254.169.254/latest/meta-data"),
         (gateway, "http://[fe80::1]/x"),
         (gateway, "http://0.0.0.0:9/x"),
+        (gateway, "http://0:9/x"),  # a name for 0.0.0.0
+        # IPv6 forms of 169.254.169.254: IPv4-mapped, IPv4-compatible, NAT64, 6to4.
+        (gateway, "http://[::ffff:169.254.169.254]/x"),
+        (gateway, "http://[::169.254.169.254]/x"),
+        (gateway, "http://[64:ff9b::a9fe:a9fe]/x"),
+        (gateway, "http://[2002:a9fe:a9fe::1]/x"),
         (listed, callbacks.url + "/x"),
     ]:
         async with http.post(
@@ -539,6 +546,49 @@ async def test_callbacks_follow_307_and_308_with_the_body_and_fail_on_other_redi
     assert await wait_until(lambda: state_of(ids[307]), DEADLINE_S, "307") == "delivered"
     assert await wait_until(lambda: state_of(ids[302]), DEADLINE_S, "302") == "failed"
     assert len([r for r in redirecting.requests if "302" in r.query_string]) == 1  # final
+
+
+async def test_a_callback_redirected_to_a_forbidden_address_is_refused_at_that_hop(
+    recorder: StartRecorder,
+    start_gateway: StartGateway,
+    start_worker: StartWorker,
+    http: aiohttp.ClientSession,
+) -> None:
+    landed = await recorder()
+    port = landed.url.rsplit(":", 1)[1]
+
+    async def redirect(request: web.Request, recorded: RecordedRequest) -> web.Response:
+        return web.Response(status=307, headers={"Location": request.query["to"]})
+
+    redirecting = await recorder(redirect)
+    function = await recorder(lambda request, recorded: _text_response("result"))
+    registry = registry_of(echo=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    await start_worker(registry)
+    targets = [
+        # "0" is a name the resolver turns into 0.0.0.0, which connects to this host; the
+        # socket then reports 127.0.0.1 as its peer, so only the address dialed tells.
+        f"http://0:{port}/landed",
+        f"http://0.0.0.0:{port}/landed",
+        f"http://[::]:{port}/landed",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::ffff:169.254.169.254]/latest/meta-data",
+        "http://[::169.254.169.254]/latest/meta-data",
+        "http://[64:ff9b::a9fe:a9fe]/latest/meta-data",
+        "http://[2002:a9fe:a9fe::]/latest/meta-data",
+    ]
+    for target in targets:
+        callback_url = str(URL(redirecting.url + "/cb").with_query(to=target))
+        call_id = await post_async(http, gateway, "/async-function/echo", callback_url)
+
+        async def settled(call_id: str = call_id) -> str | None:
+            _, record = await get_json(http, gateway.url(f"/system/activations/{call_id}"))
+            state = record["callback"]["state"]
+            return str(state) if state != "pending" else None
+
+        assert await wait_until(settled, DEADLINE_S, target) == "failed", target
+        assert landed.requests == [], target
+    assert len(redirecting.requests) == len(targets)  # each first hop was reached, once
 
 
 async def _text_response(text: str) -> web.Response:
