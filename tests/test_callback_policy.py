@@ -1,12 +1,20 @@
 """Callback URL policy and signatures, as tables; no network."""
 
+import base64
 import hashlib
 import hmac
 import ipaddress
+import time
 
 import pytest
+from standardwebhooks import Webhook, WebhookVerificationError
 
-from faas_common.callback_policy import HostPolicy, sign
+from faas_common.callback_policy import HostPolicy, sign, signing_keys, webhook_id
+
+KEY_A = bytes(range(32))
+KEY_B = bytes(range(100, 124))
+SECRET_A = "whsec_" + base64.b64encode(KEY_A).decode()
+SECRET_B = "whsec_" + base64.b64encode(KEY_B).decode()
 
 OPEN = HostPolicy.parse("")
 LISTED = HostPolicy.parse("hooks.example.com, *.corp.example, 10.0.0.0/8, ::1/128")
@@ -100,6 +108,71 @@ def test_unreadable_entries_are_refused():
             HostPolicy.parse(spec)
 
 
-def test_signature_is_hmac_sha256_of_timestamp_dot_body():
-    expected = hmac.new(b"s3cret", b'1700000000.{"ok":true}', hashlib.sha256).hexdigest()
-    assert sign("s3cret", "1700000000", b'{"ok":true}') == "sha256=" + expected
+@pytest.mark.parametrize(
+    ("secrets", "keys"),
+    [
+        ("", ()),
+        ("  ", ()),
+        (SECRET_A, (KEY_A,)),
+        (f"{SECRET_A} {SECRET_B}", (KEY_A, KEY_B)),  # rotation: sign with both
+        (f"{SECRET_A},{SECRET_B}", (KEY_A, KEY_B)),
+        (f" {SECRET_A} ,\t{SECRET_B} ", (KEY_A, KEY_B)),
+        (SECRET_A.rstrip("="), (KEY_A,)),  # padding is optional
+    ],
+)
+def test_signing_secrets_are_whsec_base64(secrets, keys):
+    assert signing_keys(secrets) == keys
+
+
+@pytest.mark.parametrize(
+    ("secrets", "problem"),
+    [
+        ("s3cret-that-is-long-enough-to-be-a-key", "secret 1 of 1 does not start with whsec_"),
+        (base64.b64encode(KEY_A).decode(), "secret 1 of 1 does not start with whsec_"),
+        (f"{SECRET_A} s3cret", "secret 2 of 2 does not start with whsec_"),
+        ("whsec_" + base64.urlsafe_b64encode(b"\xfb" * 30).decode(), "is not base64"),
+        ("whsec_not*base64*at*all*", "is not base64"),
+        ("whsec_" + base64.b64encode(b"x" * 23).decode(), "holds 23 bytes"),
+        ("whsec_", "holds 0 bytes"),
+    ],
+)
+def test_unusable_signing_secrets_are_refused_without_being_repeated(secrets, problem):
+    with pytest.raises(ValueError, match=problem) as refused:
+        signing_keys(secrets)
+    message = str(refused.value)
+    assert "whsec_ followed by the base64 of at least 24 random bytes" in message
+    for secret in secrets.split():
+        if secret != "whsec_":
+            assert secret.removeprefix("whsec_") not in message
+
+
+def test_signature_is_standard_webhooks_v1_over_id_timestamp_body():
+    message_id = webhook_id("call-1.a", "echo", 200)
+    assert message_id == "call-1.a:echo:200"
+    body = b'{"ok":true}'
+    content = b"call-1.a:echo:200.1700000000." + body
+    expected = [
+        "v1," + base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode()
+        for key in (KEY_A, KEY_B)
+    ]
+    assert sign([KEY_A], message_id, 1700000000, body) == expected[0]
+    assert sign([KEY_A, KEY_B], message_id, 1700000000, body) == " ".join(expected)
+
+
+def test_the_standardwebhooks_package_verifies_our_signatures_with_either_secret():
+    body = b'{"result": "done"}'
+    timestamp = int(time.time())
+    headers = {
+        "webhook-id": webhook_id("c1", "echo", 200),
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(
+            signing_keys(f"{SECRET_A} {SECRET_B}"), "c1:echo:200", timestamp, body
+        ),
+    }
+    for secret in (SECRET_A, SECRET_B):
+        assert Webhook(secret).verify(body, headers) == {"result": "done"}
+    other = "whsec_" + base64.b64encode(bytes(24)).decode()
+    with pytest.raises(WebhookVerificationError):
+        Webhook(other).verify(body, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET_A).verify(body, {**headers, "webhook-id": "c2:echo:200"})
