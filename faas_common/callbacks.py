@@ -14,14 +14,23 @@ from dataclasses import dataclass
 from multidict import CIMultiDict
 from yarl import URL
 
-from faas_common.callback_policy import HostPolicy, parse_address, sign
+from faas_common.callback_policy import (
+    HostPolicy,
+    parse_address,
+    sign,
+    signing_keys,
+    webhook_id,
+)
 from faas_common.headers import (
     CALL_ID,
-    CALLBACK_SIGNATURE,
-    CALLBACK_TIMESTAMP,
     DURATION_SECONDS,
     FUNCTION_NAME,
     FUNCTION_STATUS,
+    RETRY,
+    RETRY_MAX,
+    WEBHOOK_ID,
+    WEBHOOK_SIGNATURE,
+    WEBHOOK_TIMESTAMP,
 )
 from faas_common.logs import call_context
 from faas_common.outcome import Outcome
@@ -88,14 +97,46 @@ class CallbackResult:
     last_status: int | None
 
 
-def callback_headers(call_id: str, function: str, outcome: Outcome) -> CIMultiDict[str]:
-    """The function's own response headers, then ours, which win on a clash."""
-    headers = CIMultiDict(outcome.headers)
+# Never copied from the function's response into its callback: credentials, which the
+# function would plant on our request to the receiver (Authorization, Cookie) or meant for its
+# own caller (Set-Cookie); headers for proxies; and the headers of callbacks and their
+# signatures, which only the sender sets. Content-Length is the sender's to frame.
+NOT_COPIED = frozenset({"authorization", "cookie", "set-cookie", "set-cookie2", "content-length"})
+NOT_COPIED_PREFIXES = ("proxy-", "x-callback-", "webhook-")
+# Set by the sender (X-Retry and X-Retry-Max by the worker only, but a function's own would
+# mislead a receiver of a gateway's callback as much): each appears once, ours.
+SENDER_HEADERS = frozenset(
+    name.lower()
+    for name in (CALL_ID, FUNCTION_NAME, FUNCTION_STATUS, DURATION_SECONDS, RETRY, RETRY_MAX)
+)
+
+
+def callback_headers(
+    call_id: str,
+    function: str,
+    outcome: Outcome,
+    extra_headers: Iterable[tuple[str, str]] = (),
+) -> CIMultiDict[str]:
+    """The function's response headers a callback may carry, then ours, each once."""
+    extra = list(extra_headers)
+    ours = SENDER_HEADERS | {name.lower() for name, _ in extra}
+    headers = CIMultiDict(
+        [(name, value) for name, value in outcome.headers if _copied(name.lower(), ours)]
+    )
     headers[CALL_ID] = call_id
     headers[FUNCTION_NAME] = function
     headers[FUNCTION_STATUS] = str(outcome.status_code)
     headers[DURATION_SECONDS] = f"{outcome.duration_s:.6f}"
+    headers.extend(extra)
     return headers
+
+
+def _copied(lowered_name: str, ours: frozenset[str]) -> bool:
+    return (
+        lowered_name not in NOT_COPIED
+        and lowered_name not in ours
+        and not lowered_name.startswith(NOT_COPIED_PREFIXES)
+    )
 
 
 MAX_REDIRECTS = 5
@@ -106,6 +147,7 @@ class CallbackSender:
         self._settings = settings
         self._client = client
         self._hosts = HostPolicy.parse(settings.callback_allowed_hosts)
+        self._keys = signing_keys(settings.callback_signing_secret)
 
     async def deliver(
         self,
@@ -115,14 +157,23 @@ class CallbackSender:
         outcome: Outcome,
         extra_headers: Iterable[tuple[str, str]] = (),
     ) -> CallbackResult:
-        headers = callback_headers(call_id, function, outcome)
-        headers.extend(extra_headers)
+        headers = callback_headers(call_id, function, outcome, extra_headers)
+        if self._keys:
+            headers[WEBHOOK_ID] = webhook_id(call_id, function, outcome.status_code)
         limit_s = self._settings.callback_timeout_s
         timeouts = Timeouts(connect_s=limit_s, read_s=limit_s, total_s=limit_s)
         context = call_context(call_id, function)
         attempt = 0
         while True:
             attempt += 1
+            if self._keys:
+                # Signed again each attempt: receivers refuse old timestamps, and a retry
+                # minutes later is no replay. The id stays, for them to de-duplicate on.
+                timestamp = int(time.time())
+                headers[WEBHOOK_TIMESTAMP] = str(timestamp)
+                headers[WEBHOOK_SIGNATURE] = sign(
+                    self._keys, headers[WEBHOOK_ID], timestamp, outcome.body
+                )
             status: int | None = None
             try:
                 status = await self._post(URL(callback_url), headers, outcome.body, timeouts)
@@ -173,12 +224,6 @@ class CallbackSender:
     ) -> int:
         """One delivery attempt: the final status, after following 307 and 308 with the body
         (a redirect that drops the body would lose the result); other 3xx are answers."""
-        if self._settings.callback_signing_secret:
-            timestamp = str(int(time.time()))
-            headers[CALLBACK_TIMESTAMP] = timestamp
-            headers[CALLBACK_SIGNATURE] = sign(
-                self._settings.callback_signing_secret, timestamp, body
-            )
         for _ in range(MAX_REDIRECTS + 1):
             if url.scheme not in ("http", "https") or not url.raw_host:
                 raise ValueError("not an absolute http or https URL")

@@ -15,8 +15,10 @@ FORWARDED_HOST = "X-Forwarded-Host"
 NATS_MSG_ID = "Nats-Msg-Id"
 RETRY = "X-Retry"  # the attempt number, 1 for the first call
 RETRY_MAX = "X-Retry-Max"  # attempts allowed in all
-CALLBACK_TIMESTAMP = "X-Callback-Timestamp"
-CALLBACK_SIGNATURE = "X-Callback-Signature"
+# Standard Webhooks' signature headers, on signed callbacks (faas_common/callback_policy.py).
+WEBHOOK_ID = "webhook-id"
+WEBHOOK_TIMESTAMP = "webhook-timestamp"
+WEBHOOK_SIGNATURE = "webhook-signature"
 
 # RFC 9110 section 7.6.1, plus the non-standard ones proxies still meet in the wild.
 HOP_BY_HOP = frozenset(

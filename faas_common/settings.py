@@ -8,10 +8,11 @@ Go duration strings.
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from faas_common.callback_policy import signing_keys
 from faas_common.durations import format_duration_s, parse_duration_s
 
 Seconds = Annotated[float, BeforeValidator(parse_duration_s)]
@@ -21,6 +22,14 @@ ByteLimit = Annotated[int, Field(gt=0)]
 KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB
+
+
+def _usable_signing_secrets(value: str) -> str:
+    signing_keys(value)  # ValueError at start, not at the first callback
+    return value
+
+
+SigningSecrets = Annotated[str, AfterValidator(_usable_signing_secrets)]
 
 
 def setting(default: Any, env: str, description: str) -> Any:
@@ -153,11 +162,12 @@ class CommonSettings(BaseSettings):
     callback_max_wait_s: Seconds = setting(
         60.0, "callback_max_wait", "Longest wait between callback attempts."
     )
-    callback_signing_secret: str = setting(
+    callback_signing_secret: SigningSecrets = setting(
         "",
         "callback_signing_secret",
-        "When set, callbacks carry X-Callback-Timestamp and X-Callback-Signature "
-        "(sha256=HMAC of '<timestamp>.<body>').",
+        "Standard Webhooks secrets (whsec_<base64 of 24+ bytes>), separated by spaces or commas "
+        "while one is rotated. When set, callbacks carry webhook-id (<call id>:<function>:"
+        "<status>), webhook-timestamp and webhook-signature (v1,<HMAC> for each secret).",
     )
     callback_allowed_hosts: str = setting(
         "",

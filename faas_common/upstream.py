@@ -14,6 +14,7 @@ decompression (bodies pass through as they are), proxies, HTTP/2, upgrades.
 
 import asyncio
 import collections
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
@@ -70,12 +71,18 @@ def _expire(waiter: "asyncio.Future[Any]", error: BaseException) -> None:
         waiter.set_exception(error)
 
 
+# A pool of kept-alive connections: scheme, host, port, and whether the addresses connected to
+# were checked (see UpstreamClient.request's allow_peer).
+_PoolKey = tuple[str, str, int, bool]
+
+
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection and the one exchange in flight on it."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.transport: asyncio.Transport | None = None
+        self.dialed: str | None = None  # the address connected to, when it was checked
         self.closed = False
         self.idle_since = 0.0
         self.received_any = False  # any byte of a response to the exchange in flight
@@ -304,10 +311,6 @@ class _Connection(asyncio.Protocol):
     def reusable(self) -> bool:
         return self._reusable and self._complete and not self.closed and self._error is None
 
-    def peer_address(self) -> str | None:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return str(peer[0]) if peer else None
-
     def abandon(self) -> None:
         """Close without waiting: the exchange will not be finished."""
         self._reusable = False
@@ -326,7 +329,7 @@ class UpstreamResponse:
     def __init__(
         self,
         client: "UpstreamClient",
-        key: tuple[str, str, int],
+        key: _PoolKey,
         connection: _Connection,
         read_s: float,
         total_deadline: float,
@@ -378,14 +381,15 @@ class UpstreamResponse:
 
 
 class UpstreamClient:
-    """Keep-alive connections per (scheme, host, port), reused most-recent first."""
+    """Keep-alive connections per (scheme, host, port), reused most-recent first; those of
+    requests whose addresses are checked (allow_peer) are pooled apart."""
 
     def __init__(
         self, *, keepalive_s: float = 30.0, ssl_context: ssl.SSLContext | None = None
     ) -> None:
         self._keepalive_s = keepalive_s
         self._ssl_context = ssl_context
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle: dict[_PoolKey, list[_Connection]] = {}
         self._last_sweep = time.monotonic()
         self._closed = False
 
@@ -402,25 +406,21 @@ class UpstreamClient:
 
         A bytes body is sent with Content-Length. A streamed body is sent with the caller's
         Content-Length header if it gave one (and then must be exactly that long), else
-        chunked. ``allow_peer`` sees the address actually connected to before anything is
-        sent; False raises UpstreamRefusedError.
+        chunked. ``allow_peer`` sees every address the host leads to before any connection is
+        made (a kept-alive connection: the address it was made to); False for any of them
+        raises UpstreamRefusedError.
         """
         loop = asyncio.get_running_loop()
         total_deadline = loop.time() + timeouts.total_s if timeouts.total_s else float("inf")
         scheme = url.scheme
         host = url.raw_host or ""
         port = url.port or (443 if scheme == "https" else 80)
-        key = (scheme, host, port)
+        key = (scheme, host, port, allow_peer is not None)
         # Framed before connecting: a request that cannot be sent must not cost a connection.
         head, chunked = _request_head(method, url, headers, body)
         replayable = body is None or isinstance(body, bytes | bytearray | memoryview)
         for attempt in (1, 2):
-            connection, reused = await self._connect(key, timeouts, total_deadline)
-            if allow_peer is not None:
-                peer = connection.peer_address()
-                if peer is None or not allow_peer(peer):
-                    connection.abandon()
-                    raise UpstreamRefusedError(f"{host}:{port} resolves to {peer}, not allowed")
+            connection, reused = await self._connect(key, timeouts, total_deadline, allow_peer)
             upload: asyncio.Task[None] | None = None
             try:
                 upload = _send(connection, method, head, body, chunked)
@@ -446,34 +446,83 @@ class UpstreamClient:
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _connect(
-        self, key: tuple[str, str, int], timeouts: Timeouts, total_deadline: float
+        self,
+        key: _PoolKey,
+        timeouts: Timeouts,
+        total_deadline: float,
+        allow_peer: Callable[[str], bool] | None,
     ) -> tuple[_Connection, bool]:
         """A connection, and whether it was kept alive from an earlier request."""
+        scheme, host, port, _ = key
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
             connection = idle.pop()
             if not connection.closed and now - connection.idle_since < self._keepalive_s:
+                if allow_peer is not None and not allow_peer(connection.dialed or ""):
+                    connection.abandon()
+                    raise UpstreamRefusedError(
+                        f"{host}:{port} led to {connection.dialed}, not allowed"
+                    )
                 return connection, True
             connection.abandon()
         loop = asyncio.get_running_loop()
-        scheme, host, port = key
         use_ssl: ssl.SSLContext | bool | None = None
         if scheme == "https":
             use_ssl = self._ssl_context or True
         timeout_s = min(timeouts.connect_s, max(0.0, total_deadline - loop.time()))
         try:
             async with asyncio.timeout(timeout_s):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(loop), host, port, ssl=use_ssl
-                )
+                if allow_peer is None:
+                    _, connection = await loop.create_connection(
+                        lambda: _Connection(loop), host, port, ssl=use_ssl
+                    )
+                    return connection, False
+                return await self._connect_checked(host, port, use_ssl, allow_peer), False
         except TimeoutError as exc:
             raise UpstreamConnectError(f"connecting to {host}:{port} timed out") from exc
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
-        return connection, False
 
-    def _release(self, key: tuple[str, str, int], connection: _Connection) -> None:
+    async def _connect_checked(
+        self,
+        host: str,
+        port: int,
+        use_ssl: ssl.SSLContext | bool | None,
+        allow_peer: Callable[[str], bool],
+    ) -> _Connection:
+        """Resolve the name here and connect only if every address it leads to is allowed.
+
+        The socket cannot be asked afterwards: one connected to 0.0.0.0 reports 127.0.0.1 as
+        its peer. As create_connection does, the addresses are tried in turn.
+        """
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in infos))
+        refused = [address for address in addresses if not allow_peer(address)]
+        if refused or not addresses:
+            raise UpstreamRefusedError(
+                f"{host}:{port} leads to {', '.join(refused) or 'no address'}, not allowed"
+            )
+        error: OSError | None = None
+        for address in addresses:
+            try:
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(loop),
+                    address,
+                    port,
+                    ssl=use_ssl,
+                    server_hostname=host if use_ssl else None,
+                )
+            except OSError as exc:
+                error = exc
+                continue
+            connection.dialed = address
+            return connection
+        assert error is not None
+        raise error
+
+    def _release(self, key: _PoolKey, connection: _Connection) -> None:
         if self._closed or not connection.reusable:
             connection.abandon()
             return

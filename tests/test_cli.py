@@ -65,6 +65,17 @@ def test_invalid_setting_is_named(script, module, settings_cls):
     assert "soonish" in result.stderr
 
 
+@pytest.mark.parametrize(("script", "module", "settings_cls"), SCRIPTS)
+def test_a_signing_secret_without_the_whsec_prefix_stops_start_up_unrepeated(
+    script, module, settings_cls
+):
+    result = run([sys.executable, "-m", module], callback_signing_secret="s3cret-of-old")
+    assert result.returncode != 0
+    assert "callback_signing_secret" in result.stderr
+    assert "does not start with whsec_" in result.stderr
+    assert "s3cret-of-old" not in result.stderr  # a secret is never written to a log
+
+
 def test_settings_come_from_openfaas_env_names_with_go_durations(monkeypatch):
     monkeypatch.setenv("READ_TIMEOUT", "1m5s")
     monkeypatch.setenv("ack_wait", "90s")

@@ -4,17 +4,21 @@ worker and HTTP servers; waits have deadlines.
 """
 
 import asyncio
-import hashlib
-import hmac
+import base64
 import itertools
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
 from nats.aio.client import Client as NatsClient
+from standardwebhooks import Webhook, WebhookVerificationError
+from yarl import URL
 
 from queue_worker.worker import Worker
 from tests.conftest import RunningGateway, get_json, ready_gateway, stream_message_count
@@ -238,38 +242,175 @@ async def test_callbacks_reach_a_receiver_that_was_down_for_20_seconds(
         await server.close()
 
 
-async def test_callbacks_are_signed_when_a_secret_is_set(
+# Standard Webhooks secrets: whsec_ and the base64 of the key.
+NEW_SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+OLD_SECRET = "whsec_" + base64.b64encode(bytes(range(64, 96))).decode()
+UNKNOWN_SECRET = "whsec_" + base64.b64encode(bytes(32)).decode()
+BOUND_HEADERS = ("X-Call-Id", "X-Function-Name", "X-Function-Status")
+
+
+async def _echo_body(request: web.Request, recorded: RecordedRequest) -> web.Response:
+    return web.Response(body=recorded.body, content_type="application/json")
+
+
+async def test_callbacks_are_signed_as_standard_webhooks_bound_to_call_function_and_status(
     recorder: StartRecorder,
     start_gateway: StartGateway,
     start_worker: StartWorker,
     http: aiohttp.ClientSession,
 ) -> None:
-    function = await recorder()
-    callbacks = await recorder()
+    function = await recorder(_echo_body)
+    callbacks = await recorder(Flaky(1))  # every callback is refused once, then taken
     registry = registry_of(echo=function.url)
     gateway = await ready_gateway(start_gateway, http, registry)
-    await start_worker(registry, callback_signing_secret="s3cret")
-    await post_async(http, gateway, "/async-function/echo", callbacks.url, data=b"x")
-    [callback] = await callbacks.wait_for_requests(1, DEADLINE_S)
-    timestamp = callback.headers["X-Callback-Timestamp"]
-    assert abs(int(timestamp) - time.time()) < 60
-    expected = hmac.new(b"s3cret", timestamp.encode() + b"." + callback.body, hashlib.sha256)
-    assert callback.headers["X-Callback-Signature"] == "sha256=" + expected.hexdigest()
-    # The README's receiver-side check accepts it, and not a tampered body.
+    # A secret being rotated: the new one and the old, both sign.
+    await start_worker(registry, callback_signing_secret=f"{NEW_SECRET}, {OLD_SECRET}")
+    call_id = await post_async(
+        http, gateway, "/async-function/echo", callbacks.url, data=b'{"result": "done"}'
+    )
+    await callbacks.wait_for_requests(2, DEADLINE_S)
+    refused, delivered = callbacks.by_call_id()[call_id]
     verify = readme_verify()
-    assert verify(b"s3cret", callback.headers, callback.body)
-    assert not verify(b"s3cret", callback.headers, callback.body + b"!")
-    assert not verify(b"other", callback.headers, callback.body)
+    for attempt in (refused, delivered):
+        # Each attempt is signed anew under the same id, which binds call, function and status.
+        assert attempt.headers.getall("webhook-id") == [f"{call_id}:echo:200"]
+        assert len(attempt.headers.getall("webhook-signature")) == 1
+        assert [sig[:3] for sig in attempt.headers["webhook-signature"].split(" ")] == ["v1,"] * 2
+        for secret in (NEW_SECRET, OLD_SECRET):
+            assert verify(secret, attempt.headers, attempt.body)
+            # A receiver written with the standardwebhooks package, unchanged.
+            assert Webhook(secret).verify(attempt.body, attempt.headers) == {"result": "done"}
+    body, headers = delivered.body, delivered.headers
+
+    def forged(**changes: str) -> CIMultiDict[str]:
+        copy = CIMultiDict(headers)
+        for name, value in changes.items():
+            copy[name.replace("_", "-")] = value
+        return copy
+
+    # Replayed as another call, function or status: with only the plain headers changed the
+    # signature still fits, but they no longer say what the signed webhook-id says ...
+    for name, value in [
+        ("X-Call-Id", "someone-elses-call"),
+        ("X-Function-Name", "payments"),
+        ("X-Function-Status", "201"),
+    ]:
+        assert not verify(NEW_SECRET, forged(**{name.replace("-", "_"): value}), body), name
+        # ... and with webhook-id changed to match, the signature no longer fits.
+        fields = dict(zip(BOUND_HEADERS, headers["webhook-id"].split(":"), strict=True))
+        fields[name] = value
+        replay = forged(**{name.replace("-", "_"): value}, webhook_id=":".join(fields.values()))
+        assert not verify(NEW_SECRET, replay, body), name
+        with pytest.raises(WebhookVerificationError):
+            Webhook(NEW_SECRET).verify(body, replay)
+    assert not verify(NEW_SECRET, headers, body + b" ")
+    assert not verify(UNKNOWN_SECRET, headers, body)
+    # A callback signed with the right key, an hour ago: a replay.
+    an_hour_ago = int(headers["webhook-timestamp"]) - 3600
+    stale = forged(
+        webhook_timestamp=str(an_hour_ago),
+        webhook_signature=Webhook(NEW_SECRET).sign(
+            headers["webhook-id"], datetime.fromtimestamp(an_hour_ago, UTC), body.decode()
+        ),
+    )
+    assert not verify(NEW_SECRET, stale, body)
+
+    # A client may choose the body (echo) so that the signed text splits another way, with a
+    # fresh timestamp of its own inside; the signature then fits a shorter body, which the
+    # package alone accepts, and the README's check of the three fields does not.
+    own_timestamp = str(int(time.time()))
+    shifted_call = await post_async(
+        http,
+        gateway,
+        "/async-function/echo",
+        callbacks.url,
+        data=own_timestamp.encode() + b'.{"paid": true}',
+    )
+    await callbacks.wait_for_requests(4, DEADLINE_S)
+    signed = callbacks.by_call_id()[shifted_call][-1]
+    shifted_id = f"{signed.headers['webhook-id']}.{signed.headers['webhook-timestamp']}"
+    shifted = CIMultiDict(signed.headers)
+    shifted["webhook-id"] = shifted_id
+    shifted["webhook-timestamp"] = own_timestamp
+    shifted["X-Function-Status"] = shifted_id.split(":")[2]
+    assert Webhook(NEW_SECRET).verify(b'{"paid": true}', shifted) == {"paid": True}
+    assert not verify(NEW_SECRET, shifted, b'{"paid": true}')
 
 
 def readme_verify() -> Callable[..., bool]:
     text = (ROOT / "README.md").read_text()
-    start = text.index("```python\n", text.index("X-Callback-Signature: sha256=")) + len(
-        "```python\n"
-    )
+    start = text.rindex("```python\n", 0, text.index("\ndef verify(")) + len("```python\n")
     namespace: dict[str, Any] = {}
     exec(text[start : text.index("```", start)], namespace)
     return namespace["verify"]  # type: ignore[no-any-return]
+
+
+async def test_callbacks_carry_none_of_the_functions_credentials_and_each_of_our_headers_once(
+    recorder: StartRecorder,
+    start_gateway: StartGateway,
+    start_worker: StartWorker,
+    http: aiohttp.ClientSession,
+) -> None:
+    theirs = CIMultiDict(
+        [
+            ("X-Call-Id", "forged-call"),
+            ("X-Function-Name", "payments"),
+            ("X-Function-Status", "200"),
+            ("X-Duration-Seconds", "0.1"),
+            ("X-Retry", "7"),
+            ("X-Retry-Max", "7"),
+            ("Authorization", "Bearer function-token"),
+            ("Cookie", "session=function"),
+            ("Set-Cookie", "session=function"),
+            ("Set-Cookie2", "old=function"),
+            ("Proxy-Foo", "function"),
+            ("X-Callback-Url", "http://elsewhere.example/"),
+            ("X-Callback-Anything", "function"),
+            ("webhook-id", "forged-call:payments:200"),
+            ("webhook-timestamp", "1"),
+            ("webhook-signature", "v1,Zm9yZ2Vk"),
+            ("X-Custom", "kept"),
+        ]
+    )
+
+    async def answer(request: web.Request, recorded: RecordedRequest) -> web.Response:
+        return web.Response(status=500, body=b"boom", content_type="text/plain", headers=theirs)
+
+    function = await recorder(answer)
+    callbacks = await recorder()
+    registry = registry_of(failing=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    await start_worker(
+        registry, **{**FAST_RETRIES, "max_retry_attempts": 2}, callback_signing_secret=NEW_SECRET
+    )
+    call_id = await post_async(http, gateway, "/async-function/failing", callbacks.url)
+    [callback] = await callbacks.wait_for_requests(1, DEADLINE_S)
+    ours = {
+        "X-Call-Id": call_id,
+        "X-Function-Name": "failing",
+        "X-Function-Status": "500",
+        "X-Retry": "2",
+        "X-Retry-Max": "2",
+        "webhook-id": f"{call_id}:failing:500",
+        "Content-Type": "text/plain",
+        "X-Custom": "kept",
+    }
+    for name, value in ours.items():
+        assert callback.headers.getall(name) == [value], name
+    for name in ("X-Duration-Seconds", "webhook-timestamp", "webhook-signature", "Content-Length"):
+        assert len(callback.headers.getall(name)) == 1, name
+    assert callback.headers["X-Duration-Seconds"] != "0.1"
+    for name in (
+        "Authorization",
+        "Cookie",
+        "Set-Cookie",
+        "Set-Cookie2",
+        "Proxy-Foo",
+        "X-Callback-Url",
+        "X-Callback-Anything",
+    ):
+        assert name not in callback.headers, name
+    assert readme_verify()(NEW_SECRET, callback.headers, callback.body)
 
 
 async def test_callback_urls_to_forbidden_hosts_are_refused_at_enqueue_and_at_send(
@@ -290,6 +431,12 @@ async def test_callback_urls_to_forbidden_hosts_are_refused_at_enqueue_and_at_se
         (gateway, "http://169.254.169.254/latest/meta-data"),
         (gateway, "http://[fe80::1]/x"),
         (gateway, "http://0.0.0.0:9/x"),
+        (gateway, "http://0:9/x"),  # a name for 0.0.0.0
+        # IPv6 forms of 169.254.169.254: IPv4-mapped, IPv4-compatible, NAT64, 6to4.
+        (gateway, "http://[::ffff:169.254.169.254]/x"),
+        (gateway, "http://[::169.254.169.254]/x"),
+        (gateway, "http://[64:ff9b::a9fe:a9fe]/x"),
+        (gateway, "http://[2002:a9fe:a9fe::1]/x"),
         (listed, callbacks.url + "/x"),
     ]:
         async with http.post(
@@ -539,6 +686,49 @@ async def test_callbacks_follow_307_and_308_with_the_body_and_fail_on_other_redi
     assert await wait_until(lambda: state_of(ids[307]), DEADLINE_S, "307") == "delivered"
     assert await wait_until(lambda: state_of(ids[302]), DEADLINE_S, "302") == "failed"
     assert len([r for r in redirecting.requests if "302" in r.query_string]) == 1  # final
+
+
+async def test_a_callback_redirected_to_a_forbidden_address_is_refused_at_that_hop(
+    recorder: StartRecorder,
+    start_gateway: StartGateway,
+    start_worker: StartWorker,
+    http: aiohttp.ClientSession,
+) -> None:
+    landed = await recorder()
+    port = landed.url.rsplit(":", 1)[1]
+
+    async def redirect(request: web.Request, recorded: RecordedRequest) -> web.Response:
+        return web.Response(status=307, headers={"Location": request.query["to"]})
+
+    redirecting = await recorder(redirect)
+    function = await recorder(lambda request, recorded: _text_response("result"))
+    registry = registry_of(echo=function.url)
+    gateway = await ready_gateway(start_gateway, http, registry)
+    await start_worker(registry)
+    targets = [
+        # "0" is a name the resolver turns into 0.0.0.0, which connects to this host; the
+        # socket then reports 127.0.0.1 as its peer, so only the address dialed tells.
+        f"http://0:{port}/landed",
+        f"http://0.0.0.0:{port}/landed",
+        f"http://[::]:{port}/landed",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::ffff:169.254.169.254]/latest/meta-data",
+        "http://[::169.254.169.254]/latest/meta-data",
+        "http://[64:ff9b::a9fe:a9fe]/latest/meta-data",
+        "http://[2002:a9fe:a9fe::]/latest/meta-data",
+    ]
+    for target in targets:
+        callback_url = str(URL(redirecting.url + "/cb").with_query(to=target))
+        call_id = await post_async(http, gateway, "/async-function/echo", callback_url)
+
+        async def settled(call_id: str = call_id) -> str | None:
+            _, record = await get_json(http, gateway.url(f"/system/activations/{call_id}"))
+            state = record["callback"]["state"]
+            return str(state) if state != "pending" else None
+
+        assert await wait_until(settled, DEADLINE_S, target) == "failed", target
+        assert landed.requests == [], target
+    assert len(redirecting.requests) == len(targets)  # each first hop was reached, once
 
 
 async def _text_response(text: str) -> web.Response:

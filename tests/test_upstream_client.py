@@ -34,6 +34,7 @@ from faas_common.upstream import (
     UpstreamConnectError,
     UpstreamDisconnectedError,
     UpstreamError,
+    UpstreamRefusedError,
     UpstreamResponse,
     UpstreamTimeoutError,
     _Connection,
@@ -1604,6 +1605,71 @@ async def test_https_with_an_untrusted_certificate(certificate, https_server, ma
     client = make_client(ssl_context=ssl.create_default_context(cafile=str(cert)))
     _, body = await fetch(client, https_server.url("/t"))
     assert body == b"GET /t "
+
+
+# --- checking where a request goes (allow_peer) ---------------------------------------------------
+
+
+class Addresses:
+    """An allow_peer that notes every address it is asked about and allows what it is told."""
+
+    def __init__(self, allow: bool = True) -> None:
+        self.allow = allow
+        self.seen: list[str] = []
+
+    def __call__(self, address: str) -> bool:
+        self.seen.append(address)
+        return self.allow
+
+
+async def checked(client: UpstreamClient, url: URL, addresses: Addresses) -> bytes:
+    async with await client.request("GET", url, [], None, LONG, allow_peer=addresses) as response:
+        return await response.read()
+
+
+async def test_allow_peer_is_asked_about_the_address_dialed_before_connecting(raw_server, client):
+    server = await raw_server(answer_each(OK_ANSWER))
+    # "0" resolves to 0.0.0.0, which connects to this host: a socket connected so reports
+    # 127.0.0.1 as its peer, so only the address dialed shows where the request went.
+    url = URL(f"http://0:{server.port}/")
+    refusing = Addresses(allow=False)
+    with pytest.raises(UpstreamRefusedError, match=r"0\.0\.0\.0"):
+        await checked(client, url, refusing)
+    assert refusing.seen == ["0.0.0.0"]
+    assert server.connections == []  # refused before connecting
+
+    allowing = Addresses()
+    assert await checked(client, url, allowing) == b"fine"
+    assert await checked(client, url, allowing) == b"fine"  # kept alive, and asked again
+    assert allowing.seen == ["0.0.0.0", "0.0.0.0"]
+    assert len(server.connections) == 1
+    with pytest.raises(UpstreamRefusedError):
+        await checked(client, url, refusing)
+    assert idle_connections(client) == []  # the kept-alive connection is dropped
+
+
+async def test_unchecked_connections_are_not_lent_to_checked_requests(raw_server, client):
+    server = await raw_server(answer_each(OK_ANSWER))
+    await assert_client_still_works(client, server.url())
+    addresses = Addresses()
+    assert await checked(client, server.url(), addresses) == b"fine"
+    assert addresses.seen == ["127.0.0.1"]
+    assert len(server.connections) == 2
+    await assert_client_still_works(client, server.url())  # either pooled one will do
+    assert len(server.connections) == 2
+
+
+async def test_checked_https_request_connects_by_address_with_the_certificate_checked(
+    certificate, https_server, make_client
+):
+    cert, _ = certificate
+    with pytest.raises(UpstreamConnectError):
+        await checked(make_client(), https_server.url(), Addresses())  # an untrusted certificate
+    client = make_client(ssl_context=ssl.create_default_context(cafile=str(cert)))
+    url = URL(f"https://localhost:{https_server.server.port}/tls")
+    addresses = Addresses()
+    assert await checked(client, url, addresses) == b"GET /tls "
+    assert "127.0.0.1" in addresses.seen
 
 
 # --- the keep-alive race ----------------------------------------------------------------------
