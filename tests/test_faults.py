@@ -980,8 +980,9 @@ async def test_nats_killed_for_seconds_runs_no_call_twice(
         lambda: status_is(http_status(http, gateway.url("/healthz")), 200), WAIT_S, "gateway"
     )
     queued = [await accepted(http, gateway, "work", receiver.url) for _ in range(300)]
-    # A short lease: messages whose delivery the server forgot come back soon.
-    await start_worker(registry, max_inflight=50, ack_wait_s=3.0)
+    # A lease longer than the outage (as the default 30 s is), yet short enough that messages
+    # whose delivery the server forgot come back soon.
+    await start_worker(registry, max_inflight=50, ack_wait_s=10.0)
     await wait_until(lambda: len(receiver.requests) >= 100, WAIT_S, "a third of the callbacks")
     nats_server.kill()
     killed_at = asyncio.get_running_loop().time()
