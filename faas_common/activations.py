@@ -43,13 +43,13 @@ from faas_common.jetstream import (
     direct_get_batch,
     ensure_key_value,
     ensure_limited_stream,
-    is_storage_full,
     keep_limits,
     message_sequence,
 )
 from faas_common.logs import call_context
 from faas_common.message import QueuedCall
 from faas_common.outcome import Outcome
+from faas_common.results import ResultStore, ResultStoreError
 from faas_common.settings import CommonSettings
 
 log = logging.getLogger("faas.activations")
@@ -258,7 +258,7 @@ class Activation:
         self.duration_s = outcome.duration_s
         self.response = {
             "contentType": outcome.content_type(),
-            "bodySize": len(outcome.body),
+            "bodySize": outcome.body_size,
             "truncated": False,
             **(stored or {}),
         }
@@ -432,6 +432,7 @@ class ActivationStore:
         self._stream = f"KV_{settings.activation_bucket}"
         self._direct_get = f"$JS.API.DIRECT.GET.{self._stream}"
         self._timeout_s = 5.0
+        self.results = ResultStore(nc, js, acks, results_bucket(settings))
 
     def subject(self, call_id: str) -> str:
         return self._subject_prefix + call_id
@@ -525,27 +526,32 @@ class ActivationStore:
             raise ActivationStoreError(f"writing the record failed: {exc!r}") from exc
         activation.revision = ack_sequence(ack)
 
-    async def store_result(self, call_id: str, body: bytes) -> tuple[bytes, dict[str, Any]]:
-        """Where a response body goes: (bytes kept inline, what the record says about it)."""
+    async def store_result(self, call_id: str, outcome: Outcome) -> tuple[bytes, dict[str, Any]]:
+        """Where a response body goes: (bytes kept inline, what the record says about it).
+
+        Up to INLINE_RESULT_BYTES beside the record; larger, in the results store (a body too
+        large to hold is there already, whole: the result route serves its first
+        activation_max_result_bytes, callbacks all of it).
+        """
         limit = self._settings.activation_max_result_bytes
+        if outcome.spooled_size is not None:
+            return b"", {"truncated": outcome.spooled_size > limit, "storedIn": "objectStore"}
+        body = outcome.body
         kept = body[:limit]
         stored: dict[str, Any] = {"truncated": len(kept) < len(body)}
         if len(kept) <= INLINE_RESULT_BYTES:
             return kept, stored
         try:
-            store = await self._js.object_store(results_bucket(self._settings))
-            await store.put(call_id, kept)
-        except APIError as exc:
-            if not is_storage_full(exc.err_code):
-                raise ActivationStoreError(f"storing the result failed: {exc!r}") from exc
+            await self.results.put(call_id, kept)
+        except ResultStoreError as exc:
+            if not exc.storage_full:
+                raise ActivationStoreError(str(exc)) from exc
             # Waiting for room could take until results expire; the call is finished, so
-            # keep what fits beside the record (nats-py removed the chunks it had sent).
+            # keep what fits beside the record.
             log.warning(
                 "results store full: result of %s cut to %d bytes", call_id, INLINE_RESULT_BYTES
             )
             return kept[:INLINE_RESULT_BYTES], {"truncated": True, "storageFull": True}
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise ActivationStoreError(f"storing the result failed: {exc!r}") from exc
         return b"", {**stored, "storedIn": "objectStore"}
 
     async def get(self, call_id: str) -> StoredActivation | None:
@@ -584,15 +590,16 @@ class ActivationStore:
         return records
 
     async def result_body(self, stored: StoredActivation) -> bytes:
+        """The body the result route serves: at most activation_max_result_bytes."""
         response = stored.record.get("response") or {}
         if response.get("storedIn") != "objectStore":
             return stored.inline_body
         try:
-            store = await self._js.object_store(results_bucket(self._settings))
-            result = await store.get(str(stored.record["callId"]))
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise ActivationStoreError(f"reading the result failed: {exc!r}") from exc
-        return result.data or b""
+            return await self.results.read(
+                str(stored.record["callId"]), self._settings.activation_max_result_bytes
+            )
+        except ResultStoreError as exc:
+            raise ActivationStoreError(f"reading the result failed: {exc}") from exc
 
 
 def ack_sequence(ack: bytes) -> int:

@@ -76,13 +76,24 @@ def webhook_id(call_id: str, function: str, status_code: int) -> str:
 def sign(keys: Iterable[bytes], message_id: str, timestamp: int, body: bytes) -> str:
     """``webhook-signature``: ``v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">`` for each
     key, space-separated."""
-    head = f"{message_id}.{timestamp}.".encode()
-    signatures = []
-    for key in keys:
-        mac = hmac.new(key, head, hashlib.sha256)
-        mac.update(body)  # not joined to the head: a body can be large
-        signatures.append("v1," + base64.b64encode(mac.digest()).decode())
-    return " ".join(signatures)
+    signer = Signer(keys, message_id, timestamp)
+    signer.update(body)  # not joined to the head: a body can be large
+    return signer.signature()
+
+
+class Signer:
+    """``sign`` for a body read piece by piece (one too large to hold)."""
+
+    def __init__(self, keys: Iterable[bytes], message_id: str, timestamp: int) -> None:
+        head = f"{message_id}.{timestamp}.".encode()
+        self._macs = [hmac.new(key, head, hashlib.sha256) for key in keys]
+
+    def update(self, piece: bytes) -> None:
+        for mac in self._macs:
+            mac.update(piece)
+
+    def signature(self) -> str:
+        return " ".join("v1," + base64.b64encode(mac.digest()).decode() for mac in self._macs)
 
 
 # RFC 6052's well-known NAT64 prefix: a translator sends these on to the IPv4 address inside.

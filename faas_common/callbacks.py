@@ -8,7 +8,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
 
 from multidict import CIMultiDict
@@ -16,8 +16,8 @@ from yarl import URL
 
 from faas_common.callback_policy import (
     HostPolicy,
+    Signer,
     parse_address,
-    sign,
     signing_keys,
     webhook_id,
 )
@@ -34,6 +34,7 @@ from faas_common.headers import (
 )
 from faas_common.logs import call_context
 from faas_common.outcome import Outcome
+from faas_common.results import ResultStore, ResultStoreError
 from faas_common.settings import CommonSettings
 from faas_common.upstream import (
     Timeouts,
@@ -142,10 +143,19 @@ def _copied(lowered_name: str, ours: frozenset[str]) -> bool:
 MAX_REDIRECTS = 5
 
 
+Body = bytes | Callable[[], AsyncIterable[bytes]]
+
+
 class CallbackSender:
-    def __init__(self, settings: CommonSettings, client: UpstreamClient) -> None:
+    def __init__(
+        self,
+        settings: CommonSettings,
+        client: UpstreamClient,
+        results: Callable[[], ResultStore] | None = None,
+    ) -> None:
         self._settings = settings
         self._client = client
+        self._results = results  # where a body too large to hold was stored (once connected)
         self._hosts = HostPolicy.parse(settings.callback_allowed_hosts)
         self._keys = signing_keys(settings.callback_signing_secret)
 
@@ -158,6 +168,13 @@ class CallbackSender:
         extra_headers: Iterable[tuple[str, str]] = (),
     ) -> CallbackResult:
         headers = callback_headers(call_id, function, outcome, extra_headers)
+        body: Body = outcome.body
+        if outcome.spooled_size is not None:
+            # Read from the results store again for each attempt (and each redirect), never
+            # held whole; its length is known, so receivers get a Content-Length.
+            assert self._results is not None, "a spooled body needs the results store"
+            body = functools.partial(self._results().chunks, call_id)
+            headers["Content-Length"] = str(outcome.spooled_size)
         if self._keys:
             headers[WEBHOOK_ID] = webhook_id(call_id, function, outcome.status_code)
         limit_s = self._settings.callback_timeout_s
@@ -171,16 +188,21 @@ class CallbackSender:
                 # minutes later is no replay. The id stays, for them to de-duplicate on.
                 timestamp = int(time.time())
                 headers[WEBHOOK_TIMESTAMP] = str(timestamp)
-                headers[WEBHOOK_SIGNATURE] = sign(
-                    self._keys, headers[WEBHOOK_ID], timestamp, outcome.body
-                )
+                signer = Signer(self._keys, headers[WEBHOOK_ID], timestamp)
             status: int | None = None
             try:
-                status = await self._post(URL(callback_url), headers, outcome.body, timeouts)
+                if self._keys:
+                    if isinstance(body, bytes):
+                        signer.update(body)
+                    else:
+                        async for piece in body():
+                            signer.update(piece)
+                    headers[WEBHOOK_SIGNATURE] = signer.signature()
+                status = await self._post(URL(callback_url), headers, body, timeouts)
             except UpstreamRefusedError as exc:
                 log.warning("callback refused: %s", exc, extra=context)
                 return CallbackResult(delivered=False, attempts=attempt, last_status=None)
-            except UpstreamError as exc:
+            except (UpstreamError, ResultStoreError) as exc:
                 log.info(
                     "callback attempt %d to %s failed: %s",
                     attempt,
@@ -220,7 +242,7 @@ class CallbackSender:
             await asyncio.sleep(verdict.retry_after_s)
 
     async def _post(
-        self, url: URL, headers: CIMultiDict[str], body: bytes, timeouts: Timeouts
+        self, url: URL, headers: CIMultiDict[str], body: Body, timeouts: Timeouts
     ) -> int:
         """One delivery attempt: the final status, after following 307 and 308 with the body
         (a redirect that drops the body would lose the result); other 3xx are answers."""
@@ -234,7 +256,7 @@ class CallbackSender:
                 "POST",
                 url,
                 headers.items(),
-                body,
+                body if isinstance(body, bytes) else body(),
                 timeouts,
                 allow_peer=functools.partial(self._allows, host),
             ) as response:

@@ -14,6 +14,13 @@ class Outcome:
     # The function could not be reached or ran over its timeout: worth another try whatever
     # the status code says.
     unreachable_or_timed_out: bool = False
+    # A body too large to hold (max_held_response_bytes) is not in ``body``: it went into the
+    # results store under the call id as it arrived, and this is its size.
+    spooled_size: int | None = None
+
+    @property
+    def body_size(self) -> int:
+        return len(self.body) if self.spooled_size is None else self.spooled_size
 
     @property
     def succeeded(self) -> bool:

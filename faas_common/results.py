@@ -19,7 +19,13 @@ import orjson
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from faas_common.jetstream import AckedPublisher, direct_get_batch, message_sequence
+from faas_common.jetstream import (
+    AckedPublisher,
+    PublishRejectedError,
+    direct_get_batch,
+    is_storage_full,
+    message_sequence,
+)
 from faas_common.upstream import UpstreamResponse
 
 CHUNK_BYTES = 128 * 1024  # nats-py's and the CLI's default chunk size
@@ -32,6 +38,10 @@ TIMEOUT_S = 5.0
 
 class ResultStoreError(RuntimeError):
     """A body could not be stored or read: NATS is away, the store is full, or it is gone."""
+
+    def __init__(self, message: str, storage_full: bool = False) -> None:
+        super().__init__(message)
+        self.storage_full = storage_full  # the store is at its limit (it frees up as bodies expire)
 
 
 class ResultStore:
@@ -102,7 +112,8 @@ class ResultStore:
             with contextlib.suppress(Exception):
                 await self._js.purge_stream(self._stream, subject=chunk_subject)
             if isinstance(exc, TimeoutError | nats.errors.Error):
-                raise ResultStoreError(f"storing the body failed: {exc!r}") from exc
+                full = isinstance(exc, PublishRejectedError) and is_storage_full(exc.err_code)
+                raise ResultStoreError(f"storing the body failed: {exc!r}", full) from exc
             raise
         if previous is not None and previous.get("nuid"):
             with contextlib.suppress(TimeoutError, nats.errors.Error):
@@ -174,12 +185,12 @@ async def take_body(
     response: UpstreamResponse,
     name: str,
     max_buffered_bytes: int,
-    results: "ResultStore | None",
+    results: "ResultStore",
 ) -> tuple[bytes, int | None]:
     """A response's body: held in memory up to ``max_buffered_bytes``; a larger one goes on
     into the result store under ``name`` as it arrives, and only its size comes back."""
     declared = response.content_length
-    if results is None or (declared is not None and declared <= max_buffered_bytes):
+    if declared is not None and declared <= max_buffered_bytes:
         return await response.read(), None
     held: list[bytes] = []
     size = 0

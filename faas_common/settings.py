@@ -131,6 +131,13 @@ class CommonSettings(BaseSettings):
         "Most bytes of a function's response body kept with its record; the rest is cut off "
         "and the record says truncated (callbacks still get the whole body).",
     )
+    max_held_response_bytes: int = setting(
+        8 * 1024 * 1024,
+        "max_held_response_bytes",
+        "A function response larger than this, of an async call or a sync call that turned "
+        "async, is never held whole in memory: it goes into the results object store as it "
+        "arrives, and its callback is sent from there.",
+    )
     record_activations: bool = setting(
         True,
         "record_activations",

@@ -161,7 +161,11 @@ async def _queue_publisher(app: web.Application) -> AsyncIterator[None]:
 async def _sync_proxy(app: web.Application) -> AsyncIterator[None]:
     settings, client = app[SETTINGS], app[UPSTREAM_CLIENT]
     demotions = Demotions(
-        settings, app[PUBLISHER], app[QUERIES], CallbackSender(settings, client), app[CALLBACK_URLS]
+        settings,
+        app[PUBLISHER],
+        app[QUERIES],
+        CallbackSender(settings, client, app[PUBLISHER].results),
+        app[CALLBACK_URLS],
     )
     app[SYNC_PROXY] = SyncProxy(
         settings,

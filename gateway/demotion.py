@@ -28,6 +28,7 @@ from faas_common.logs import call_context
 from faas_common.message import QueuedCall
 from faas_common.outcome import Outcome, failure
 from faas_common.registry import FunctionSpec
+from faas_common.results import ResultStore, ResultStoreError, take_body
 from faas_common.upstream import UpstreamError, UpstreamResponse, UpstreamTimeoutError
 from gateway.activation_api import location_of, result_response, unfinished_response
 from gateway.activations import ActivationQueries
@@ -176,7 +177,13 @@ class Demotions:
     ) -> None:
         context = call_context(call.call_id, function.name)
         try:
-            outcome = await outcome_of(pending, function, call)
+            outcome = await outcome_of(
+                pending,
+                function,
+                call,
+                self._settings.max_held_response_bytes,
+                self._publisher.results(),
+            )
         except asyncio.CancelledError:
             pending.cancel()
             outcome = failure(
@@ -203,7 +210,7 @@ class Demotions:
         was cancelled meanwhile (the cancellation stands, and no callback is sent)."""
         try:
             store = self._publisher.activations()
-            kept, stored = await store.store_result(activation.call_id, outcome.body)
+            kept, stored = await store.store_result(activation.call_id, outcome)
             activation.finish(outcome, stored)
             await store.put(activation, kept)
             return kept
@@ -254,18 +261,29 @@ class AsyncAfter:
 
 
 async def outcome_of(
-    pending: "asyncio.Task[UpstreamResponse]", function: FunctionSpec, call: CallContext
+    pending: "asyncio.Task[UpstreamResponse]",
+    function: FunctionSpec,
+    call: CallContext,
+    max_held_bytes: int,
+    results: ResultStore,
 ) -> Outcome:
     try:
         upstream = await pending
         async with upstream:
-            body = await upstream.read()
+            body, spooled_size = await take_body(upstream, call.call_id, max_held_bytes, results)
             return Outcome(
                 status_code=upstream.status,
                 headers=list(end_to_end(upstream.headers, frozenset({"content-length"})).items()),
                 body=body,
                 duration_s=call.elapsed_s(),
+                spooled_size=spooled_size,
             )
+    except ResultStoreError as exc:
+        return failure(
+            502,
+            f"the response was too large to hold and could not be stored: {exc}",
+            call.elapsed_s(),
+        )
     except UpstreamTimeoutError:
         return failure(
             504, f"function {function.name!r} did not answer within its timeout", call.elapsed_s()

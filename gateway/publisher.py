@@ -16,6 +16,7 @@ from faas_common.dead_letters import ensure_dead_letter_stream
 from faas_common.function_store import FunctionWatch
 from faas_common.headers import CALL_ID, NATS_MSG_ID
 from faas_common.jetstream import PublishRejectedError
+from faas_common.results import ResultStore
 from gateway.errors import PayloadTooLargeError, QueueUnavailableError, QueueUncertainError
 from gateway.settings import GatewaySettings
 
@@ -158,6 +159,11 @@ class Publisher:
         self.raise_unless_ready()
         assert self._activations is not None
         return self._activations
+
+    def results(self) -> ResultStore:
+        """Where bodies too large to hold go; usable while NATS is away (writes fail then)."""
+        assert self._activations is not None, "not connected yet"
+        return self._activations.results
 
     def client(self) -> NatsClient:
         self.raise_unless_ready()

@@ -335,7 +335,7 @@ class CallHandler:
         async def write() -> bytes:
             body = b""
             if keep_body:
-                body, stored = await store.store_result(activation.call_id, outcome.body)
+                body, stored = await store.store_result(activation.call_id, outcome)
                 activation.note_stored(stored)
             await self._write(activation, body)
             return body

@@ -8,14 +8,18 @@ from faas_common.headers import CALL_ID, RETRY, RETRY_MAX, START_TIME, end_to_en
 from faas_common.message import QueuedCall
 from faas_common.outcome import Outcome, failure
 from faas_common.registry import FunctionSpec
+from faas_common.results import ResultStore, ResultStoreError, take_body
 from faas_common.upstream import Timeouts, UpstreamClient, UpstreamError, UpstreamTimeoutError
 from queue_worker.settings import WorkerSettings
 
 
 class FunctionInvoker:
-    def __init__(self, settings: WorkerSettings, client: UpstreamClient) -> None:
+    def __init__(
+        self, settings: WorkerSettings, client: UpstreamClient, results: ResultStore
+    ) -> None:
         self._settings = settings
         self._client = client
+        self._results = results  # where a response too large to hold goes as it arrives
 
     async def invoke(
         self, call: QueuedCall, function: FunctionSpec | None, attempt: int, max_attempts: int
@@ -42,7 +46,9 @@ class FunctionInvoker:
                 call.body,
                 timeouts,
             ) as response:
-                body = await response.read()
+                body, spooled_size = await take_body(
+                    response, call.call_id, self._settings.max_held_response_bytes, self._results
+                )
                 return Outcome(
                     status_code=response.status,
                     headers=list(
@@ -50,7 +56,18 @@ class FunctionInvoker:
                     ),
                     body=body,
                     duration_s=time.monotonic() - started,
+                    spooled_size=spooled_size,
                 )
+        except ResultStoreError as exc:
+            # Not lost: tried again later, when the store may have room (it is at its limit,
+            # or NATS is away).
+            return failure(
+                502,
+                f"the response of {function.name!r} was too large to hold and could not be "
+                f"stored: {exc}",
+                time.monotonic() - started,
+                unreachable_or_timed_out=True,
+            )
         except UpstreamTimeoutError:
             return failure(
                 504,

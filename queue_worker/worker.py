@@ -24,6 +24,7 @@ from faas_common.activations import (
     ActivationStoreError,
     StoredActivation,
     ensure_activation_storage,
+    results_bucket,
 )
 from faas_common.callbacks import CallbackSender
 from faas_common.cancellations import CancellationWatch
@@ -34,6 +35,7 @@ from faas_common.logs import call_context
 from faas_common.loops import new_event_loop
 from faas_common.message import MalformedMessageError, QueuedCall
 from faas_common.registry import Registry
+from faas_common.results import ResultStore
 from faas_common.retries import RetryPolicy, parse_codes
 from faas_common.upstream import UpstreamClient
 from queue_worker.admission import Admission, Claim, RecentIds
@@ -193,15 +195,17 @@ class Worker:
         self._js = self._nc.jetstream()
         acks = jetstream.AckedPublisher(self._nc)
         await acks.start()
+        results = ResultStore(self._nc, self._js, acks, results_bucket(self.settings))
         if self.settings.record_activations:
             self._activations = ActivationStore(self._nc, self._js, acks, self.settings)
+            results = self._activations.results
         self._handler = CallHandler(
             self.settings,
             self.registry,
             self._functions.synced,
             self.admission,
-            FunctionInvoker(self.settings, self._client),
-            CallbackSender(self.settings, self._client),
+            FunctionInvoker(self.settings, self._client, results),
+            CallbackSender(self.settings, self._client, lambda: results),
             self.metrics,
             acks,
             self._activations,
@@ -219,8 +223,8 @@ class Worker:
     async def _bind(self) -> None:
         assert self._js is not None and self._handler is not None
         await jetstream.ensure_stream(self._js, self.settings)
-        if self.settings.record_activations:
-            await ensure_activation_storage(self._js, self.settings)
+        # The results store too when records are off: large responses go there, not to memory.
+        await ensure_activation_storage(self._js, self.settings)
         await ensure_dead_letter_stream(self._js, self.settings)
         if self._cancellations is None:
             # Before the first fetch: a call cancelled while queued must never start.
