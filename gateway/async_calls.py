@@ -1,21 +1,10 @@
 """Async invocation: validate, read the body within the limit, enqueue durably, answer 202."""
 
 import logging
-import time
 
 from aiohttp import web
 
-from faas_common.activations import (
-    QUEUED,
-    Activation,
-    ActivationExistsError,
-    ActivationStoreError,
-    RecordConflictError,
-    StoredActivation,
-    queued_at_ns,
-)
-from faas_common.headers import CALL_ID, CALLBACK_URL
-from faas_common.logs import call_context
+from faas_common.headers import CALLBACK_URL
 from faas_common.message import QueuedCall
 from faas_common.registry import Registry
 from gateway.activation_api import location_of, result_response, unfinished_response
@@ -23,12 +12,9 @@ from gateway.activations import ActivationQueries
 from gateway.callback_urls import CallbackUrls
 from gateway.calls import CallContext
 from gateway.errors import (
-    ConflictError,
     GatewayError,
     MethodNotAllowedError,
     PayloadTooLargeError,
-    QueueUnavailableError,
-    QueueUncertainError,
 )
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from gateway.prefer import PREFER, PREFERENCE_APPLIED, parse_prefer, wait_applied
@@ -88,65 +74,15 @@ class AsyncInvoker:
                 callback_url=callback_url,
                 accepted_at_ns=call.start_ns,
             )
-            subject = self._settings.subject_for(function.queue, function.name)
-            if self._settings.record_activations:
-                await self._enqueue_recorded(queued, subject)
-            else:
-                await self._publisher.publish(subject, queued.encode(), call.call_id)
+            await self._publisher.enqueue(
+                queued, self._settings.subject_for(function.queue, function.name)
+            )
         except GatewayError as exc:
             self._metrics.observe_async(label, exc.status)
             raise
         self._metrics.observe_async(label, 202)
         prefer = parse_prefer(request.headers.getall(PREFER, []))
         return await self.accepted(call.call_id, function.name, prefer.wait_s)
-
-    async def _enqueue_recorded(self, queued: QueuedCall, subject: str) -> None:
-        """Record the call, then queue it: the record's conditional create is what makes a
-        call id one call's. Posted again, the same request is the same call (queued once);
-        another request with a used id is a 409, and nothing is queued or overwritten."""
-        context = call_context(queued.call_id, queued.function)
-        store = self._publisher.activations()
-        activation = Activation.queued(queued)
-        try:
-            await store.create(activation)
-        except ActivationExistsError as exc:
-            await self._posted_again(queued, subject, exc.stored)
-            return
-        except ActivationStoreError as exc:
-            raise QueueUnavailableError(f"the call cannot be recorded now: {exc}") from exc
-        try:
-            await self._publisher.publish(subject, queued.encode(), queued.call_id)
-        except QueueUncertainError:
-            raise  # perhaps queued: the record stays, and a re-post completes the call
-        except GatewayError:
-            # Not queued: free the call id, so the client can post the same call again.
-            try:
-                await store.delete(activation)
-            except (ActivationStoreError, RecordConflictError) as exc:
-                log.warning("record of a call not queued left: %s", exc, extra=context)
-            raise
-        log.debug("queued", extra=context)
-
-    async def _posted_again(
-        self, queued: QueuedCall, subject: str, stored: StoredActivation | None
-    ) -> None:
-        call_id = queued.call_id
-        if stored is None or stored.record.get("requestDigest") != queued.request_digest():
-            raise ConflictError(
-                f"{CALL_ID} {call_id!r} is used by another call; a call id may be posted "
-                "again only with the same function, method, path, query, body and callback URL"
-            )
-        record = stored.record
-        queued_for_s = (time.time_ns() - queued_at_ns(stored)) / 1e9
-        if (
-            record.get("status") == QUEUED
-            and not record.get("attempts")
-            and queued_for_s < self._settings.duplicate_window_s
-        ):
-            # Its first post may have failed after the record was written: queue it again
-            # under the same message id, which JetStream drops if the first one got there.
-            await self._publisher.publish(subject, queued.encode(), call_id)
-        log.debug("posted again: the same call", extra=call_context(call_id, queued.function))
 
     async def accepted(
         self, call_id: str, function: str, wait_s: float | None

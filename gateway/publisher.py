@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -11,13 +12,31 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from faas_common import jetstream
-from faas_common.activations import ActivationStore, ensure_activation_storage
+from faas_common.activations import (
+    QUEUED,
+    Activation,
+    ActivationExistsError,
+    ActivationStore,
+    ActivationStoreError,
+    RecordConflictError,
+    StoredActivation,
+    ensure_activation_storage,
+    queued_at_ns,
+)
 from faas_common.dead_letters import ensure_dead_letter_stream
 from faas_common.function_store import FunctionWatch
 from faas_common.headers import CALL_ID, NATS_MSG_ID
 from faas_common.jetstream import PublishRejectedError
+from faas_common.logs import call_context
+from faas_common.message import QueuedCall
 from faas_common.results import ResultStore
-from gateway.errors import PayloadTooLargeError, QueueUnavailableError, QueueUncertainError
+from gateway.errors import (
+    ConflictError,
+    GatewayError,
+    PayloadTooLargeError,
+    QueueUnavailableError,
+    QueueUncertainError,
+)
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")
@@ -174,6 +193,61 @@ class Publisher:
         self.raise_unless_ready()
         assert self._js is not None
         return self._js
+
+    async def enqueue(self, queued: QueuedCall, subject: str) -> None:
+        """Record the call and queue it (see _enqueue_recorded); without records, queue it."""
+        if self._settings.record_activations:
+            await self._enqueue_recorded(queued, subject)
+        else:
+            await self.publish(subject, queued.encode(), queued.call_id)
+
+    async def _enqueue_recorded(self, queued: QueuedCall, subject: str) -> None:
+        """Record the call, then queue it: the record's conditional create is what makes a
+        call id one call's. Posted again, the same request is the same call (queued once);
+        another request with a used id is a 409, and nothing is queued or overwritten."""
+        context = call_context(queued.call_id, queued.function)
+        store = self.activations()
+        activation = Activation.queued(queued)
+        try:
+            await store.create(activation)
+        except ActivationExistsError as exc:
+            await self._posted_again(queued, subject, exc.stored)
+            return
+        except ActivationStoreError as exc:
+            raise QueueUnavailableError(f"the call cannot be recorded now: {exc}") from exc
+        try:
+            await self.publish(subject, queued.encode(), queued.call_id)
+        except QueueUncertainError:
+            raise  # perhaps queued: the record stays, and a re-post completes the call
+        except GatewayError:
+            # Not queued: free the call id, so the client can post the same call again.
+            try:
+                await store.delete(activation)
+            except (ActivationStoreError, RecordConflictError) as exc:
+                log.warning("record of a call not queued left: %s", exc, extra=context)
+            raise
+        log.debug("queued", extra=context)
+
+    async def _posted_again(
+        self, queued: QueuedCall, subject: str, stored: StoredActivation | None
+    ) -> None:
+        call_id = queued.call_id
+        if stored is None or stored.record.get("requestDigest") != queued.request_digest():
+            raise ConflictError(
+                f"{CALL_ID} {call_id!r} is used by another call; a call id may be posted "
+                "again only with the same function, method, path, query, body and callback URL"
+            )
+        record = stored.record
+        queued_for_s = (time.time_ns() - queued_at_ns(stored)) / 1e9
+        if (
+            record.get("status") == QUEUED
+            and not record.get("attempts")
+            and queued_for_s < self._settings.duplicate_window_s
+        ):
+            # Its first post may have failed after the record was written: queue it again
+            # under the same message id, which JetStream drops if the first one got there.
+            await self.publish(subject, queued.encode(), call_id)
+        log.debug("posted again: the same call", extra=call_context(call_id, queued.function))
 
     def max_body_bytes(self) -> int:
         if self._settings.max_async_body_bytes is not None:

@@ -1,6 +1,5 @@
 """Cancelling async calls, listing dead letters, and queueing a failed call again."""
 
-import contextlib
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -14,7 +13,6 @@ from faas_common.activations import (
     CANCELLED,
     FAILED,
     Activation,
-    ActivationExistsError,
     ActivationStoreError,
     RecordConflictError,
 )
@@ -31,7 +29,7 @@ from gateway.activation_api import (
 )
 from gateway.activations import ActivationQueries
 from gateway.calls import new_call_id
-from gateway.errors import ConflictError, GatewayError, QueueUnavailableError
+from gateway.errors import ConflictError, QueueUnavailableError
 from gateway.publisher import Publisher
 from gateway.routing import resolve_function
 from gateway.settings import GatewaySettings
@@ -141,13 +139,9 @@ class ReliabilityApi:
             accepted_at_ns=time.time_ns(),
             retry_of=call_id,
         )
-        await self._publisher.publish(
-            self._settings.subject_for(function.queue, function.name), again.encode(), again.call_id
+        await self._publisher.enqueue(
+            again, self._settings.subject_for(function.queue, function.name)
         )
-        if self._settings.record_activations:
-            # Queued already; if this fails the worker writes the whole record when it starts.
-            with contextlib.suppress(ActivationStoreError, ActivationExistsError, GatewayError):
-                await self._publisher.activations().create(Activation.queued(again))
         response = web.Response(
             status=202,
             body=orjson.dumps({"callId": again.call_id, "retryOf": call_id}),
