@@ -94,7 +94,8 @@ class CommonSettings(BaseSettings):
     duplicate_window_s: Seconds = setting(
         120.0,
         "duplicate_window",
-        "A re-post with the same X-Call-Id within this window is not enqueued again.",
+        "JetStream drops a call published again under the same X-Call-Id within this window "
+        "(a re-post of a call whose first publish got no ack).",
     )
     activation_bucket: str = setting(
         "faas-activations", "activation_bucket", "NATS key-value bucket of activation records."
