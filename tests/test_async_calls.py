@@ -723,6 +723,51 @@ async def test_unreachable_function_gives_a_502_callback(
     await wait_stream_empty(nats_client)
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 600 Beyond\r\nContent-Length: 2\r\n\r\nhi",
+        b"HTTP/1.1 000 None\r\nContent-Length: 2\r\n\r\nhi",
+        b"HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n",
+    ],
+    ids=["600", "000", "100-final"],
+)
+async def test_status_no_final_response_may_have_gives_a_502_callback_at_once(
+    answer, recorder, start_gateway, start_worker, http
+):
+    """The function sends its answer and waits for the next request; its timeouts are far
+    beyond the deadline, so only the status itself can end the call."""
+
+    async def function(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+        writer.close()
+
+    receiver = await recorder()
+    server = await asyncio.start_server(function, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    long = "1h"
+    try:
+        registry = registry_of(
+            odd={"url": f"http://127.0.0.1:{port}", "exec_timeout": long, "read_timeout": long}
+        )
+        gateway = await ready_gateway(start_gateway, http, registry)
+        await start_worker(registry)
+        call_id = await post_accepted(
+            http, gateway, "/async-function/odd", headers={"X-Callback-Url": receiver.url}
+        )
+        [callback] = await receiver.wait_for_requests(1, DEADLINE_S)
+    finally:
+        server.close()
+    assert callback.headers["X-Call-Id"] == call_id
+    assert callback.headers["X-Function-Status"] == "502"
+    assert "odd" in json_body(callback)["error"]
+
+
 async def test_function_url_the_client_cannot_use_gives_one_502_callback(
     nats_client, recorder, start_gateway, start_worker, http
 ):

@@ -917,6 +917,46 @@ async def test_connection_closed_before_response_is_502_json(start_gateway, http
             await assert_json_error(response, 502)
 
 
+def answering(answer: bytes, then_close: bool):
+    """A function that sends ``answer``, then closes or, as a server does after what it takes
+    for a whole response, waits for the next request until the gateway closes."""
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        if not then_close:
+            with contextlib.suppress(ConnectionError):
+                while await reader.read(65536):
+                    pass
+        writer.close()
+
+    return respond
+
+
+@pytest.mark.parametrize(
+    ("answer", "then_close"),
+    [
+        (b"HTTP/1.1 600 Beyond\r\nContent-Length: 2\r\n\r\nhi", False),
+        (b"HTTP/1.1 000 None\r\nContent-Length: 2\r\n\r\nhi", False),
+        (b"HTTP/1.1 099 Below\r\nContent-Length: 0\r\n\r\n", False),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", False),
+        (b"HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n", False),
+        (b"HTTP/1.1 100 Continue\r\n\r\n", True),
+    ],
+    ids=["600", "000", "099", "101", "100-final", "100-then-close"],
+)
+async def test_status_outside_100_to_599_or_a_final_1xx_is_a_502_at_once(
+    answer, then_close, start_gateway, http
+):
+    """Not a wait for the read timeout (600 s here): the deadline below is the test's own."""
+    async with raw_tcp_server(answering(answer, then_close)) as url:
+        gateway = await start_gateway(registry_of(odd=url), **LONG_GATEWAY_LIMITS)
+        async with asyncio.timeout(DEADLINE_S), http.get(gateway.url("/function/odd")) as response:
+            body = await assert_json_error(response, 502)
+    assert "odd" in body["error"]
+
+
 def truncating_function(declared_bytes: int, sent_bytes: int):
     async def truncate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
