@@ -14,6 +14,8 @@ class Outcome:
     # The function could not be reached or ran over its timeout: worth another try whatever
     # the status code says.
     unreachable_or_timed_out: bool = False
+    # For the log only: what ``error`` leaves out for callers (the function's address).
+    detail: str | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -30,7 +32,11 @@ class Outcome:
 
 
 def failure(
-    status_code: int, error: str, duration_s: float, unreachable_or_timed_out: bool = False
+    status_code: int,
+    error: str,
+    duration_s: float,
+    unreachable_or_timed_out: bool = False,
+    detail: str | None = None,
 ) -> Outcome:
     body = json.dumps({"error": error}).encode()
     return Outcome(
@@ -40,4 +46,5 @@ def failure(
         duration_s=duration_s,
         error=error,
         unreachable_or_timed_out=unreachable_or_timed_out,
+        detail=detail,
     )

@@ -67,6 +67,28 @@ class _InvalidStatus(Exception):
     """Raised from a parser callback to stop parsing at a status no final response may have."""
 
 
+def failure_for_caller(exc: BaseException) -> str:
+    """Why a request failed, in words fit for whoever called the function.
+
+    ``str(exc)`` names where the request went (host, port, the address connected to, the
+    system's own words about it): that is for the log, never for a client, a record or a
+    callback, which would learn the network behind the gateway from it.
+    """
+    if isinstance(exc, UpstreamTimeoutError):
+        return "it did not answer in time"
+    if isinstance(exc, UpstreamConnectError):
+        return "no connection could be made"
+    if isinstance(exc, UpstreamRefusedError):
+        return "its address is not allowed"
+    if isinstance(exc, UpstreamInvalidResponseError):
+        return "its answer was not a valid HTTP response"
+    if isinstance(exc, UpstreamDisconnectedError):
+        return "the connection broke"
+    if isinstance(exc, ValueError):
+        return "the request could not be framed as HTTP"
+    return "the exchange failed"
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     connect_s: float

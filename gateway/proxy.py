@@ -17,6 +17,7 @@ from faas_common.upstream import (
     UpstreamClient,
     UpstreamError,
     UpstreamResponse,
+    failure_for_caller,
 )
 from faas_common.upstream import UpstreamTimeoutError as ClientTimeoutError
 from gateway.calls import CallContext
@@ -82,7 +83,11 @@ class SyncProxy:
             response = await self._forward(request, function, call)
         except GatewayError as exc:
             self._metrics.observe_sync(function.name, exc.status, call.elapsed_s())
-            log.info("sync call failed: %s", exc.message, extra=call_context(call.call_id, name))
+            # The cause, kept from the client, may name the function's address: the log has it.
+            cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
+            log.info(
+                "sync call failed: %s%s", exc.message, cause, extra=call_context(call.call_id, name)
+            )
             raise
         finally:
             if limit is not None:
@@ -238,9 +243,11 @@ class SyncProxy:
 
 
 def as_gateway_error(function: FunctionSpec, exc: Exception, what: str) -> GatewayError:
+    """The client's error says what went wrong, never where the function listens; raise it
+    ``from exc``, and the log line of the failed call has the rest."""
     if isinstance(exc, ClientTimeoutError):
         return UpstreamTimeoutError(f"function {function.name!r} did not answer within its timeout")
-    return UpstreamUnavailableError(f"function {function.name!r} {what}: {exc}")
+    return UpstreamUnavailableError(f"function {function.name!r} {what}: {failure_for_caller(exc)}")
 
 
 async def request_body(request: web.Request) -> bytes | AsyncIterable[bytes] | None:

@@ -8,7 +8,13 @@ from faas_common.headers import CALL_ID, RETRY, RETRY_MAX, START_TIME, end_to_en
 from faas_common.message import QueuedCall
 from faas_common.outcome import Outcome, failure
 from faas_common.registry import FunctionSpec
-from faas_common.upstream import Timeouts, UpstreamClient, UpstreamError, UpstreamTimeoutError
+from faas_common.upstream import (
+    Timeouts,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamTimeoutError,
+    failure_for_caller,
+)
 from queue_worker.settings import WorkerSettings
 
 
@@ -62,9 +68,12 @@ class FunctionInvoker:
             # ValueError: the request cannot be framed (a header with a line break). Raising
             # instead would leave the message unsettled, so it would come back after ack_wait
             # and fail again, forever.
+            # The error goes to the record and the callback: it says what went wrong, not
+            # where the function listens; the detail is for the worker's log line.
             return failure(
                 502,
-                f"function {function.name!r} is unreachable: {type(exc).__name__}: {exc}",
+                f"function {function.name!r} did not answer: {failure_for_caller(exc)}",
                 time.monotonic() - started,
                 unreachable_or_timed_out=isinstance(exc, UpstreamError),
+                detail=f"{type(exc).__name__}: {exc}",
             )

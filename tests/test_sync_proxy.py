@@ -879,6 +879,23 @@ async def test_refused_connection_is_502_json(start_gateway, http):
     assert "gone" in body["error"]
 
 
+async def test_502_says_the_function_did_not_answer_but_not_where_it_listens(
+    start_gateway, http, caplog
+):
+    caplog.set_level(logging.INFO)
+    # Bound but not listening: connections are refused, and no one else can take the port.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed_port:
+        closed_port.bind(("127.0.0.1", 0))
+        address = "127.0.0.1:%d" % closed_port.getsockname()[1]
+        gateway = await start_gateway(registry_of(gone=f"http://{address}"))
+        async with http.get(gateway.url("/function/gone")) as response:
+            body = await assert_json_error(response, 502)
+    assert body["error"].startswith("function 'gone' did not answer")
+    assert address not in body["error"]
+    assert address.split(":")[1] not in body["error"]
+    assert [r for r in caplog.records if address in r.getMessage()], "the log keeps the address"
+
+
 async def test_connection_reset_mid_request_is_502_json(start_gateway, http):
     got_request = asyncio.Event()
 
