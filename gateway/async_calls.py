@@ -21,7 +21,7 @@ from gateway.errors import (
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from gateway.prefer import PREFER, PREFERENCE_APPLIED, parse_prefer, wait_applied
 from gateway.publisher import Publisher
-from gateway.routing import forwarded_headers, raw_subpath, resolve_function
+from gateway.routing import checked_subpath, forwarded_headers, resolve_function
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")
@@ -56,6 +56,7 @@ class AsyncInvoker:
                 )
             function = resolve_function(self._registry, request.match_info["name"])
             label = function.name
+            subpath = checked_subpath(request)
             callback_url = await self._callback_urls.validate(request.headers.get(CALLBACK_URL))
             self._publisher.raise_unless_ready()
             body = await read_body_within(request, self._publisher.max_body_bytes())
@@ -63,7 +64,7 @@ class AsyncInvoker:
                 call_id=call.call_id,
                 function=function.name,
                 method=request.method,
-                path=raw_subpath(request),
+                path=subpath,
                 query=request.rel_url.raw_query_string,
                 headers=list(forwarded_headers(request, HEADERS_NOT_QUEUED).items()),
                 body=body,

@@ -29,7 +29,7 @@ from gateway.errors import (
     UpstreamUnavailableError,
 )
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
-from gateway.routing import forwarded_headers, raw_subpath, resolve_function
+from gateway.routing import checked_subpath, forwarded_headers, resolve_function
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")
@@ -67,6 +67,11 @@ class SyncProxy:
         except GatewayError as exc:
             self._metrics.observe_sync(UNKNOWN_FUNCTION, exc.status, call.elapsed_s())
             raise
+        try:
+            subpath = checked_subpath(request)
+        except GatewayError as exc:
+            self._metrics.observe_sync(function.name, exc.status, call.elapsed_s())
+            raise
         limit = function.max_inflight
         if limit is not None:
             running = self._inflight_by_name.get(function.name, 0)
@@ -80,7 +85,7 @@ class SyncProxy:
             self._inflight_by_name[function.name] = running + 1
         self._metrics.started(function.name)
         try:
-            response = await self._forward(request, function, call)
+            response = await self._forward(request, function, call, subpath)
         except GatewayError as exc:
             self._metrics.observe_sync(function.name, exc.status, call.elapsed_s())
             # The cause, kept from the client, may name the function's address: the log has it.
@@ -95,15 +100,17 @@ class SyncProxy:
         return response
 
     async def _forward(
-        self, request: web.Request, function: FunctionSpec, call: CallContext
+        self, request: web.Request, function: FunctionSpec, call: CallContext, subpath: str
     ) -> web.StreamResponse:
         headers = forwarded_headers(request, REQUEST_HEADERS_NOT_FORWARDED)
         headers[CALL_ID] = call.call_id
         headers[START_TIME] = str(call.start_ns)
-        url = function.url_for(raw_subpath(request), request.rel_url.raw_query_string)
+        url = function.url_for(subpath, request.rel_url.raw_query_string)
         after = self._demotions.wait_before_async(request) if self._demotions else None
         if after is not None and self._demotions is not None and self._demotions.fits(request):
-            turned = await self._call_may_turn_async(request, function, call, headers, url, after)
+            turned = await self._call_may_turn_async(
+                request, function, call, headers, url, subpath, after
+            )
             if isinstance(turned, web.Response):
                 self._metrics.observe_sync(function.name, turned.status, call.elapsed_s())
                 return turned
@@ -147,6 +154,7 @@ class SyncProxy:
         call: CallContext,
         headers: CIMultiDict[str],
         url: URL,
+        subpath: str,
         after: AsyncAfter,
     ) -> UpstreamResponse | web.Response:
         """Call the function; if it has not answered after ``after.wait_s``, a 202 instead.
@@ -171,7 +179,7 @@ class SyncProxy:
                     call_id=call.call_id,
                     function=function.name,
                     method=request.method,
-                    path=raw_subpath(request),
+                    path=subpath,
                     query=request.rel_url.raw_query_string,
                     headers=list(headers.items()),
                     body=body,

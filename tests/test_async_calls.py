@@ -333,6 +333,19 @@ async def test_unknown_function_gets_404_and_invalid_names_400(
     await assert_nothing_enqueued_then_control(http, gateway, nats_client)
 
 
+async def test_dot_segments_after_the_function_name_are_400(
+    nats_client, recorder, start_gateway, http
+):
+    function = await recorder()
+    gateway = await ready_gateway(start_gateway, http, registry_of(echo=function.url))
+
+    for path in ("/..", "/../admin", "/a/%2e%2E/%2e%2e/admin", "/.%2e%2fadmin", "/./x"):
+        payload, _ = await post_rejected(http, raw_url(gateway, "/async-function/echo" + path), 400)
+        assert "'..'" in payload["error"]
+
+    await assert_nothing_enqueued_then_control(http, gateway, nats_client)
+
+
 @pytest.mark.parametrize(
     "callback_url",
     [

@@ -240,6 +240,56 @@ async def test_subpath_variants(path, upstream_path, upstream_query, recorder, s
     assert upstream.query_string == upstream_query
 
 
+DOT_SEGMENT_PATHS = [
+    "/function/echo/..",
+    "/function/echo/.",
+    "/function/echo/../admin",
+    "/function/echo/./x",
+    "/function/echo/a/../../admin",
+    "/function/echo//../admin",
+    "/function/echo/%2e%2e/admin",
+    "/function/echo/%2E%2e/admin",
+    "/function/echo/.%2e/admin",
+    "/function/echo/%2e./admin",
+    "/function/echo/%2e/admin",
+    "/function/echo/..%2fadmin",
+    "/function/echo/..%2Fadmin",
+    "/function/echo/a%2f..%2f..%2fadmin",
+    "/function/echo/..%5cadmin",
+    "/function/echo/..\\admin",
+    "/function/echo/..;x=1/admin",
+    "/function/echo/a/..?q=1",
+]
+
+
+@pytest.mark.parametrize("path", DOT_SEGMENT_PATHS)
+async def test_dot_segments_after_the_function_name_are_400(path, recorder, start_gateway, http):
+    """The function's base path is a boundary: /function/echo/../admin must not reach
+    <base>/../admin, which the function's server (or a proxy in front of it) would resolve to
+    /admin. Sent on the raw socket's terms: nothing between the test and the gateway
+    normalises the path."""
+    function = await recorder()
+    gateway = await start_gateway(registry_of(echo=function.url + "/base"))
+
+    async with http.get(raw_url(gateway, path)) as response:
+        body = await assert_json_error(response, 400)
+    assert "'..'" in body["error"]
+    assert function.requests == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/a..b", "/...", "/.well-known/x", "/..a/b.", "/%252e%252e/x", "/f.txt;v=1"]
+)
+async def test_dots_that_are_not_whole_segments_pass(path, recorder, start_gateway, http):
+    function = await recorder()
+    gateway = await start_gateway(registry_of(echo=function.url + "/base"))
+
+    async with http.get(raw_url(gateway, "/function/echo" + path)) as response:
+        assert response.status == 200
+    [upstream] = function.requests
+    assert upstream.path == "/base" + path
+
+
 async def test_function_url_with_base_path_is_prefixed(recorder, start_gateway, http):
     function = await recorder()
     gateway = await start_gateway(registry_of(echo=function.url + "/base/"))
@@ -886,7 +936,7 @@ async def test_502_says_the_function_did_not_answer_but_not_where_it_listens(
     # Bound but not listening: connections are refused, and no one else can take the port.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed_port:
         closed_port.bind(("127.0.0.1", 0))
-        address = "127.0.0.1:%d" % closed_port.getsockname()[1]
+        address = f"127.0.0.1:{closed_port.getsockname()[1]}"
         gateway = await start_gateway(registry_of(gone=f"http://{address}"))
         async with http.get(gateway.url("/function/gone")) as response:
             body = await assert_json_error(response, 502)
