@@ -14,6 +14,7 @@ from gateway.activations import ActivationQueries
 from gateway.callback_urls import CallbackUrls
 from gateway.calls import CallContext
 from gateway.errors import (
+    ClientGoneError,
     GatewayError,
     MethodNotAllowedError,
     PayloadTooLargeError,
@@ -21,6 +22,7 @@ from gateway.errors import (
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from gateway.prefer import PREFER, PREFERENCE_APPLIED, parse_prefer, wait_applied
 from gateway.publisher import Publisher
+from gateway.request_bodies import read_body
 from gateway.routing import checked_subpath, forwarded_headers, resolve_function
 from gateway.settings import GatewaySettings
 
@@ -59,7 +61,9 @@ class AsyncInvoker:
             subpath = checked_subpath(request)
             callback_url = await self._callback_urls.validate(request.headers.get(CALLBACK_URL))
             self._publisher.raise_unless_ready()
-            body = await read_body_within(request, self._publisher.max_body_bytes())
+            body = await read_body_within(
+                request, self._publisher.max_body_bytes(), self._settings.request_body_timeout_s
+            )
             queued = QueuedCall(
                 call_id=call.call_id,
                 function=function.name,
@@ -76,6 +80,11 @@ class AsyncInvoker:
                 queued.encode(),
                 call.call_id,
             )
+        except ClientGoneError as exc:
+            # Nobody to answer; nothing was enqueued, and nothing failed here.
+            self._metrics.client_disconnected(label)
+            log.debug("%s", exc.message, extra=call_context(call.call_id, label))
+            raise
         except GatewayError as exc:
             self._metrics.observe_async(label, exc.status)
             raise
@@ -122,18 +131,12 @@ def allowed(request: web.Request) -> str:
     return "POST" if "path" in request.match_info else "DELETE, POST"
 
 
-async def read_body_within(request: web.Request, limit_bytes: int) -> bytes:
+async def read_body_within(request: web.Request, limit_bytes: int, timeout_s: float) -> bytes:
+    """The whole body, at most ``limit_bytes``; each wait for more within ``timeout_s``."""
     too_large = PayloadTooLargeError(
         f"the request body is larger than {limit_bytes} bytes, the most an async call can carry"
     )
     declared = request.content_length
     if declared is not None and declared > limit_bytes:
         raise too_large
-    chunks = []
-    received = 0
-    async for chunk in request.content.iter_any():
-        received += len(chunk)
-        if received > limit_bytes:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_body(request, timeout_s, limit_bytes, too_large)

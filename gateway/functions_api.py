@@ -34,6 +34,7 @@ from faas_common.function_store import (
 )
 from faas_common.registry import FunctionSpec, Registry, is_valid_function_name
 from gateway.errors import (
+    ClientGoneError,
     ConflictError,
     FunctionNotFoundError,
     InvalidRequestError,
@@ -42,6 +43,7 @@ from gateway.errors import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.publisher import Publisher
+from gateway.request_bodies import read_body
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")
@@ -123,7 +125,7 @@ class FunctionsApi:
         return await self._write(request, FunctionStore.update)
 
     async def delete(self, request: web.Request) -> web.Response:
-        document = await _read_json(request)
+        document = await _read_json(request, self._settings.request_body_timeout_s)
         try:
             target = DeleteRequest.model_validate(document)
         except ValidationError as exc:
@@ -177,7 +179,7 @@ class FunctionsApi:
         return response
 
     async def _read_deployment(self, request: web.Request) -> FunctionDeployment:
-        document = await _read_json(request)
+        document = await _read_json(request, self._settings.request_body_timeout_s)
         try:
             deployment = FunctionDeployment.model_validate(document)
         except ValidationError as exc:
@@ -233,16 +235,17 @@ class FunctionsApi:
         }
 
 
-async def _read_json(request: web.Request) -> Any:
+async def _read_json(request: web.Request, timeout_s: float) -> Any:
+    too_large = PayloadTooLargeError(f"the body is larger than {MAX_DEPLOYMENT_BYTES} bytes")
     if request.content_length is not None and request.content_length > MAX_DEPLOYMENT_BYTES:
-        raise PayloadTooLargeError(f"the body is larger than {MAX_DEPLOYMENT_BYTES} bytes")
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(MAX_DEPLOYMENT_BYTES):
-        body += chunk
-        if len(body) > MAX_DEPLOYMENT_BYTES:
-            raise PayloadTooLargeError(f"the body is larger than {MAX_DEPLOYMENT_BYTES} bytes")
+        raise too_large
     try:
-        return orjson.loads(bytes(body))
+        body = await read_body(request, timeout_s, MAX_DEPLOYMENT_BYTES, too_large)
+    except ClientGoneError as exc:
+        log.debug("%s", exc.message)  # nobody to answer: no more than a debug line
+        raise
+    try:
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequestError(f"the body is not valid JSON: {exc}") from exc
 

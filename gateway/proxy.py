@@ -2,7 +2,6 @@
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -23,12 +22,14 @@ from faas_common.upstream import UpstreamTimeoutError as ClientTimeoutError
 from gateway.calls import CallContext
 from gateway.demotion import AsyncAfter, Demotions
 from gateway.errors import (
+    ClientGoneError,
     GatewayError,
     TooManyRequestsError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
+from gateway.request_bodies import StreamedBody, failure_of, read_body
 from gateway.routing import checked_subpath, forwarded_headers, resolve_function
 from gateway.settings import GatewaySettings
 
@@ -86,12 +87,20 @@ class SyncProxy:
         self._metrics.started(function.name)
         try:
             response = await self._forward(request, function, call, subpath)
+        except ClientGoneError as exc:
+            # Nobody to answer, and nothing wrong with the function or with us.
+            self._client_failed(exc, function, call)
+            raise
         except GatewayError as exc:
             self._metrics.observe_sync(function.name, exc.status, call.elapsed_s())
             # The cause, kept from the client, may name the function's address: the log has it.
-            cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
+            cause = exc.__cause__
+            detail = f" ({type(cause).__name__}: {cause})" if cause and str(cause) else ""
             log.info(
-                "sync call failed: %s%s", exc.message, cause, extra=call_context(call.call_id, name)
+                "sync call failed: %s%s",
+                exc.message,
+                detail,
+                extra=call_context(call.call_id, name),
             )
             raise
         finally:
@@ -107,6 +116,7 @@ class SyncProxy:
         headers[START_TIME] = str(call.start_ns)
         url = function.url_for(subpath, request.rel_url.raw_query_string)
         after = self._demotions.wait_before_async(request) if self._demotions else None
+        body: bytes | StreamedBody | None = None  # None too when a call that may turn async read it
         if after is not None and self._demotions is not None and self._demotions.fits(request):
             turned = await self._call_may_turn_async(
                 request, function, call, headers, url, subpath, after
@@ -116,16 +126,14 @@ class SyncProxy:
                 return turned
             upstream = turned
         else:
+            body = await request_body(request, self._settings.request_body_timeout_s)
             try:
                 upstream = await self._client.request(
-                    request.method,
-                    url,
-                    headers.items(),
-                    await request_body(request),
-                    self._timeouts(function),
+                    request.method, url, headers.items(), body, self._timeouts(function)
                 )
             except (UpstreamError, ValueError) as exc:
-                raise as_gateway_error(function, exc, "did not answer") from exc
+                # A body the client stalled or abandoned breaks the upload too: its fault.
+                raise failure_of(body) or as_gateway_error(function, exc, "did not answer") from exc
 
         async with upstream:
             self._metrics.observe_sync(function.name, upstream.status, call.elapsed_s())
@@ -136,16 +144,21 @@ class SyncProxy:
                 # small, and this path is the gateway's hot path. Nothing was sent yet, so a
                 # function that breaks off still gets a clean 502 rather than a cut body.
                 try:
-                    body = await upstream.read()
+                    whole = await upstream.read()
                 except UpstreamError as exc:
-                    raise as_gateway_error(function, exc, "broke off its response") from exc
+                    failed = failure_of(body)
+                    raise failed or as_gateway_error(
+                        function, exc, "broke off its response"
+                    ) from exc
                 return web.Response(
                     status=upstream.status,
                     reason=upstream.reason,
                     headers=response_headers,
-                    body=body,
+                    body=whole,
                 )
-            return await self._stream_back(request, upstream, response_headers, function, call)
+            return await self._stream_back(
+                request, upstream, response_headers, function, call, body
+            )
 
     async def _call_may_turn_async(
         self,
@@ -166,7 +179,8 @@ class SyncProxy:
         callback_url = await self._demotions.callback_urls.validate(
             request.headers.get(CALLBACK_URL)
         )
-        body = await request.read() if request.body_exists else b""
+        timeout_s = self._settings.request_body_timeout_s
+        body = await read_body(request, timeout_s) if request.body_exists else b""
         pending = asyncio.create_task(
             self._client.request(
                 request.method, url, headers.items(), body or None, self._timeouts(function)
@@ -203,6 +217,7 @@ class SyncProxy:
         headers: CIMultiDict[str],
         function: FunctionSpec,
         call: CallContext,
+        body: object,
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(headers)
@@ -215,6 +230,15 @@ class SyncProxy:
                 except StopAsyncIteration:
                     break
                 except UpstreamError as exc:
+                    failed = failure_of(body)
+                    if failed is not None:
+                        # The function was answering while the client's body broke off
+                        # (which closed the function's connection). Headers are gone already:
+                        # the response is cut short, quietly, by closing the connection.
+                        self._client_failed(failed, function, call)
+                        if request.transport is not None:
+                            request.transport.close()
+                        return response
                     # Headers are gone already; all that is left is to cut the response short.
                     log.warning(
                         "function response broke off: %s",
@@ -227,11 +251,22 @@ class SyncProxy:
         except ConnectionError:
             # Only writes to the client raise this here (reads from the function are handled
             # above): the client left, which is neither the function's fault nor ours.
+            self._metrics.client_disconnected(function.name)
             log.info(
                 "client went away during the response",
                 extra=call_context(call.call_id, function.name),
             )
         return response
+
+    def _client_failed(
+        self, error: GatewayError, function: FunctionSpec, call: CallContext
+    ) -> None:
+        context = call_context(call.call_id, function.name)
+        if isinstance(error, ClientGoneError):
+            self._metrics.client_disconnected(function.name)
+            log.debug("%s", error.message, extra=context)
+        else:
+            log.info("sync call cut short: %s", error.message, extra=context)
 
     def _timeouts(self, function: FunctionSpec) -> Timeouts:
         """The whole call, body included, within the function's exec_timeout (else
@@ -258,14 +293,15 @@ def as_gateway_error(function: FunctionSpec, exc: Exception, what: str) -> Gatew
     return UpstreamUnavailableError(f"function {function.name!r} {what}: {failure_for_caller(exc)}")
 
 
-async def request_body(request: web.Request) -> bytes | AsyncIterable[bytes] | None:
-    """Small bodies of known length are read at once; anything else streams through."""
+async def request_body(request: web.Request, timeout_s: float) -> bytes | StreamedBody | None:
+    """Small bodies of known length are read at once; anything else streams through. Either
+    way each wait for the client's next bytes is bounded by ``timeout_s``."""
     if not request.body_exists:
         return None
     length = request.content_length
     if length is not None and length <= SMALL_BODY_BYTES:
-        return await request.read()
-    return request.content.iter_any()
+        return await read_body(request, timeout_s)
+    return StreamedBody(request, timeout_s)
 
 
 def is_small_and_whole(request: web.Request, upstream: UpstreamResponse) -> bool:

@@ -23,10 +23,8 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
-from faas_common.registry import Registry
-from gateway.app import create_app
-from tests.conftest import RunningGateway, gateway_settings
-from tests.harness import NatsServer, RecordedRequest, free_port, registry_of, wait_until
+from tests.conftest import RunningGateway
+from tests.harness import RecordedRequest, free_port, registry_of, wait_until
 
 DEADLINE_S = 30.0
 MIB = 1024 * 1024
@@ -67,29 +65,6 @@ async def serve() -> AsyncIterator[Callable[..., Awaitable[str]]]:
     yield start
     for server in servers:
         await server.close()
-
-
-@pytest.fixture
-async def start_production_like_gateway(
-    nats_server: NatsServer,
-) -> AsyncIterator[Callable[..., Awaitable[str]]]:
-    """A gateway served the way gateway/cli.py serves it (web.run_app: handlers are not
-    cancelled when the client disconnects; TestServer cancels them). Returns its base URL."""
-    runners: list[web.AppRunner] = []
-
-    async def start(registry: Registry, **overrides: Any) -> str:
-        app = create_app(gateway_settings(nats_server.url, **overrides), registry)
-        runner = web.AppRunner(app, handler_cancellation=False, access_log=None)
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}"
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager
