@@ -17,6 +17,7 @@ from gateway.callback_urls import CallbackUrls
 from gateway.calls import CallContext
 from gateway.demotion import Demotions
 from gateway.functions_api import FunctionsApi
+from gateway.loops import Hops
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import document_route
 from gateway.proxy import SyncProxy
@@ -37,6 +38,7 @@ RELIABILITY_API = web.AppKey("reliability_api", ReliabilityApi)
 CALLBACK_URLS = web.AppKey("callback_urls", CallbackUrls)
 FUNCTION_WATCH = web.AppKey("function_watch", FunctionWatch)
 FUNCTIONS_API = web.AppKey("functions_api", FunctionsApi)
+HOPS = web.AppKey("hops", Hops)
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -51,6 +53,7 @@ def create_app(
     app[METRICS] = metrics or GatewayMetrics()
     app[CALLBACK_URLS] = CallbackUrls(settings.callback_allowed_hosts)
     app[FUNCTION_WATCH] = FunctionWatch(registry, settings)
+    app[HOPS] = Hops()  # this process's Via entry, on both invocation routes
     app[METRICS].count_services(registry)
     # Cleaned up in reverse: calls that turned async finish while NATS and the client live.
     app.cleanup_ctx.append(_upstream_client)
@@ -128,7 +131,13 @@ async def _queue_publisher(app: web.Application) -> AsyncIterator[None]:
     queries = ActivationQueries(app[SETTINGS], publisher)
     app[ACTIVATION_API] = ActivationApi(queries)
     app[ASYNC_INVOKER] = AsyncInvoker(
-        app[SETTINGS], app[REGISTRY], publisher, queries, app[CALLBACK_URLS], app[METRICS]
+        app[SETTINGS],
+        app[REGISTRY],
+        publisher,
+        queries,
+        app[CALLBACK_URLS],
+        app[METRICS],
+        app[HOPS],
     )
     app[RELIABILITY_API] = ReliabilityApi(app[SETTINGS], app[REGISTRY], publisher, queries)
     try:
@@ -144,7 +153,7 @@ async def _sync_proxy(app: web.Application) -> AsyncIterator[None]:
     demotions = Demotions(
         settings, app[PUBLISHER], CallbackSender(settings, client), app[CALLBACK_URLS]
     )
-    app[SYNC_PROXY] = SyncProxy(settings, app[REGISTRY], client, app[METRICS], demotions)
+    app[SYNC_PROXY] = SyncProxy(settings, app[REGISTRY], client, app[METRICS], demotions, app[HOPS])
     try:
         yield
     finally:

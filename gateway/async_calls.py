@@ -19,6 +19,7 @@ from gateway.errors import (
     MethodNotAllowedError,
     PayloadTooLargeError,
 )
+from gateway.loops import VIA, Hops
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from gateway.prefer import PREFER, PREFERENCE_APPLIED, parse_prefer, wait_applied
 from gateway.publisher import Publisher
@@ -41,8 +42,10 @@ class AsyncInvoker:
         queries: ActivationQueries,
         callback_urls: CallbackUrls,
         metrics: GatewayMetrics,
+        hops: Hops | None = None,
     ) -> None:
         self._callback_urls = callback_urls
+        self._hops = hops or Hops()
         self._settings = settings
         self._registry = registry
         self._publisher = publisher
@@ -59,18 +62,22 @@ class AsyncInvoker:
             function = resolve_function(self._registry, request.match_info["name"])
             label = function.name
             subpath = checked_subpath(request)
+            # In the queued headers, so the worker's call carries it to the function too.
+            via = self._hops.via_for(request.headers, function.name)
             callback_url = await self._callback_urls.validate(request.headers.get(CALLBACK_URL))
             self._publisher.raise_unless_ready()
             body = await read_body_within(
                 request, self._publisher.max_body_bytes(), self._settings.request_body_timeout_s
             )
+            headers = forwarded_headers(request, HEADERS_NOT_QUEUED)
+            headers[VIA] = via
             queued = QueuedCall(
                 call_id=call.call_id,
                 function=function.name,
                 method=request.method,
                 path=subpath,
                 query=request.rel_url.raw_query_string,
-                headers=list(forwarded_headers(request, HEADERS_NOT_QUEUED).items()),
+                headers=list(headers.items()),
                 body=body,
                 callback_url=callback_url,
                 accepted_at_ns=call.start_ns,

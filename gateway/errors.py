@@ -75,6 +75,12 @@ class UpstreamTimeoutError(GatewayError):
     status = 504
 
 
+class LoopDetectedError(GatewayError):
+    """The request came back through this gateway (gateway/loops.py)."""
+
+    status = 508
+
+
 def error_response(
     status: int, message: str, call_id: str | None, headers: dict[str, str] | None = None
 ) -> web.Response:

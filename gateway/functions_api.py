@@ -41,6 +41,7 @@ from gateway.errors import (
     PayloadTooLargeError,
     QueueUnavailableError,
 )
+from gateway.loops import gateway_url_problem
 from gateway.metrics import GatewayMetrics
 from gateway.publisher import Publisher
 from gateway.request_bodies import read_body
@@ -189,6 +190,12 @@ class FunctionsApi:
             deployment.to_spec()
         except ValidationError as exc:
             raise InvalidRequestError(f"invalid function deployment: {describe(exc)}") from exc
+        settings = self._settings
+        problem = await gateway_url_problem(
+            deployment.url, settings.gateway_host, settings.gateway_port
+        )
+        if problem is not None:
+            raise InvalidRequestError(f"invalid function deployment: url: {problem}")
         return deployment
 
     def _refuse_file_function(self, name: str) -> None:

@@ -28,6 +28,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from gateway.loops import VIA, Hops
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from gateway.request_bodies import StreamedBody, failure_of, read_body
 from gateway.routing import checked_subpath, forwarded_headers, resolve_function
@@ -51,12 +52,14 @@ class SyncProxy:
         client: UpstreamClient,
         metrics: GatewayMetrics,
         demotions: Demotions | None = None,
+        hops: Hops | None = None,
     ) -> None:
         self._settings = settings
         self._registry = registry
         self._client = client
         self._metrics = metrics
         self._demotions = demotions
+        self._hops = hops or Hops()
         self._timeouts_by_name: dict[str, tuple[FunctionSpec, Timeouts]] = {}
         # Sync calls running now per function with a max_inflight annotation, this process.
         self._inflight_by_name: dict[str, int] = {}
@@ -70,6 +73,7 @@ class SyncProxy:
             raise
         try:
             subpath = checked_subpath(request)
+            via = self._hops.via_for(request.headers, function.name)
         except GatewayError as exc:
             self._metrics.observe_sync(function.name, exc.status, call.elapsed_s())
             raise
@@ -86,7 +90,7 @@ class SyncProxy:
             self._inflight_by_name[function.name] = running + 1
         self._metrics.started(function.name)
         try:
-            response = await self._forward(request, function, call, subpath)
+            response = await self._forward(request, function, call, subpath, via)
         except ClientGoneError as exc:
             # Nobody to answer, and nothing wrong with the function or with us.
             self._client_failed(exc, function, call)
@@ -109,11 +113,17 @@ class SyncProxy:
         return response
 
     async def _forward(
-        self, request: web.Request, function: FunctionSpec, call: CallContext, subpath: str
+        self,
+        request: web.Request,
+        function: FunctionSpec,
+        call: CallContext,
+        subpath: str,
+        via: str,
     ) -> web.StreamResponse:
         headers = forwarded_headers(request, REQUEST_HEADERS_NOT_FORWARDED)
         headers[CALL_ID] = call.call_id
         headers[START_TIME] = str(call.start_ns)
+        headers[VIA] = via
         url = function.url_for(subpath, request.rel_url.raw_query_string)
         after = self._demotions.wait_before_async(request) if self._demotions else None
         body: bytes | StreamedBody | None = None  # None too when a call that may turn async read it
