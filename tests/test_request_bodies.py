@@ -147,6 +147,42 @@ async def test_sync_call_whose_streamed_body_stalls_is_408_and_the_functions_con
     assert 0 < len(received) <= 100_000
 
 
+async def test_body_that_stalls_while_the_function_answers_cuts_the_response_short(
+    start_production_like_gateway: StartGateway, caplog: pytest.LogCaptureFixture
+):
+    """The function sent its headers and a first part before the body stopped arriving: no
+    408 can follow a 200, so the response is cut short (no final chunk), and quietly."""
+    caplog.set_level(logging.INFO)
+    function_connection_closed = asyncio.Event()
+
+    async def function(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+        function_connection_closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(function, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        base = await start_production_like_gateway(
+            registry_of(f=f"http://127.0.0.1:{port}"), request_body_timeout_s=BODY_TIMEOUT_S
+        )
+        async with partial_request(base, "/function/f", LARGE, b"x" * 100_000) as (reader, _):
+            async with asyncio.timeout(DEADLINE_S):
+                received = await reader.read()  # to the end: the gateway closes
+            await asyncio.wait_for(function_connection_closed.wait(), DEADLINE_S)
+    finally:
+        server.close()
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert received.endswith(b"5\r\nfirst\r\n")  # and no 0-length chunk: cut short
+    assert [r for r in caplog.records if "cut short" in r.getMessage()]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 async def test_async_call_whose_body_stalls_is_408_and_nothing_is_enqueued(
     recorder: StartRecorder,
     start_production_like_gateway: StartGateway,
