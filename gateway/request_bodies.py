@@ -13,7 +13,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.errors import ClientGoneError, GatewayError, PayloadTooLargeError, RequestTimeoutError
+from gateway.errors import (
+    ClientGoneError,
+    GatewayError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+)
 
 
 def client_failure(error: BaseException, timeout_s: float) -> GatewayError:
@@ -23,9 +29,8 @@ def client_failure(error: BaseException, timeout_s: float) -> GatewayError:
             f"the request body stopped arriving: no bytes for {timeout_s:g}s (request_body_timeout)"
         )
     if isinstance(error, HttpProcessingError):
-        # The framing broke: a chunk size that is not hex, fewer bytes than Content-Length
-        # said before the connection ended. Either way the client is not there to tell.
-        return ClientGoneError(f"the request body broke off: {error.message}")
+        # Framing aiohttp cannot parse, such as a chunk size that is not hex.
+        return InvalidRequestError(f"the request body is malformed: {error.message}")
     return ClientGoneError(f"the client went away during the request body: {error}")
 
 
@@ -35,8 +40,10 @@ async def read_body(
     limit_bytes: int | None = None,
     too_large: PayloadTooLargeError | None = None,
 ) -> bytes:
-    """The whole body, each wait for more bytes within ``timeout_s``; beyond ``limit_bytes``,
-    ``too_large`` is raised as soon as the body is known to be larger."""
+    """The whole body, each wait for more bytes within ``timeout_s``. A body larger than
+    ``limit_bytes`` raises ``too_large`` (or a plain 413) as soon as it is known to be."""
+    if limit_bytes is not None and too_large is None:
+        too_large = PayloadTooLargeError(f"the request body is larger than {limit_bytes} bytes")
     content = request.content
     if content.is_eof():
         # All of it is here already (the common case for small bodies): no wait to bound.
@@ -44,8 +51,7 @@ async def read_body(
             body = await request.read()
         except (ConnectionError, HttpProcessingError) as exc:
             raise client_failure(exc, timeout_s) from exc
-        if limit_bytes is not None and len(body) > limit_bytes:
-            assert too_large is not None
+        if too_large is not None and limit_bytes is not None and len(body) > limit_bytes:
             raise too_large
         return body
     chunks: list[bytes] = []
@@ -57,8 +63,7 @@ async def read_body(
             if not chunk:
                 return b"".join(chunks)
             received += len(chunk)
-            if limit_bytes is not None and received > limit_bytes:
-                assert too_large is not None
+            if too_large is not None and limit_bytes is not None and received > limit_bytes:
                 raise too_large
             chunks.append(chunk)
     except (TimeoutError, ConnectionError, HttpProcessingError) as exc:
