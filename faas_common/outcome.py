@@ -22,6 +22,9 @@ class Outcome:
     def body_size(self) -> int:
         return len(self.body) if self.spooled_size is None else self.spooled_size
 
+    # For the log only: what ``error`` leaves out for callers (the function's address).
+    detail: str | None = None
+
     @property
     def succeeded(self) -> bool:
         return 200 <= self.status_code < 300
@@ -37,7 +40,11 @@ class Outcome:
 
 
 def failure(
-    status_code: int, error: str, duration_s: float, unreachable_or_timed_out: bool = False
+    status_code: int,
+    error: str,
+    duration_s: float,
+    unreachable_or_timed_out: bool = False,
+    detail: str | None = None,
 ) -> Outcome:
     body = json.dumps({"error": error}).encode()
     return Outcome(
@@ -47,4 +54,5 @@ def failure(
         duration_s=duration_s,
         error=error,
         unreachable_or_timed_out=unreachable_or_timed_out,
+        detail=detail,
     )

@@ -19,6 +19,10 @@ ANNOTATION_MAX_WAIT = "com.openfaas.retry.max_wait"
 
 # 2 ** 62 times any sane wait is far past any max wait, and a float can still hold it.
 MAX_BACKOFF_DOUBLINGS = 62
+# Bounds on any policy, from annotations or settings: a wait of 1e300 seconds is no policy but a
+# number NATS cannot take as a delay, and an attempt count beyond this is a typo.
+MAX_ATTEMPTS = 1000
+MAX_WAIT_S = 24 * 3600.0
 
 
 class InvalidRetryPolicyError(ValueError):
@@ -47,8 +51,11 @@ class RetryPolicy:
                 max_wait_s = parse_duration_s(annotations[ANNOTATION_MAX_WAIT])
         except ValueError as exc:
             raise InvalidRetryPolicyError(str(exc)) from exc
-        if max_attempts < 1:
-            raise InvalidRetryPolicyError(f"{ANNOTATION_ATTEMPTS} must be at least 1")
+        if not 1 <= max_attempts <= MAX_ATTEMPTS:
+            raise InvalidRetryPolicyError(f"{ANNOTATION_ATTEMPTS} must be 1 to {MAX_ATTEMPTS}")
+        for name, wait_s in ((ANNOTATION_MIN_WAIT, min_wait_s), (ANNOTATION_MAX_WAIT, max_wait_s)):
+            if wait_s > MAX_WAIT_S:
+                raise InvalidRetryPolicyError(f"{name} must be at most 24h")
         return RetryPolicy(max_attempts, codes, min_wait_s, max(max_wait_s, min_wait_s))
 
 

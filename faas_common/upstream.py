@@ -47,6 +47,11 @@ class UpstreamDisconnectedError(UpstreamError):
     """The connection broke, or the peer answered with something that is not HTTP/1.x."""
 
 
+class UpstreamInvalidResponseError(UpstreamDisconnectedError):
+    """The peer answered, but not with a response HTTP/1.1 allows (a status outside 100-599, a
+    1xx that claims to be final, bytes that are not HTTP)."""
+
+
 class UpstreamRefusedError(UpstreamError):
     """We would not send to the address the name led to (callback_allowed_hosts)."""
 
@@ -57,6 +62,32 @@ class UpstreamTimeoutError(UpstreamError, TimeoutError):
 
 class _UnaskedResponse(Exception):
     """Raised from a parser callback to stop parsing at a response nobody asked for."""
+
+
+class _InvalidStatus(Exception):
+    """Raised from a parser callback to stop parsing at a status no final response may have."""
+
+
+def failure_for_caller(exc: BaseException) -> str:
+    """Why a request failed, in words fit for whoever called the function.
+
+    ``str(exc)`` names where the request went (host, port, the address connected to, the
+    system's own words about it): that is for the log, never for a client, a record or a
+    callback, which would learn the network behind the gateway from it.
+    """
+    if isinstance(exc, UpstreamTimeoutError):
+        return "it did not answer in time"
+    if isinstance(exc, UpstreamConnectError):
+        return "no connection could be made"
+    if isinstance(exc, UpstreamRefusedError):
+        return "its address is not allowed"
+    if isinstance(exc, UpstreamInvalidResponseError):
+        return "its answer was not a valid HTTP response"
+    if isinstance(exc, UpstreamDisconnectedError):
+        return "the connection broke"
+    if isinstance(exc, ValueError):
+        return "the request could not be framed as HTTP"
+    return "the exchange failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +162,11 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(UpstreamDisconnectedError("the upstream switched protocols"))
+            self._fail(UpstreamInvalidResponseError("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
             # A callback's own exception, if one failed, says more than the parser's.
             cause = exc.__context__ or exc
-            self._fail(UpstreamDisconnectedError(f"invalid HTTP response: {cause}"))
+            self._fail(UpstreamInvalidResponseError(f"invalid HTTP response: {cause}"))
 
     def pause_writing(self) -> None:
         self._paused_writing = True
@@ -162,16 +193,31 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         assert self._parser is not None
         status = self._parser.get_status_code()
-        if 100 <= status < 200:
-            # Informational (100 Continue, 103 Early Hints): the real response follows.
-            self.headers = []
-            self.reason = ""
+        if not 100 <= status <= 599:
+            # llhttp takes any three digits; 000 would even leave the exchange waiting for a
+            # status that never comes. Raised here, it stops the parser: a 502 at once.
+            raise _InvalidStatus(f"status {status:03d} is outside 100-599")
+        if status < 200:
+            self._skip_informational(status)
             return
         self.status = status
         if self._headers_waiter is not None and not self._headers_waiter.done():
             self._headers_waiter.set_result(None)
         if self._head_only or status in (204, 304):
             self._finish_message()
+
+    def _skip_informational(self, status: int) -> None:
+        """100 Continue, 102 Processing, 103 Early Hints: the real response follows."""
+        if status == 101:
+            # Final by definition, and we never ask for an upgrade.
+            raise _InvalidStatus("the upstream switched protocols (101)")
+        for name, _ in self.headers:
+            if name.lower() in ("content-length", "transfer-encoding"):
+                # Framing a body is what a final response does; a 1xx has none (RFC 9110
+                # 8.6, RFC 9112 6.1). Whatever follows is no response we could trust.
+                raise _InvalidStatus(f"a {status} response framed like a final one ({name})")
+        self.headers = []
+        self.reason = ""
 
     def on_body(self, body: bytes) -> None:
         if self._complete:

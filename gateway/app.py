@@ -17,6 +17,7 @@ from gateway.callback_urls import CallbackUrls
 from gateway.calls import CallContext
 from gateway.demotion import Demotions
 from gateway.functions_api import FunctionsApi
+from gateway.loops import Hops
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import document_route
 from gateway.proxy import SyncProxy
@@ -40,6 +41,7 @@ FUNCTION_WATCH = web.AppKey("function_watch", FunctionWatch)
 FUNCTIONS_API = web.AppKey("functions_api", FunctionsApi)
 QUERIES = web.AppKey("activation_queries", ActivationQueries)
 SERVED_QUEUES = web.AppKey("served_queues", ServedQueues)
+HOPS = web.AppKey("hops", Hops)
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -54,6 +56,7 @@ def create_app(
     app[METRICS] = metrics or GatewayMetrics()
     app[CALLBACK_URLS] = CallbackUrls(settings.callback_allowed_hosts)
     app[FUNCTION_WATCH] = FunctionWatch(registry, settings)
+    app[HOPS] = Hops()  # this process's Via entry, on both invocation routes
     app[METRICS].count_services(registry)
     # Cleaned up in reverse: calls that turned async finish while NATS and the client live.
     app.cleanup_ctx.append(_upstream_client)
@@ -147,6 +150,7 @@ async def _queue_publisher(app: web.Application) -> AsyncIterator[None]:
         queries,
         app[CALLBACK_URLS],
         app[METRICS],
+        app[HOPS],
         strip_authorization=_gateway_checks_invocations(app[SETTINGS]),
     )
     app[RELIABILITY_API] = ReliabilityApi(app[SETTINGS], app[REGISTRY], publisher, queries)
@@ -173,6 +177,7 @@ async def _sync_proxy(app: web.Application) -> AsyncIterator[None]:
         client,
         app[METRICS],
         demotions,
+        app[HOPS],
         strip_authorization=_gateway_checks_invocations(settings),
     )
     try:

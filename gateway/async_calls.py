@@ -5,6 +5,7 @@ import logging
 from aiohttp import web
 
 from faas_common.headers import CALLBACK_URL
+from faas_common.logs import call_context
 from faas_common.message import QueuedCall
 from faas_common.registry import Registry
 from gateway.activation_api import location_of, result_response, unfinished_response
@@ -12,14 +13,17 @@ from gateway.activations import ActivationQueries
 from gateway.callback_urls import CallbackUrls
 from gateway.calls import CallContext
 from gateway.errors import (
+    ClientGoneError,
     GatewayError,
     MethodNotAllowedError,
     PayloadTooLargeError,
 )
+from gateway.loops import VIA, Hops
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from gateway.prefer import PREFER, PREFERENCE_APPLIED, parse_prefer, wait_applied
 from gateway.publisher import Publisher
-from gateway.routing import forwarded_headers, raw_subpath, resolve_function
+from gateway.request_bodies import read_body
+from gateway.routing import checked_subpath, forwarded_headers, resolve_function
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")
@@ -37,6 +41,7 @@ class AsyncInvoker:
         queries: ActivationQueries,
         callback_urls: CallbackUrls,
         metrics: GatewayMetrics,
+        hops: Hops | None = None,
         strip_authorization: bool = False,
     ) -> None:
         # With basic_auth_invocations the client's Authorization is the gateway's credential:
@@ -45,6 +50,7 @@ class AsyncInvoker:
             {"authorization"} if strip_authorization else frozenset()
         )
         self._callback_urls = callback_urls
+        self._hops = hops or Hops()
         self._settings = settings
         self._registry = registry
         self._publisher = publisher
@@ -60,16 +66,23 @@ class AsyncInvoker:
                 )
             function = resolve_function(self._registry, request.match_info["name"])
             label = function.name
+            subpath = checked_subpath(request)
+            # In the queued headers, so the worker's call carries it to the function too.
+            via = self._hops.via_for(request.headers, function.name)
             callback_url = await self._callback_urls.validate(request.headers.get(CALLBACK_URL))
             self._publisher.raise_unless_ready()
-            body = await read_body_within(request, self._publisher.max_body_bytes())
+            body = await read_body_within(
+                request, self._publisher.max_body_bytes(), self._settings.request_body_timeout_s
+            )
+            headers = forwarded_headers(request, self._not_queued)
+            headers[VIA] = via
             queued = QueuedCall(
                 call_id=call.call_id,
                 function=function.name,
                 method=request.method,
-                path=raw_subpath(request),
+                path=subpath,
                 query=request.rel_url.raw_query_string,
-                headers=list(forwarded_headers(request, self._not_queued).items()),
+                headers=list(headers.items()),
                 body=body,
                 callback_url=callback_url,
                 accepted_at_ns=call.start_ns,
@@ -77,6 +90,11 @@ class AsyncInvoker:
             await self._publisher.enqueue(
                 queued, self._settings.subject_for(function.queue, function.name)
             )
+        except ClientGoneError as exc:
+            # Nobody to answer; nothing was enqueued, and nothing failed here.
+            self._metrics.client_disconnected(label)
+            log.debug("%s", exc.message, extra=call_context(call.call_id, label))
+            raise
         except GatewayError as exc:
             self._metrics.observe_async(label, exc.status)
             raise
@@ -119,18 +137,12 @@ def allowed(request: web.Request) -> str:
     return "POST" if "path" in request.match_info else "DELETE, POST"
 
 
-async def read_body_within(request: web.Request, limit_bytes: int) -> bytes:
+async def read_body_within(request: web.Request, limit_bytes: int, timeout_s: float) -> bytes:
+    """The whole body, at most ``limit_bytes``; each wait for more within ``timeout_s``."""
     too_large = PayloadTooLargeError(
         f"the request body is larger than {limit_bytes} bytes, the most an async call can carry"
     )
     declared = request.content_length
     if declared is not None and declared > limit_bytes:
         raise too_large
-    chunks = []
-    received = 0
-    async for chunk in request.content.iter_any():
-        received += len(chunk)
-        if received > limit_bytes:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_body(request, timeout_s, limit_bytes, too_large)

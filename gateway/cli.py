@@ -9,8 +9,9 @@ import prometheus_client
 from faas_common import __version__
 from faas_common.cli import load_settings, new_parser
 from faas_common.logs import configure_logging
-from faas_common.registry import FunctionsFileError, load_functions_file
+from faas_common.registry import FunctionsFileError, Registry, load_functions_file
 from gateway.auth import AuthSetupError, load_credentials
+from gateway.loops import gateway_url_problem_now
 from gateway.processes import process_count, serve, serve_in_processes
 from gateway.settings import GatewaySettings
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings)
     try:
         registry = load_functions_file(settings.functions_file, settings.function_namespace)
+        refuse_functions_at_the_gateway(registry, settings)
         if settings.basic_auth:
             load_credentials(settings)  # here, to stop with a clear message before serving
     except (FunctionsFileError, AuthSetupError) as exc:
@@ -57,3 +59,16 @@ def main(argv: list[str] | None = None) -> None:
     if process_count(settings) > 1:
         sys.exit(serve_in_processes(settings, registry))
     serve(settings, registry)
+
+
+def refuse_functions_at_the_gateway(registry: Registry, settings: GatewaySettings) -> None:
+    """A file function whose URL is this gateway would call itself for ever: stop here, as
+    for any other bad entry of the file."""
+    for function in registry:
+        problem = gateway_url_problem_now(
+            function.url, settings.gateway_host, settings.gateway_port
+        )
+        if problem is not None:
+            raise FunctionsFileError(
+                f"{settings.functions_file}: function {function.name!r}: {problem}"
+            )

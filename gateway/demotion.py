@@ -29,7 +29,12 @@ from faas_common.message import QueuedCall
 from faas_common.outcome import Outcome, failure
 from faas_common.registry import FunctionSpec
 from faas_common.results import ResultStore, ResultStoreError, take_body
-from faas_common.upstream import UpstreamError, UpstreamResponse, UpstreamTimeoutError
+from faas_common.upstream import (
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeoutError,
+    failure_for_caller,
+)
 from gateway.activation_api import location_of, result_response, unfinished_response
 from gateway.activations import ActivationQueries
 from gateway.callback_urls import CallbackUrls
@@ -191,6 +196,10 @@ class Demotions:
             )
             await self._record(activation, outcome, context)
             raise
+        if outcome.detail is not None:
+            log.info(
+                "call turned async failed: %s (%s)", outcome.error, outcome.detail, extra=context
+            )
         kept = await self._record(activation, outcome, context)
         if kept is None or queued.callback_url is None:
             return
@@ -289,4 +298,10 @@ async def outcome_of(
             504, f"function {function.name!r} did not answer within its timeout", call.elapsed_s()
         )
     except (UpstreamError, ValueError) as exc:
-        return failure(502, f"function {function.name!r} is unreachable: {exc}", call.elapsed_s())
+        # The record and the callback say what went wrong, not where the function listens.
+        return failure(
+            502,
+            f"function {function.name!r} did not answer: {failure_for_caller(exc)}",
+            call.elapsed_s(),
+            detail=f"{type(exc).__name__}: {exc}",
+        )

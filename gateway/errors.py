@@ -9,6 +9,8 @@ from faas_common.headers import CALL_ID
 
 class GatewayError(Exception):
     status = 500
+    # The client's connection is closed after the answer: what else it sends is not read.
+    closes_connection = False
 
     def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -30,6 +32,23 @@ class FunctionNotFoundError(GatewayError):
 
 class MethodNotAllowedError(GatewayError):
     status = 405
+
+
+class RequestTimeoutError(GatewayError):
+    """The request body stopped arriving (request_body_timeout); the rest is not waited for."""
+
+    status = 408
+    closes_connection = True  # RFC 9110 15.5.9
+
+
+class ClientGoneError(GatewayError):
+    """The client left before the call ended: there is no one to answer.
+
+    Logged at debug and counted (gateway_client_disconnects_total), never as a failure of the
+    function or the gateway. The status is nginx's 'client closed request'; no one sees it.
+    """
+
+    status = 499
 
 
 class ConflictError(GatewayError):
@@ -59,6 +78,12 @@ class QueueUncertainError(QueueUnavailableError):
 
 class UpstreamTimeoutError(GatewayError):
     status = 504
+
+
+class LoopDetectedError(GatewayError):
+    """The request came back through this gateway (gateway/loops.py)."""
+
+    status = 508
 
 
 def error_response(

@@ -34,15 +34,18 @@ from faas_common.function_store import (
 )
 from faas_common.registry import FunctionSpec, Registry, is_valid_function_name
 from gateway.errors import (
+    ClientGoneError,
     ConflictError,
     FunctionNotFoundError,
     InvalidRequestError,
     PayloadTooLargeError,
     QueueUnavailableError,
 )
+from gateway.loops import gateway_url_problem
 from gateway.metrics import GatewayMetrics
 from gateway.publisher import Publisher
 from gateway.queues import ServedQueues
+from gateway.request_bodies import read_body
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")
@@ -126,7 +129,7 @@ class FunctionsApi:
         return await self._write(request, FunctionStore.update)
 
     async def delete(self, request: web.Request) -> web.Response:
-        document = await _read_json(request)
+        document = await _read_json(request, self._settings.request_body_timeout_s)
         try:
             target = DeleteRequest.model_validate(document)
         except ValidationError as exc:
@@ -188,7 +191,7 @@ class FunctionsApi:
         return response
 
     async def _read_deployment(self, request: web.Request) -> FunctionDeployment:
-        document = await _read_json(request)
+        document = await _read_json(request, self._settings.request_body_timeout_s)
         try:
             deployment = FunctionDeployment.model_validate(document)
         except ValidationError as exc:
@@ -198,6 +201,12 @@ class FunctionsApi:
             deployment.to_spec()
         except ValidationError as exc:
             raise InvalidRequestError(f"invalid function deployment: {describe(exc)}") from exc
+        settings = self._settings
+        problem = await gateway_url_problem(
+            deployment.url, settings.gateway_host, settings.gateway_port
+        )
+        if problem is not None:
+            raise InvalidRequestError(f"invalid function deployment: url: {problem}")
         return deployment
 
     def _refuse_file_function(self, name: str) -> None:
@@ -244,16 +253,17 @@ class FunctionsApi:
         }
 
 
-async def _read_json(request: web.Request) -> Any:
+async def _read_json(request: web.Request, timeout_s: float) -> Any:
+    too_large = PayloadTooLargeError(f"the body is larger than {MAX_DEPLOYMENT_BYTES} bytes")
     if request.content_length is not None and request.content_length > MAX_DEPLOYMENT_BYTES:
-        raise PayloadTooLargeError(f"the body is larger than {MAX_DEPLOYMENT_BYTES} bytes")
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(MAX_DEPLOYMENT_BYTES):
-        body += chunk
-        if len(body) > MAX_DEPLOYMENT_BYTES:
-            raise PayloadTooLargeError(f"the body is larger than {MAX_DEPLOYMENT_BYTES} bytes")
+        raise too_large
     try:
-        return orjson.loads(bytes(body))
+        body = await read_body(request, timeout_s, MAX_DEPLOYMENT_BYTES, too_large)
+    except ClientGoneError as exc:
+        log.debug("%s", exc.message)  # nobody to answer: no more than a debug line
+        raise
+    try:
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequestError(f"the body is not valid JSON: {exc}") from exc
 

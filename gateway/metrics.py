@@ -49,6 +49,13 @@ class GatewayMetrics:
             ["function_name", "outcome", "code"],
             registry=self.registry,
         )
+        self.client_disconnects = Counter(
+            "gateway_client_disconnects_total",
+            "Invocations whose client went away before the call ended: during its request "
+            "body or the response.",
+            ["function_name"],
+            registry=self.registry,
+        )
 
         # Registered now, so the name is exported from the start; filled by watch_queues.
         self._queues = QueueUnserved()
@@ -82,6 +89,9 @@ class GatewayMetrics:
     def observe_async(self, function: str, code: int) -> None:
         outcome = "accepted" if code == 202 else "rejected"
         self.async_requests.labels(function, outcome, str(code)).inc()
+
+    def client_disconnected(self, function: str) -> None:
+        self.client_disconnects.labels(function).inc()
 
     def count_services(self, functions: Registry) -> None:
         """Export gateway_service_count for the functions registered now, at each scrape."""

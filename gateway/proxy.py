@@ -3,7 +3,6 @@
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterable
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -18,18 +17,22 @@ from faas_common.upstream import (
     UpstreamClient,
     UpstreamError,
     UpstreamResponse,
+    failure_for_caller,
 )
 from faas_common.upstream import UpstreamTimeoutError as ClientTimeoutError
 from gateway.calls import CallContext
 from gateway.demotion import AsyncAfter, Demotions, Hold
 from gateway.errors import (
+    ClientGoneError,
     GatewayError,
     TooManyRequestsError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from gateway.loops import VIA, Hops
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
-from gateway.routing import forwarded_headers, raw_subpath, resolve_function
+from gateway.request_bodies import StreamedBody, failure_of, read_body
+from gateway.routing import checked_subpath, forwarded_headers, resolve_function
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")
@@ -50,6 +53,7 @@ class SyncProxy:
         client: UpstreamClient,
         metrics: GatewayMetrics,
         demotions: Demotions | None = None,
+        hops: Hops | None = None,
         strip_authorization: bool = False,
     ) -> None:
         # With basic_auth_invocations the client's Authorization is the gateway's credential.
@@ -61,6 +65,7 @@ class SyncProxy:
         self._client = client
         self._metrics = metrics
         self._demotions = demotions
+        self._hops = hops or Hops()
         self._timeouts_by_name: dict[str, tuple[FunctionSpec, Timeouts]] = {}
         # Sync calls running now per function with a max_inflight annotation, this process.
         self._inflight_by_name: dict[str, int] = {}
@@ -72,13 +77,31 @@ class SyncProxy:
         except GatewayError as exc:
             self._metrics.observe_sync(UNKNOWN_FUNCTION, exc.status, call.elapsed_s())
             raise
+        try:
+            subpath = checked_subpath(request)
+            via = self._hops.via_for(request.headers, function.name)
+        except GatewayError as exc:
+            self._metrics.observe_sync(function.name, exc.status, call.elapsed_s())
+            raise
         hold = self._hold(function, call)
         self._metrics.started(function.name)
         try:
-            response = await self._forward(request, function, call, hold)
+            response = await self._forward(request, function, call, subpath, via, hold)
+        except ClientGoneError as exc:
+            # Nobody to answer, and nothing wrong with the function or with us.
+            self._client_failed(exc, function, call)
+            raise
         except GatewayError as exc:
             self._metrics.observe_sync(function.name, exc.status, call.elapsed_s())
-            log.info("sync call failed: %s", exc.message, extra=call_context(call.call_id, name))
+            # The cause, kept from the client, may name the function's address: the log has it.
+            cause = exc.__cause__
+            detail = f" ({type(cause).__name__}: {cause})" if cause and str(cause) else ""
+            log.info(
+                "sync call failed: %s%s",
+                exc.message,
+                detail,
+                extra=call_context(call.call_id, name),
+            )
             raise
         finally:
             hold.release()  # unless a call that turned async took it over
@@ -104,32 +127,38 @@ class SyncProxy:
         self._inflight_by_name[name] -= 1
 
     async def _forward(
-        self, request: web.Request, function: FunctionSpec, call: CallContext, hold: Hold
+        self,
+        request: web.Request,
+        function: FunctionSpec,
+        call: CallContext,
+        subpath: str,
+        via: str,
+        hold: Hold,
     ) -> web.StreamResponse:
         headers = forwarded_headers(request, self._not_forwarded)
         headers[CALL_ID] = call.call_id
         headers[START_TIME] = str(call.start_ns)
-        url = function.url_for(raw_subpath(request), request.rel_url.raw_query_string)
+        headers[VIA] = via
+        url = function.url_for(subpath, request.rel_url.raw_query_string)
         after = self._demotions.wait_before_async(request) if self._demotions else None
+        body: bytes | StreamedBody | None = None  # None too when a call that may turn async read it
         if after is not None and self._demotions is not None and self._demotions.fits(request):
             turned = await self._call_may_turn_async(
-                request, function, call, headers, url, after, hold
+                request, function, call, headers, url, subpath, after, hold
             )
             if isinstance(turned, web.StreamResponse):
                 self._metrics.observe_sync(function.name, turned.status, call.elapsed_s())
                 return turned
             upstream = turned
         else:
+            body = await request_body(request, self._settings.request_body_timeout_s)
             try:
                 upstream = await self._client.request(
-                    request.method,
-                    url,
-                    headers.items(),
-                    await request_body(request),
-                    self._timeouts(function),
+                    request.method, url, headers.items(), body, self._timeouts(function)
                 )
             except (UpstreamError, ValueError) as exc:
-                raise as_gateway_error(function, exc, "did not answer") from exc
+                # A body the client stalled or abandoned breaks the upload too: its fault.
+                raise failure_of(body) or as_gateway_error(function, exc, "did not answer") from exc
 
         async with upstream:
             self._metrics.observe_sync(function.name, upstream.status, call.elapsed_s())
@@ -140,16 +169,21 @@ class SyncProxy:
                 # small, and this path is the gateway's hot path. Nothing was sent yet, so a
                 # function that breaks off still gets a clean 502 rather than a cut body.
                 try:
-                    body = await upstream.read()
+                    whole = await upstream.read()
                 except UpstreamError as exc:
-                    raise as_gateway_error(function, exc, "broke off its response") from exc
+                    failed = failure_of(body)
+                    raise failed or as_gateway_error(
+                        function, exc, "broke off its response"
+                    ) from exc
                 return web.Response(
                     status=upstream.status,
                     reason=upstream.reason,
                     headers=response_headers,
-                    body=body,
+                    body=whole,
                 )
-            return await self._stream_back(request, upstream, response_headers, function, call)
+            return await self._stream_back(
+                request, upstream, response_headers, function, call, body
+            )
 
     async def _call_may_turn_async(
         self,
@@ -158,6 +192,7 @@ class SyncProxy:
         call: CallContext,
         headers: CIMultiDict[str],
         url: URL,
+        subpath: str,
         after: AsyncAfter,
         hold: Hold,
     ) -> UpstreamResponse | web.StreamResponse:
@@ -170,12 +205,13 @@ class SyncProxy:
         assert demotions is not None
         demotions.raise_if_full()
         callback_url = await demotions.callback_urls.validate(request.headers.get(CALLBACK_URL))
-        body = await request.read() if request.body_exists else b""
+        timeout_s = self._settings.request_body_timeout_s
+        body = await read_body(request, timeout_s) if request.body_exists else b""
         queued = QueuedCall(
             call_id=call.call_id,
             function=function.name,
             method=request.method,
-            path=raw_subpath(request),
+            path=subpath,
             query=request.rel_url.raw_query_string,
             headers=list(headers.items()),
             body=body,
@@ -212,6 +248,7 @@ class SyncProxy:
         headers: CIMultiDict[str],
         function: FunctionSpec,
         call: CallContext,
+        body: object,
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(headers)
@@ -224,6 +261,15 @@ class SyncProxy:
                 except StopAsyncIteration:
                     break
                 except UpstreamError as exc:
+                    failed = failure_of(body)
+                    if failed is not None:
+                        # The function was answering while the client's body broke off
+                        # (which closed the function's connection). Headers are gone already:
+                        # the response is cut short, quietly, by closing the connection.
+                        self._client_failed(failed, function, call)
+                        if request.transport is not None:
+                            request.transport.close()
+                        return response
                     # Headers are gone already; all that is left is to cut the response short.
                     log.warning(
                         "function response broke off: %s",
@@ -236,11 +282,22 @@ class SyncProxy:
         except ConnectionError:
             # Only writes to the client raise this here (reads from the function are handled
             # above): the client left, which is neither the function's fault nor ours.
+            self._metrics.client_disconnected(function.name)
             log.info(
                 "client went away during the response",
                 extra=call_context(call.call_id, function.name),
             )
         return response
+
+    def _client_failed(
+        self, error: GatewayError, function: FunctionSpec, call: CallContext
+    ) -> None:
+        context = call_context(call.call_id, function.name)
+        if isinstance(error, ClientGoneError):
+            self._metrics.client_disconnected(function.name)
+            log.debug("%s", error.message, extra=context)
+        else:
+            log.info("sync call cut short: %s", error.message, extra=context)
 
     def _timeouts(self, function: FunctionSpec) -> Timeouts:
         """The whole call, body included, within the function's exec_timeout (else
@@ -260,19 +317,22 @@ class SyncProxy:
 
 
 def as_gateway_error(function: FunctionSpec, exc: Exception, what: str) -> GatewayError:
+    """The client's error says what went wrong, never where the function listens; raise it
+    ``from exc``, and the log line of the failed call has the rest."""
     if isinstance(exc, ClientTimeoutError):
         return UpstreamTimeoutError(f"function {function.name!r} did not answer within its timeout")
-    return UpstreamUnavailableError(f"function {function.name!r} {what}: {exc}")
+    return UpstreamUnavailableError(f"function {function.name!r} {what}: {failure_for_caller(exc)}")
 
 
-async def request_body(request: web.Request) -> bytes | AsyncIterable[bytes] | None:
-    """Small bodies of known length are read at once; anything else streams through."""
+async def request_body(request: web.Request, timeout_s: float) -> bytes | StreamedBody | None:
+    """Small bodies of known length are read at once; anything else streams through. Either
+    way each wait for the client's next bytes is bounded by ``timeout_s``."""
     if not request.body_exists:
         return None
     length = request.content_length
     if length is not None and length <= SMALL_BODY_BYTES:
-        return await request.read()
-    return request.content.iter_any()
+        return await read_body(request, timeout_s)
+    return StreamedBody(request, timeout_s)
 
 
 def is_small_and_whole(request: web.Request, upstream: UpstreamResponse) -> bool:

@@ -10,7 +10,12 @@ from aiohttp import web
 
 from faas_common.headers import CALL_ID
 from gateway.calls import CallContext, InvalidCallIdError, new_call_id, resolve_call_id
-from gateway.errors import GatewayError, MethodNotAllowedError, error_response
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    error_response,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 InvocationHandler = Callable[[web.Request, CallContext], Awaitable[web.StreamResponse]]
@@ -27,11 +32,11 @@ def invocation(handle: InvocationHandler) -> Handler:
             # Rejected, but still an invocation response: a new call id (the invalid one is
             # never echoed into headers or logs) and the timing headers.
             call = CallContext(new_call_id())
-            return _error(400, str(exc), call)
+            return _error(InvalidRequestError(str(exc)), call)
         try:
             response = await handle(request, call)
         except GatewayError as exc:
-            return _error(exc.status, exc.message, call, exc.headers)
+            return _error(exc, call)
         if not response.prepared:
             call.apply_to(response.headers)
         return response
@@ -39,11 +44,11 @@ def invocation(handle: InvocationHandler) -> Handler:
     return route
 
 
-def _error(
-    status: int, message: str, call: CallContext, headers: dict[str, str] | None = None
-) -> web.Response:
-    response = error_response(status, message, call.call_id, headers)
+def _error(error: GatewayError, call: CallContext) -> web.Response:
+    response = error_response(error.status, error.message, call.call_id, error.headers)
     call.apply_to(response.headers)
+    if error.closes_connection:
+        response.force_close()
     return response
 
 
@@ -89,7 +94,10 @@ def json_errors(handle: Handler) -> Handler:
         try:
             return await handle(request)
         except GatewayError as exc:
-            return error_response(exc.status, exc.message, None, exc.headers)
+            response = error_response(exc.status, exc.message, None, exc.headers)
+            if exc.closes_connection:
+                response.force_close()
+            return response
 
     return route
 

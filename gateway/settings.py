@@ -1,4 +1,7 @@
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
 
 from faas_common.settings import CommonSettings, Seconds, setting
 
@@ -22,6 +25,12 @@ class GatewaySettings(CommonSettings):
         "upstream_timeout",
         "Sync calls: limit on a whole call, response body included, unless the function "
         "sets its own exec_timeout.",
+    )
+    request_body_timeout_s: Annotated[Seconds, Field(gt=0)] = setting(
+        60.0,
+        "request_body_timeout",
+        "Longest wait for the next bytes of a request body, then 408; a wait between bytes, "
+        "so an upload that keeps moving is never cut, however long it takes.",
     )
     max_async_body_bytes: int | None = setting(
         None,

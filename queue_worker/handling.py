@@ -258,11 +258,12 @@ class CallHandler:
         # One line per call at debug; calls that failed at info, so they show by default.
         log.log(
             logging.DEBUG if outcome.succeeded else logging.INFO,
-            "%s with %d in %.3fs%s",
+            "%s with %d in %.3fs%s%s",
             label,
             outcome.status_code,
             outcome.duration_s,
             f": {outcome.error}" if outcome.error else "",
+            f" ({outcome.detail})" if outcome.detail else "",
             extra=context,
         )
         verdict = judge_call_attempt(

@@ -9,7 +9,13 @@ from faas_common.message import QueuedCall
 from faas_common.outcome import Outcome, failure
 from faas_common.registry import FunctionSpec
 from faas_common.results import ResultStore, ResultStoreError, take_body
-from faas_common.upstream import Timeouts, UpstreamClient, UpstreamError, UpstreamTimeoutError
+from faas_common.upstream import (
+    Timeouts,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamTimeoutError,
+    failure_for_caller,
+)
 from queue_worker.settings import WorkerSettings
 
 
@@ -79,9 +85,12 @@ class FunctionInvoker:
             # ValueError: the request cannot be framed (a header with a line break). Raising
             # instead would leave the message unsettled, so it would come back after ack_wait
             # and fail again, forever.
+            # The error goes to the record and the callback: it says what went wrong, not
+            # where the function listens; the detail is for the worker's log line.
             return failure(
                 502,
-                f"function {function.name!r} is unreachable: {type(exc).__name__}: {exc}",
+                f"function {function.name!r} did not answer: {failure_for_caller(exc)}",
                 time.monotonic() - started,
                 unreachable_or_timed_out=isinstance(exc, UpstreamError),
+                detail=f"{type(exc).__name__}: {exc}",
             )

@@ -1,4 +1,13 @@
+from typing import Annotated
+
+from pydantic import Field, field_validator
+
+from faas_common.retries import MAX_ATTEMPTS, MAX_WAIT_S, parse_codes
 from faas_common.settings import CommonSettings, Seconds, setting
+
+# The same bounds as a function's com.openfaas.retry.* annotations (faas_common/retries.py).
+RetryAttempts = Annotated[int, Field(ge=1, le=MAX_ATTEMPTS)]
+RetryWait = Annotated[Seconds, Field(le=MAX_WAIT_S)]
 
 
 class WorkerSettings(CommonSettings):
@@ -55,14 +64,20 @@ class WorkerSettings(CommonSettings):
         "Function statuses that are retried (ranges like 500-504 allowed); connection errors "
         "and timeouts always are.",
     )
-    max_retry_attempts: int = setting(
-        10, "max_retry_attempts", "Function calls in all for one async call, the first included."
+    max_retry_attempts: RetryAttempts = setting(
+        10,
+        "max_retry_attempts",
+        "Function calls in all for one async call, the first included (1 to 1000).",
     )
-    initial_retry_wait_s: Seconds = setting(
-        10.0, "initial_retry_wait", "Wait before the first retry; doubles up to max_retry_wait."
+    initial_retry_wait_s: RetryWait = setting(
+        10.0,
+        "initial_retry_wait",
+        "Wait before the first retry; doubles up to max_retry_wait (at most 24h).",
     )
-    max_retry_wait_s: Seconds = setting(
-        120.0, "max_retry_wait", "Longest wait between retries (also caps Retry-After)."
+    max_retry_wait_s: RetryWait = setting(
+        120.0,
+        "max_retry_wait",
+        "Longest wait between retries (also caps Retry-After; at most 24h).",
     )
     worker_queue: str = setting(
         "default",
@@ -76,6 +91,12 @@ class WorkerSettings(CommonSettings):
         "A call whose function is at its max_inflight annotation goes back to the queue for "
         "this long, holding no slot.",
     )
+
+    @field_validator("retry_http_codes")
+    @classmethod
+    def _codes_are_valid(cls, codes: str) -> str:
+        parse_codes(codes)  # its ValueError names the bad part
+        return codes
 
     @property
     def consumer_name(self) -> str:

@@ -327,7 +327,12 @@ class Worker:
                 self._process(call, lease, self.admission.take(), stored, records is not None)
             )
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: "asyncio.Task[None]") -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("call handling failed", exc_info=task.exception())
 
     async def _process(
         self,

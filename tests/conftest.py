@@ -169,6 +169,31 @@ async def start_worker(
         await asyncio.wait_for(task, 30)
 
 
+@pytest.fixture
+async def start_production_like_gateway(
+    nats_server: NatsServer,
+) -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """A gateway served the way gateway/cli.py serves it (web.run_app: handlers are not
+    cancelled when the client disconnects; TestServer cancels them). Returns its base URL."""
+    runners: list[web.AppRunner] = []
+
+    async def start(registry: Registry, **overrides: Any) -> str:
+        app = create_app(
+            gateway_settings(overrides.pop("nats_url", nats_server.url), **overrides), registry
+        )
+        runner = web.AppRunner(app, handler_cancellation=False, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
 async def ready_gateway(
     start_gateway: Callable[..., Awaitable[RunningGateway]],
     http: aiohttp.ClientSession,

@@ -180,7 +180,7 @@ async def test_failed_call_keeps_its_status_error_and_result(
         assert response.headers["X-Call-Id"] == failed
 
     record = await wait_for_status(http, gateway, unreachable, "succeeded", "failed")
-    assert record["statusCode"] == 502 and "unreachable" in record["error"]
+    assert record["statusCode"] == 502 and "did not answer" in record["error"]
     assert record["callback"] is None
 
 

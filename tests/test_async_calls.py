@@ -8,6 +8,7 @@ asserted only after a later event shows that processing had finished.
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -334,6 +335,19 @@ async def test_unknown_function_gets_404_and_invalid_names_400(
     assert "missing" in payload["error"]
     for bad_name in ("-starts-with-dash", "a" * 64, "bad%20name", "bad$name"):
         await post_rejected(http, gateway.url(f"/async-function/{bad_name}"), 400)
+
+    await assert_nothing_enqueued_then_control(http, gateway, nats_client)
+
+
+async def test_dot_segments_after_the_function_name_are_400(
+    nats_client, recorder, start_gateway, http
+):
+    function = await recorder()
+    gateway = await ready_gateway(start_gateway, http, registry_of(echo=function.url))
+
+    for path in ("/..", "/../admin", "/a/%2e%2E/%2e%2e/admin", "/.%2e%2fadmin", "/./x"):
+        payload, _ = await post_rejected(http, raw_url(gateway, "/async-function/echo" + path), 400)
+        assert "'..'" in payload["error"]
 
     await assert_nothing_enqueued_then_control(http, gateway, nats_client)
 
@@ -707,8 +721,11 @@ async def test_function_error_status_is_reported_once_and_not_retried(
 
 
 async def test_unreachable_function_gives_a_502_callback(
-    nats_client, recorder, start_gateway, start_worker, http
+    nats_client, recorder, start_gateway, start_worker, http, caplog
 ):
+    """The callback and the record say the function did not answer, not where it listens
+    (the caller may not know the network behind the gateway); the worker's log says it."""
+    caplog.set_level(logging.INFO)
     receiver = await recorder()
     # Bound but not listening: connections are refused, and no one else can take the port.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed_port:
@@ -724,9 +741,62 @@ async def test_unreachable_function_gives_a_502_callback(
     assert callback.headers["X-Call-Id"] == call_id
     assert callback.headers["X-Function-Status"] == "502"
     assert callback.headers["Content-Type"] == "application/json"
-    assert "unreachable" in json_body(callback)["error"]
+    error = json_body(callback)["error"]
+    assert error.startswith("function 'echo' did not answer")
+    async with http.get(gateway.url(f"/system/activations/{call_id}")) as response:
+        record = await response.json()
+    assert record["error"] == error
+    for seen_by_callers in (callback.body.decode(), json.dumps(record)):
+        assert f"127.0.0.1:{port}" not in seen_by_callers
+        assert str(port) not in seen_by_callers
+    assert [r for r in caplog.records if f"127.0.0.1:{port}" in r.getMessage()]
     await wait_completed(worker, 1)
     await wait_stream_empty(nats_client)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 600 Beyond\r\nContent-Length: 2\r\n\r\nhi",
+        b"HTTP/1.1 000 None\r\nContent-Length: 2\r\n\r\nhi",
+        b"HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n",
+    ],
+    ids=["600", "000", "100-final"],
+)
+async def test_status_no_final_response_may_have_gives_a_502_callback_at_once(
+    answer, recorder, start_gateway, start_worker, http
+):
+    """The function sends its answer and waits for the next request; its timeouts are far
+    beyond the deadline, so only the status itself can end the call."""
+
+    async def function(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+        writer.close()
+
+    receiver = await recorder()
+    server = await asyncio.start_server(function, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    long = "1h"
+    try:
+        registry = registry_of(
+            odd={"url": f"http://127.0.0.1:{port}", "exec_timeout": long, "read_timeout": long}
+        )
+        gateway = await ready_gateway(start_gateway, http, registry)
+        await start_worker(registry)
+        call_id = await post_accepted(
+            http, gateway, "/async-function/odd", headers={"X-Callback-Url": receiver.url}
+        )
+        [callback] = await receiver.wait_for_requests(1, DEADLINE_S)
+    finally:
+        server.close()
+    assert callback.headers["X-Call-Id"] == call_id
+    assert callback.headers["X-Function-Status"] == "502"
+    assert "odd" in json_body(callback)["error"]
 
 
 async def test_function_url_the_client_cannot_use_gives_one_502_callback(

@@ -151,6 +151,18 @@ async def test_bad_requests_get_clear_errors_and_change_nothing(
             400,
             "retry",
         ),
+        (
+            "POST",
+            deployment("huge", function.url, annotations={"com.openfaas.retry.min_wait": "1e300"}),
+            400,
+            "at most 24h",
+        ),
+        (
+            "POST",
+            deployment("many", function.url, annotations={"com.openfaas.retry.attempts": "1001"}),
+            400,
+            "1 to 1000",
+        ),
         ("POST", deployment("kept", function.url), 409, "already exists"),
         ("POST", deployment("fromfile", function.url), 409, "functions file"),
         ("PUT", deployment("missing", function.url), 404, "not found"),

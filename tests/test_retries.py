@@ -1,7 +1,9 @@
 """The retry decision for function calls, as a table; no NATS, no clock."""
 
 import pytest
+from pydantic import ValidationError
 
+from faas_common.registry import FunctionSpec
 from faas_common.retries import (
     DONE,
     CallVerdict,
@@ -11,6 +13,7 @@ from faas_common.retries import (
     parse_codes,
     parse_retry_after_s,
 )
+from queue_worker.settings import WorkerSettings
 
 POLICY = RetryPolicy(
     max_attempts=4,
@@ -86,3 +89,54 @@ def test_retry_after_in_seconds_or_as_an_http_date():
     assert parse_retry_after_s("Mon, 23 Nov 2026 00:00:00 GMT", now + 5) == 0.0
     assert parse_retry_after_s("soon", now) is None
     assert parse_retry_after_s(None, now) is None
+
+
+@pytest.mark.parametrize(
+    ("annotations", "allowed"),
+    [
+        ({"com.openfaas.retry.attempts": "1000"}, True),
+        ({"com.openfaas.retry.attempts": "1001"}, False),
+        ({"com.openfaas.retry.attempts": "1000000000000"}, False),
+        ({"com.openfaas.retry.min_wait": "24h"}, True),
+        ({"com.openfaas.retry.min_wait": "1e300"}, False),
+        ({"com.openfaas.retry.min_wait": "86401"}, False),
+        ({"com.openfaas.retry.max_wait": "24h"}, True),
+        ({"com.openfaas.retry.max_wait": "24h0m1s"}, False),
+        ({"com.openfaas.retry.max_wait": "1e300h"}, False),
+        ({"com.openfaas.retry.max_wait": "inf"}, False),
+        ({"com.openfaas.retry.min_wait": "nan"}, False),
+    ],
+)
+def test_annotations_are_bounded(annotations, allowed):
+    """Waits up to 24 h and attempts up to 1000; beyond that the function is not registered,
+    so a worker never meets a delay NATS cannot take."""
+    entry = {"name": "f", "url": "http://127.0.0.1:1", "annotations": annotations}
+    if allowed:
+        POLICY.overridden_by(annotations)
+        FunctionSpec.model_validate(entry)
+        return
+    with pytest.raises(InvalidRetryPolicyError):
+        POLICY.overridden_by(annotations)
+    with pytest.raises(ValidationError, match="retry annotations"):
+        FunctionSpec.model_validate(entry)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "allowed"),
+    [
+        ("max_retry_attempts", "1000", True),
+        ("max_retry_attempts", "1001", False),
+        ("max_retry_attempts", "0", False),
+        ("initial_retry_wait", "24h", True),
+        ("initial_retry_wait", "1e300", False),
+        ("max_retry_wait", "86401", False),
+        ("retry_http_codes", "429,500-504", True),
+        ("retry_http_codes", "600", False),
+    ],
+)
+def test_worker_retry_settings_have_the_same_bounds(setting, value, allowed):
+    if allowed:
+        WorkerSettings(**{setting: value})
+        return
+    with pytest.raises(ValidationError, match=setting):
+        WorkerSettings(**{setting: value})

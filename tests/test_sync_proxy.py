@@ -23,10 +23,8 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
-from faas_common.registry import Registry
-from gateway.app import create_app
-from tests.conftest import RunningGateway, gateway_settings
-from tests.harness import NatsServer, RecordedRequest, free_port, registry_of, wait_until
+from tests.conftest import RunningGateway
+from tests.harness import RecordedRequest, free_port, registry_of, wait_until
 
 DEADLINE_S = 30.0
 MIB = 1024 * 1024
@@ -67,29 +65,6 @@ async def serve() -> AsyncIterator[Callable[..., Awaitable[str]]]:
     yield start
     for server in servers:
         await server.close()
-
-
-@pytest.fixture
-async def start_production_like_gateway(
-    nats_server: NatsServer,
-) -> AsyncIterator[Callable[..., Awaitable[str]]]:
-    """A gateway served the way gateway/cli.py serves it (web.run_app: handlers are not
-    cancelled when the client disconnects; TestServer cancels them). Returns its base URL."""
-    runners: list[web.AppRunner] = []
-
-    async def start(registry: Registry, **overrides: Any) -> str:
-        app = create_app(gateway_settings(nats_server.url, **overrides), registry)
-        runner = web.AppRunner(app, handler_cancellation=False, access_log=None)
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}"
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager
@@ -238,6 +213,56 @@ async def test_subpath_variants(path, upstream_path, upstream_query, recorder, s
     [upstream] = function.requests
     assert upstream.path == upstream_path
     assert upstream.query_string == upstream_query
+
+
+DOT_SEGMENT_PATHS = [
+    "/function/echo/..",
+    "/function/echo/.",
+    "/function/echo/../admin",
+    "/function/echo/./x",
+    "/function/echo/a/../../admin",
+    "/function/echo//../admin",
+    "/function/echo/%2e%2e/admin",
+    "/function/echo/%2E%2e/admin",
+    "/function/echo/.%2e/admin",
+    "/function/echo/%2e./admin",
+    "/function/echo/%2e/admin",
+    "/function/echo/..%2fadmin",
+    "/function/echo/..%2Fadmin",
+    "/function/echo/a%2f..%2f..%2fadmin",
+    "/function/echo/..%5cadmin",
+    "/function/echo/..\\admin",
+    "/function/echo/..;x=1/admin",
+    "/function/echo/a/..?q=1",
+]
+
+
+@pytest.mark.parametrize("path", DOT_SEGMENT_PATHS)
+async def test_dot_segments_after_the_function_name_are_400(path, recorder, start_gateway, http):
+    """The function's base path is a boundary: /function/echo/../admin must not reach
+    <base>/../admin, which the function's server (or a proxy in front of it) would resolve to
+    /admin. Sent on the raw socket's terms: nothing between the test and the gateway
+    normalises the path."""
+    function = await recorder()
+    gateway = await start_gateway(registry_of(echo=function.url + "/base"))
+
+    async with http.get(raw_url(gateway, path)) as response:
+        body = await assert_json_error(response, 400)
+    assert "'..'" in body["error"]
+    assert function.requests == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/a..b", "/...", "/.well-known/x", "/..a/b.", "/%252e%252e/x", "/f.txt;v=1"]
+)
+async def test_dots_that_are_not_whole_segments_pass(path, recorder, start_gateway, http):
+    function = await recorder()
+    gateway = await start_gateway(registry_of(echo=function.url + "/base"))
+
+    async with http.get(raw_url(gateway, "/function/echo" + path)) as response:
+        assert response.status == 200
+    [upstream] = function.requests
+    assert upstream.path == "/base" + path
 
 
 async def test_function_url_with_base_path_is_prefixed(recorder, start_gateway, http):
@@ -879,6 +904,23 @@ async def test_refused_connection_is_502_json(start_gateway, http):
     assert "gone" in body["error"]
 
 
+async def test_502_says_the_function_did_not_answer_but_not_where_it_listens(
+    start_gateway, http, caplog
+):
+    caplog.set_level(logging.INFO)
+    # Bound but not listening: connections are refused, and no one else can take the port.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed_port:
+        closed_port.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed_port.getsockname()[1]}"
+        gateway = await start_gateway(registry_of(gone=f"http://{address}"))
+        async with http.get(gateway.url("/function/gone")) as response:
+            body = await assert_json_error(response, 502)
+    assert body["error"].startswith("function 'gone' did not answer")
+    assert address not in body["error"]
+    assert address.split(":")[1] not in body["error"]
+    assert [r for r in caplog.records if address in r.getMessage()], "the log keeps the address"
+
+
 async def test_connection_reset_mid_request_is_502_json(start_gateway, http):
     got_request = asyncio.Event()
 
@@ -915,6 +957,46 @@ async def test_connection_closed_before_response_is_502_json(start_gateway, http
         gateway = await start_gateway(registry_of(flaky=url))
         async with http.get(gateway.url("/function/flaky")) as response:
             await assert_json_error(response, 502)
+
+
+def answering(answer: bytes, then_close: bool):
+    """A function that sends ``answer``, then closes or, as a server does after what it takes
+    for a whole response, waits for the next request until the gateway closes."""
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        if not then_close:
+            with contextlib.suppress(ConnectionError):
+                while await reader.read(65536):
+                    pass
+        writer.close()
+
+    return respond
+
+
+@pytest.mark.parametrize(
+    ("answer", "then_close"),
+    [
+        (b"HTTP/1.1 600 Beyond\r\nContent-Length: 2\r\n\r\nhi", False),
+        (b"HTTP/1.1 000 None\r\nContent-Length: 2\r\n\r\nhi", False),
+        (b"HTTP/1.1 099 Below\r\nContent-Length: 0\r\n\r\n", False),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", False),
+        (b"HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n", False),
+        (b"HTTP/1.1 100 Continue\r\n\r\n", True),
+    ],
+    ids=["600", "000", "099", "101", "100-final", "100-then-close"],
+)
+async def test_status_outside_100_to_599_or_a_final_1xx_is_a_502_at_once(
+    answer, then_close, start_gateway, http
+):
+    """Not a wait for the read timeout (600 s here): the deadline below is the test's own."""
+    async with raw_tcp_server(answering(answer, then_close)) as url:
+        gateway = await start_gateway(registry_of(odd=url), **LONG_GATEWAY_LIMITS)
+        async with asyncio.timeout(DEADLINE_S), http.get(gateway.url("/function/odd")) as response:
+            body = await assert_json_error(response, 502)
+    assert "odd" in body["error"]
 
 
 def truncating_function(declared_bytes: int, sent_bytes: int):

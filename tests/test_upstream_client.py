@@ -34,6 +34,7 @@ from faas_common.upstream import (
     UpstreamConnectError,
     UpstreamDisconnectedError,
     UpstreamError,
+    UpstreamInvalidResponseError,
     UpstreamRefusedError,
     UpstreamResponse,
     UpstreamTimeoutError,
@@ -1353,6 +1354,37 @@ async def test_switching_protocols_is_refused(raw_server, client):
     server = await raw_server(misbehave_once(first))
     with pytest.raises(UpstreamDisconnectedError, match="switched protocols"):
         await client.request("GET", server.url(), [("Upgrade", "websocket")], None, LONG)
+    await server.connections[0].wait_closed_by_client()
+    await assert_client_still_works(client, server.url())
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"HTTP/1.1 600 Beyond\r\nContent-Length: 2\r\n\r\nhi", "status 600 is outside"),
+        (b"HTTP/1.1 999 Beyond\r\nContent-Length: 2\r\n\r\nhi", "status 999 is outside"),
+        (b"HTTP/1.1 099 Below\r\nContent-Length: 2\r\n\r\nhi", "status 099 is outside"),
+        (b"HTTP/1.1 000 None\r\nContent-Length: 2\r\n\r\nhi", "status 000 is outside"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols"),
+        (b"HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n", "framed like a final"),
+        (b"HTTP/1.1 102 Processing\r\nContent-Length: 2\r\n\r\nhi", "framed like a final"),
+        (b"HTTP/1.1 103 Hints\r\nTransfer-Encoding: chunked\r\n\r\n", "framed like a final"),
+    ],
+    ids=["600", "999", "099", "000", "101-without-upgrade", "100-final", "102-body", "103-te"],
+)
+async def test_status_no_final_response_may_have_fails_at_once(answer, said, raw_server, client):
+    """The server then waits for our next request: only the status itself can end the wait,
+    which otherwise lasts the read timeout (or, for 000, is taken for a body that never ends)."""
+
+    async def first(connection: RawConnection) -> None:
+        await connection.next_request()
+        await connection.send(answer)
+        await connection.until_closed_by_client()  # no close from here: the client must object
+
+    server = await raw_server(misbehave_once(first))
+    with pytest.raises(UpstreamInvalidResponseError, match=said):
+        async with await client.request("GET", server.url(), [], None, LONG) as response:
+            await response.read()
     await server.connections[0].wait_closed_by_client()
     await assert_client_still_works(client, server.url())
 
