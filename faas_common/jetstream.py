@@ -16,6 +16,13 @@ from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConf
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
+from faas_common.nats_auth import (
+    NatsCredentialsError,
+    connect_options,
+    redact_url,
+    server_urls,
+    tls_configured,
+)
 from faas_common.settings import CommonSettings
 
 log = logging.getLogger("faas.nats")
@@ -35,13 +42,33 @@ async def connect(
 ) -> NatsClient:
     """Connect, retrying forever, and keep reconnecting for the life of the process.
 
+    Credentials and TLS come from the settings (faas_common.nats_auth.connect_options);
+    NatsCredentialsError when a file they name cannot be read, or when TLS is configured and
+    the server does not require it.
+
     ``buffer_while_reconnecting=False`` makes publishes fail at once while disconnected instead
     of being held and sent after a reconnect; the gateway needs that so a request it answered
     with 503 is never enqueued later.
     """
 
+    refusal_reported = False
+
     async def error_cb(exc: Exception) -> None:
-        log.debug("nats: %s", exc)
+        nonlocal refusal_reported
+        text = str(exc).lower()
+        if "authorization violation" in text or "authentication" in text:
+            # Retried like any other failure to connect, but said once where it shows.
+            if not refusal_reported:
+                log.error(
+                    "NATS refused the credentials of this process (%s); check nats_user, "
+                    "nats_password, nats_token, nats_nkey_seed_file or nats_creds_file",
+                    exc,
+                )
+            refusal_reported = True
+        elif "permissions violation" in text:
+            log.error("NATS denied a subject this process uses: %s", exc)
+        else:
+            log.debug("nats: %s", exc)
 
     async def disconnected_cb() -> None:
         if client.is_closed or client.is_draining:
@@ -51,19 +78,21 @@ async def connect(
             await on_disconnected()
 
     async def reconnected_cb() -> None:
+        nonlocal refusal_reported
+        refusal_reported = False
         log.info(
             "reconnected to NATS at %s",
-            client.connected_url.netloc if client.connected_url else "?",
+            redact_url(client.connected_url.geturl()) if client.connected_url else "?",
         )
         if on_reconnected is not None:
             await on_reconnected()
 
-    options: dict[str, Any] = {}
+    options = connect_options(settings)
     if not buffer_while_reconnecting:
         options["pending_size"] = 0
     client = NatsClient()
     await client.connect(
-        servers=[url.strip() for url in settings.nats_url.split(",") if url.strip()],
+        servers=server_urls(settings),
         name=client_name,
         max_reconnect_attempts=-1,
         # Typed int in nats-py, used as float seconds by it; fractions matter in tests.
@@ -74,6 +103,13 @@ async def connect(
         reconnected_cb=reconnected_cb,
         **options,
     )
+    if tls_configured(settings) and not client._server_info.get("tls_required"):
+        # nats-py does TLS only when the server asks for it; TLS settings mean it must.
+        await close_quietly(client)
+        raise NatsCredentialsError(
+            f"nats_tls_* is set but the NATS server at {redact_url(settings.nats_url)} does "
+            "not require TLS; refusing a plain connection (configure TLS on the server)"
+        )
     return client
 
 

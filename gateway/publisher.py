@@ -15,6 +15,7 @@ from faas_common.activations import ActivationStore, ensure_activation_storage
 from faas_common.dead_letters import ensure_dead_letter_stream
 from faas_common.function_store import FunctionWatch
 from faas_common.headers import NATS_MSG_ID
+from faas_common.nats_auth import redact_url
 from gateway.errors import PayloadTooLargeError, QueueUnavailableError
 from gateway.settings import GatewaySettings
 
@@ -66,7 +67,7 @@ class Publisher:
         elif not self._stream_ready.is_set():
             log.warning(
                 "NATS at %s not reachable yet; serving sync calls, async calls get 503 until it is",
-                self._settings.nats_url,
+                redact_url(self._settings.nats_url),
             )
 
     async def close(self) -> None:

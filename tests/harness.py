@@ -59,9 +59,12 @@ async def wait_until(
 class NatsServer:
     """A real nats-server with JetStream on a free port and a store dir that outlives restarts."""
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, store_dir: Path, port: int | None = None, config_file: Path | None = None
+    ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
+        self.config_file = config_file  # users, permissions, TLS: flags below win over it
         self.log_path = store_dir.parent / f"nats-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -90,6 +93,7 @@ class NatsServer:
         self.process = subprocess.Popen(
             [
                 nats_server_binary(),
+                *(["--config", str(self.config_file)] if self.config_file else []),
                 "--jetstream",
                 "--store_dir",
                 str(self.store_dir),
