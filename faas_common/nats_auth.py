@@ -15,18 +15,18 @@ index = activation_index_stream, dead letters = dead_letter_stream, functions =
 KV_<functions_bucket>, cancellations = KV_<cancellation_bucket>):
 
 - both: look up and create all seven streams, since whichever process starts first creates
-  them; update them (a changed retention is applied at start), but for the worker the
-  functions and cancellations buckets; write activation records and large results; read
-  records and results; subscribe to their own inboxes only (nats_inbox_prefix).
+  them; write and read activation records and the results' object store (and purge its
+  stream: nats-py does, replacing an object); subscribe to their own inboxes only
+  (nats_inbox_prefix). Neither may delete a stream or purge any other.
 - gateway only: publish async calls to the queue's subjects (no other user can forge a
   queued call) and to the index; write the functions bucket (deploy, update, delete) and
   the cancellations bucket; read dead letters; watch records' subjects (a caller waiting
-  for a result). It has no consumer on the queue and may not fetch, acknowledge or delete
-  queued calls, nor delete or purge a stream.
+  for a result); update every stream (a changed retention is applied at start). It has no
+  consumer on the queue and may not fetch, acknowledge or drop queued calls.
 - worker only: create, look up and fetch from the queue's consumers and acknowledge their
-  messages; write dead letters; watch the functions and cancellations buckets. It may create
-  those two buckets (if it is first) but not write to them or change them: a worker cannot
-  deploy a function or cancel a call.
+  messages; write dead letters; watch the functions and cancellations buckets; update the
+  streams it writes to and the queue's. It may create those two buckets (if it is first)
+  but not write to them or change them: a worker cannot deploy a function or cancel a call.
 """
 
 import argparse

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
+from nats.aio.client import Client as NatsClient
 
 from faas_common.registry import FunctionSpec, Registry
 
@@ -214,3 +216,19 @@ async def stop_process(process: asyncio.subprocess.Process, timeout_s: float = 1
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await asyncio.wait_for(process.wait(), timeout_s)
+
+
+async def connect_once(url: str, **options: Any) -> str:
+    """One try to connect: empty when it worked, else the error."""
+    client = NatsClient()
+    try:
+        await client.connect(url, allow_reconnect=False, connect_timeout=2, **options)
+    except (nats.errors.Error, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        # nats-py leaves the socket of a refused connection open.
+        transport = getattr(client, "_transport", None)
+        if not client.is_connected and transport is not None:
+            transport.close()
+    await client.close()
+    return ""

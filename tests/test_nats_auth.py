@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import nats
-import nats.errors
 import nkeys
 import pytest
 import trustme
@@ -49,6 +47,7 @@ from tests.harness import (
     NatsServer,
     RecordedRequest,
     Recorder,
+    connect_once,
     registry_of,
     subprocess_env,
     wait_until,
@@ -99,13 +98,13 @@ async def connect_as(
 async def test_the_stacks_nats_server_refuses_clients_without_valid_credentials(
     nats_server: NatsServer, stack_files: StackFiles
 ) -> None:
-    assert "Authorization Violation" in await attempt(nats_server.url)
-    assert "Authorization Violation" in await attempt(
+    assert "Authorization Violation" in await connect_once(nats_server.url)
+    assert "Authorization Violation" in await connect_once(
         nats_server.url, user=GATEWAY_USER, password="not-the-password"
     )
     # With the password the stack made, the same user gets in.
     password = stack_files.password_files[GATEWAY_USER].read_text().strip()
-    assert await attempt(nats_server.url, user=GATEWAY_USER, password=password) == ""
+    assert await connect_once(nats_server.url, user=GATEWAY_USER, password=password) == ""
     for path in [stack_files.config, *stack_files.password_files.values()]:
         assert path.stat().st_mode & 0o777 == 0o600, path
 
@@ -359,23 +358,7 @@ async def signs_in(settings: CommonSettings) -> bool:
 async def refusal(settings: CommonSettings) -> str:
     """Why the server refuses these settings' credentials (one attempt, no retrying); empty
     when it takes them."""
-    return await attempt(settings.nats_url, **connect_options(settings))
-
-
-async def attempt(url: str, **options: Any) -> str:
-    """One try to connect: empty when it worked, else the error."""
-    client = NatsClient()
-    try:
-        await client.connect(url, allow_reconnect=False, connect_timeout=2, **options)
-    except (nats.errors.Error, OSError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        # nats-py leaves the socket of a refused connection open.
-        transport = getattr(client, "_transport", None)
-        if not client.is_connected and transport is not None:
-            transport.close()
-    await client.close()
-    return ""
+    return await connect_once(settings.nats_url, **connect_options(settings))
 
 
 async def refused(settings: CommonSettings) -> bool:
