@@ -27,6 +27,8 @@ from faas_common.settings import CommonSettings
 
 log = logging.getLogger("faas.nats")
 
+CONNECT_TIMEOUT_S = 2
+
 
 class StreamConfigConflictError(RuntimeError):
     """The stream exists with settings we cannot use; starting anyway would lose or mix work."""
@@ -91,18 +93,25 @@ async def connect(
     if not buffer_while_reconnecting:
         options["pending_size"] = 0
     client = NatsClient()
-    await client.connect(
-        servers=server_urls(settings),
-        name=client_name,
-        max_reconnect_attempts=-1,
-        # Typed int in nats-py, used as float seconds by it; fractions matter in tests.
-        reconnect_time_wait=settings.nats_reconnect_wait_s,  # type: ignore[arg-type]
-        connect_timeout=2,
-        error_cb=error_cb,
-        disconnected_cb=disconnected_cb,
-        reconnected_cb=reconnected_cb,
-        **options,
+    attempt = asyncio.ensure_future(
+        client.connect(
+            servers=server_urls(settings),
+            name=client_name,
+            max_reconnect_attempts=-1,
+            # Typed int in nats-py, used as float seconds by it; fractions matter in tests.
+            reconnect_time_wait=settings.nats_reconnect_wait_s,  # type: ignore[arg-type]
+            connect_timeout=CONNECT_TIMEOUT_S,
+            error_cb=error_cb,
+            disconnected_cb=disconnected_cb,
+            reconnected_cb=reconnected_cb,
+            **options,
+        )
     )
+    try:
+        await asyncio.shield(attempt)
+    except asyncio.CancelledError:
+        await _abandon(client, attempt, settings.nats_reconnect_wait_s)
+        raise
     if tls_configured(settings) and not client._server_info.get("tls_required"):
         # nats-py does TLS only when the server asks for it; TLS settings mean it must.
         await close_quietly(client)
@@ -111,6 +120,31 @@ async def connect(
             "not require TLS; refusing a plain connection (configure TLS on the server)"
         )
     return client
+
+
+async def _abandon(client: NatsClient, attempt: "asyncio.Future[None]", wait_s: float) -> None:
+    """Stop a connect that is still retrying, for a caller that gave up on it.
+
+    nats-py's connect loop does not always survive a cancel: one that lands while it closes
+    a connection the server refused (wrong credentials) leaves that socket open, and its
+    wait_for may swallow one (Python 3.11), leaving it retrying for ever. So it is told not
+    to retry, cancelled, and given one attempt's time to end; its socket is closed whatever
+    happened.
+    """
+    client.options["allow_reconnect"] = False  # the loop gives up at its next failure
+    attempt.add_done_callback(_retrieve)  # however late that is
+    attempt.cancel()
+    await asyncio.wait({attempt}, timeout=CONNECT_TIMEOUT_S + wait_s + 1.0)
+    if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
+        await close_quietly(client)  # it connected after all
+    transport = getattr(client, "_transport", None)
+    if transport is not None:
+        transport.close()
+
+
+def _retrieve(attempt: "asyncio.Future[None]") -> None:
+    if not attempt.cancelled():
+        attempt.exception()
 
 
 async def retry_until_jetstream_answers(

@@ -127,6 +127,36 @@ async def test_a_gateway_without_credentials_says_so_and_is_not_ready(
     assert health["nats"] == "disconnected"
 
 
+class CancelOnRefusal(logging.Handler):
+    """Cancels ``task`` as the refusal is logged: inside nats-py's connect loop, just
+    before it closes the refused connection, the moment a stopping process may pick."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.task: asyncio.Task[NatsClient] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.task is not None and "refused the credentials" in record.getMessage():
+            self.task.cancel()
+
+
+async def test_a_connect_given_up_while_nats_refuses_ends_and_leaves_no_socket_open(
+    nats_server: NatsServer,
+) -> None:
+    handler = CancelOnRefusal()
+    logger = logging.getLogger("faas.nats")
+    logger.addHandler(handler)
+    try:
+        settings = CommonSettings(nats_url=nats_server.url, nats_reconnect_wait_s=0.1)
+        handler.task = asyncio.create_task(jetstream.connect(settings, "test"))
+        done, _ = await asyncio.wait({handler.task}, timeout=DEADLINE_S)
+        assert handler.task in done, "the cancelled connect went on retrying"
+        assert handler.task.cancelled()
+    finally:
+        logger.removeHandler(handler)
+    # An open socket would fail this test at teardown (ResourceWarning, as an error).
+
+
 class Gate:
     """A function that holds every call until the test opens the gate."""
 
