@@ -39,10 +39,12 @@ format: $(INSTALLED)
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
 
-# Basic auth credentials for deploy/docker-compose.yml's gateway; kept if they exist.
-compose-secrets:
+# Basic auth credentials for deploy/docker-compose.yml's gateway, NATS passwords for its
+# gateway and worker (all kept if they exist), and the nats-server config with their users.
+compose-secrets: $(INSTALLED)
 	@mkdir -p deploy/secrets
 	@test -s deploy/secrets/basic-auth-user || echo admin > deploy/secrets/basic-auth-user
 	@test -s deploy/secrets/basic-auth-password || $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(24))' > deploy/secrets/basic-auth-password
 	@chmod 600 deploy/secrets/basic-auth-password
 	@echo "gateway credentials: user $$(cat deploy/secrets/basic-auth-user), password in deploy/secrets/basic-auth-password"
+	@$(PY) -m faas_common.nats_auth deploy/secrets

@@ -18,6 +18,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from faas_common.nats_auth import (
+    GATEWAY_USER,
+    WORKER_USER,
+    StackFiles,
+    client_env,
+    password_file,
+    write_stack_files,
+)
+from faas_common.settings import CommonSettings
+
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS_FILE = ROOT / "deploy" / "functions.yml"
 NATS_PORT = 4222
@@ -34,10 +44,21 @@ class Layout:
     data_dir: Path
     port_offset: int
     basic_auth: bool = True
+    nats_auth: bool = True
 
     @property
     def secrets_dir(self) -> Path:
         return self.data_dir / "secrets"
+
+    @property
+    def nats_config(self) -> Path:
+        return self.data_dir / "nats-server.conf"
+
+    def ensure_nats_credentials(self) -> StackFiles:
+        """Passwords of the NATS users gateway and worker, made once and kept beside the
+        Basic auth ones, and the nats-server config giving each its permissions, written
+        anew for the settings in this environment (the stream and bucket names)."""
+        return write_stack_files(CommonSettings(), self.secrets_dir, self.nats_config)
 
     def ensure_credentials(self) -> None:
         """Basic auth credentials for /system/*, made once and kept with the stack's data."""
@@ -92,11 +113,23 @@ def services(layout: Layout) -> list[Service]:
         "gateway_port": str(layout.port(GATEWAY_PORT)),
         "worker_port": str(layout.port(WORKER_PORT)),
     }
+    gateway_env = dict(common_env)
+    worker_env = dict(common_env)
+    nats_config: list[str] = []
+    if layout.nats_auth:
+        files = layout.ensure_nats_credentials()
+        nats_config = ["--config", str(files.config)]
+        for env, user in (
+            (gateway_env, GATEWAY_USER),
+            (worker_env, WORKER_USER),
+        ):
+            env.update(client_env(user, files.password_files[user]))
     stack = [
         Service(
             "nats",
             [
                 nats_server_binary(),
+                *nats_config,
                 "--jetstream",
                 "--store_dir",
                 str(layout.data_dir / "nats"),
@@ -114,11 +147,10 @@ def services(layout: Layout) -> list[Service]:
         stack.append(Service(name, [python, sample, name, "--port", str(port)], [port]))
     gateway_port = layout.port(GATEWAY_PORT)
     worker_port = layout.port(WORKER_PORT)
-    gateway_env = dict(common_env)
     if layout.basic_auth:
         gateway_env.update(basic_auth="true", secret_mount_path=str(layout.secrets_dir))
     stack.append(Service("gateway", [python, "-m", "gateway"], [gateway_port], gateway_env))
-    stack.append(Service("worker", [python, "-m", "queue_worker"], [worker_port], common_env))
+    stack.append(Service("worker", [python, "-m", "queue_worker"], [worker_port], worker_env))
     return stack
 
 
@@ -219,6 +251,18 @@ async def main(layout: Layout) -> int:
                 f"http://127.0.0.1:{layout.port(GATEWAY_PORT)}/system/functions\n",
                 flush=True,
             )
+        if layout.nats_auth:
+            print(
+                f"NATS needs credentials: users {GATEWAY_USER} and "
+                f"{WORKER_USER}, passwords in the files "
+                + " and ".join(
+                    password_file(layout.secrets_dir, user).name
+                    for user in (GATEWAY_USER, WORKER_USER)
+                )
+                + f" in {display(layout.secrets_dir)}; "
+                f"what each may do in {display(layout.nats_config)}\n",
+                flush=True,
+            )
         exits = {asyncio.create_task(s.process.wait()): s for s in stack if s.process is not None}
         stopper = asyncio.create_task(stop_requested.wait())
         done, _ = await asyncio.wait({*exits, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -252,8 +296,18 @@ def parse_layout() -> Layout:
     parser.add_argument(
         "--no-auth", action="store_true", help="no basic auth on the gateway's /system/* routes"
     )
+    parser.add_argument(
+        "--no-nats-auth",
+        action="store_true",
+        help="NATS without users or permissions: any process that reaches its port may use it",
+    )
     args = parser.parse_args()
-    return Layout(args.data_dir.resolve(), args.port_offset, basic_auth=not args.no_auth)
+    return Layout(
+        args.data_dir.resolve(),
+        args.port_offset,
+        basic_auth=not args.no_auth,
+        nats_auth=not args.no_nats_auth,
+    )
 
 
 def display(path: Path) -> str:

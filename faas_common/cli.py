@@ -48,8 +48,13 @@ def load_settings(
     try:
         return settings_cls(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
-            for error in exc.errors()
-        )
-        sys.exit(f"invalid settings: {problems}")
+        sys.exit(f"invalid settings: {validation_problems(exc)}")
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """One line: each field and what is wrong with it (no values: some are secrets)."""
+    problems = []
+    for error in exc.errors(include_input=False):
+        where = ".".join(str(part) for part in error["loc"])
+        problems.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return "; ".join(problems)

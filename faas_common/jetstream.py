@@ -24,9 +24,18 @@ from nats.js.api import (
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
+from faas_common.nats_auth import (
+    NatsCredentialsError,
+    connect_options,
+    redact_url,
+    server_urls,
+    tls_configured,
+)
 from faas_common.settings import CommonSettings
 
 log = logging.getLogger("faas.nats")
+
+CONNECT_TIMEOUT_S = 2
 
 
 class StreamConfigConflictError(RuntimeError):
@@ -152,13 +161,33 @@ async def connect(
 ) -> NatsClient:
     """Connect, retrying forever, and keep reconnecting for the life of the process.
 
+    Credentials and TLS come from the settings (faas_common.nats_auth.connect_options);
+    NatsCredentialsError when a file they name cannot be read, or when TLS is configured and
+    the server does not require it.
+
     ``buffer_while_reconnecting=False`` makes publishes fail at once while disconnected instead
     of being held and sent after a reconnect; the gateway needs that so a request it answered
     with 503 is never enqueued later.
     """
 
+    refusal_reported = False
+
     async def error_cb(exc: Exception) -> None:
-        log.debug("nats: %s", exc)
+        nonlocal refusal_reported
+        text = str(exc).lower()
+        if "authorization violation" in text or "authentication" in text:
+            # Retried like any other failure to connect, but said once where it shows.
+            if not refusal_reported:
+                log.error(
+                    "NATS refused the credentials of this process (%s); check nats_user, "
+                    "nats_password, nats_token, nats_nkey_seed_file or nats_creds_file",
+                    exc,
+                )
+            refusal_reported = True
+        elif "permissions violation" in text:
+            log.error("NATS denied a subject this process uses: %s", exc)
+        else:
+            log.debug("nats: %s", exc)
 
     async def disconnected_cb() -> None:
         if client.is_closed or client.is_draining:
@@ -168,30 +197,71 @@ async def connect(
             await on_disconnected()
 
     async def reconnected_cb() -> None:
+        nonlocal refusal_reported
+        refusal_reported = False
         log.info(
             "reconnected to NATS at %s",
-            client.connected_url.netloc if client.connected_url else "?",
+            redact_url(client.connected_url.geturl()) if client.connected_url else "?",
         )
         if on_reconnected is not None:
             await on_reconnected()
 
-    options: dict[str, Any] = {}
+    options = connect_options(settings)
     if not buffer_while_reconnecting:
         options["pending_size"] = 0
     client = NatsClient()
-    await client.connect(
-        servers=[url.strip() for url in settings.nats_url.split(",") if url.strip()],
-        name=client_name,
-        max_reconnect_attempts=-1,
-        # Typed int in nats-py, used as float seconds by it; fractions matter in tests.
-        reconnect_time_wait=settings.nats_reconnect_wait_s,  # type: ignore[arg-type]
-        connect_timeout=2,
-        error_cb=error_cb,
-        disconnected_cb=disconnected_cb,
-        reconnected_cb=reconnected_cb,
-        **options,
+    attempt = asyncio.ensure_future(
+        client.connect(
+            servers=server_urls(settings),
+            name=client_name,
+            max_reconnect_attempts=-1,
+            # Typed int in nats-py, used as float seconds by it; fractions matter in tests.
+            reconnect_time_wait=settings.nats_reconnect_wait_s,  # type: ignore[arg-type]
+            connect_timeout=CONNECT_TIMEOUT_S,
+            error_cb=error_cb,
+            disconnected_cb=disconnected_cb,
+            reconnected_cb=reconnected_cb,
+            **options,
+        )
     )
+    try:
+        await asyncio.shield(attempt)
+    except asyncio.CancelledError:
+        await _abandon(client, attempt, settings.nats_reconnect_wait_s)
+        raise
+    if tls_configured(settings) and not client._server_info.get("tls_required"):
+        # nats-py does TLS only when the server asks for it; TLS settings mean it must.
+        await close_quietly(client)
+        raise NatsCredentialsError(
+            f"nats_tls_* is set but the NATS server at {redact_url(settings.nats_url)} does "
+            "not require TLS; refusing a plain connection (configure TLS on the server)"
+        )
     return client
+
+
+async def _abandon(client: NatsClient, attempt: "asyncio.Future[None]", wait_s: float) -> None:
+    """Stop a connect that is still retrying, for a caller that gave up on it.
+
+    nats-py's connect loop does not always survive a cancel: one that lands while it closes
+    a connection the server refused (wrong credentials) leaves that socket open, and its
+    wait_for may swallow one (Python 3.11), leaving it retrying for ever. So it is told not
+    to retry, cancelled, and given one attempt's time to end; its socket is closed whatever
+    happened.
+    """
+    client.options["allow_reconnect"] = False  # the loop gives up at its next failure
+    attempt.add_done_callback(_retrieve)  # however late that is
+    attempt.cancel()
+    await asyncio.wait({attempt}, timeout=CONNECT_TIMEOUT_S + wait_s + 1.0)
+    if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
+        await close_quietly(client)  # it connected after all
+    transport = getattr(client, "_transport", None)
+    if transport is not None:
+        transport.close()
+
+
+def _retrieve(attempt: "asyncio.Future[None]") -> None:
+    if not attempt.cancelled():
+        attempt.exception()
 
 
 async def retry_until_jetstream_answers(

@@ -6,12 +6,13 @@ Go duration strings.
 """
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from faas_common import nats_auth
 from faas_common.callback_policy import signing_keys
 from faas_common.durations import format_duration_s, parse_duration_s
 
@@ -44,6 +45,8 @@ class CommonSettings(BaseSettings):
         validate_by_name=True,
         validate_by_alias=True,
         frozen=True,
+        # Validation errors leave the values out: some are passwords and tokens.
+        hide_input_in_errors=True,
     )
 
     nats_url: str = setting(
@@ -147,6 +150,49 @@ class CommonSettings(BaseSettings):
     nats_reconnect_wait_s: Seconds = setting(
         2.0, "nats_reconnect_wait", "Pause between attempts to reach NATS; attempts never stop."
     )
+    nats_user: str = setting(
+        "", "nats_user", "NATS user to sign in as, with nats_password or nats_password_file."
+    )
+    nats_password: SecretStr = setting(SecretStr(""), "nats_password", "Password of nats_user.")
+    nats_password_file: str = setting(
+        "",
+        "nats_password_file",
+        "File holding the password of nats_user (a Docker secret, say), instead of nats_password.",
+    )
+    nats_token: SecretStr = setting(
+        SecretStr(""), "nats_token", "Token to sign in to NATS with (its authorization.token)."
+    )
+    nats_token_file: str = setting(
+        "", "nats_token_file", "File holding the NATS token, instead of nats_token."
+    )
+    nats_nkey_seed_file: str = setting(
+        "", "nats_nkey_seed_file", "File holding an NKey seed (SU...) to sign in to NATS with."
+    )
+    nats_creds_file: str = setting(
+        "",
+        "nats_creds_file",
+        "NATS credentials file (.creds: user JWT and NKey seed), for a server in JWT mode.",
+    )
+    nats_tls_ca_file: str = setting(
+        "",
+        "nats_tls_ca_file",
+        "CA certificates (PEM) to check the NATS server's certificate with. Any nats_tls_* "
+        "setting makes the process refuse a server that does not require TLS; without one, "
+        "TLS is used when the server asks for it, checked against the system's CAs.",
+    )
+    nats_tls_cert_file: str = setting(
+        "", "nats_tls_cert_file", "Client certificate (PEM) for NATS servers that verify clients."
+    )
+    nats_tls_key_file: str = setting(
+        "", "nats_tls_key_file", "Private key (PEM) of nats_tls_cert_file."
+    )
+    nats_inbox_prefix: str = setting(
+        "_INBOX",
+        "nats_inbox_prefix",
+        "Start of this process's reply subjects. Give each NATS user its own (make run: "
+        "_INBOX.gateway, _INBOX.worker) and allow it to subscribe there only, so that no "
+        "process can read another's replies.",
+    )
     upstream_keepalive_s: Seconds = setting(
         4.0,
         "upstream_keepalive",
@@ -216,6 +262,13 @@ class CommonSettings(BaseSettings):
         "text: a line for people; json: one JSON object a line, for log collectors.",
     )
 
+    @model_validator(mode="after")
+    def _nats_credentials_are_consistent(self) -> Self:
+        problems = nats_auth.setting_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def subject_for(self, queue: str, function: str) -> str:
         """Async calls of ``function`` go to <prefix>.<queue>.<function>."""
         return f"{self.nats_subject_prefix}.{queue}.{function}"
@@ -238,6 +291,8 @@ def env_name(name: str, info: FieldInfo) -> str:
 
 def describe_default(info: FieldInfo) -> str:
     default = info.get_default(call_default_factory=True)
+    if isinstance(default, SecretStr):
+        default = default.get_secret_value()
     if default is None:
         return "(auto)"
     if (

@@ -9,6 +9,7 @@ import prometheus_client
 from faas_common import __version__
 from faas_common.cli import load_settings, new_parser
 from faas_common.logs import configure_logging
+from faas_common.nats_auth import NatsCredentialsError, check_credential_files
 from faas_common.registry import FunctionsFileError, Registry, load_functions_file
 from gateway.auth import AuthSetupError, load_credentials
 from gateway.loops import gateway_url_problem_now
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         refuse_functions_at_the_gateway(registry, settings)
         if settings.basic_auth:
             load_credentials(settings)  # here, to stop with a clear message before serving
-    except (FunctionsFileError, AuthSetupError) as exc:
+        check_credential_files(settings)
+    except (FunctionsFileError, AuthSetupError, NatsCredentialsError) as exc:
         sys.exit(f"faas-gateway: {exc}")
     log.info(
         "%d functions from %s; listening on http://%s:%d",

@@ -22,6 +22,7 @@ from aiohttp import web
 from faas_common.jetstream import StreamConfigConflictError
 from faas_common.logs import configure_logging
 from faas_common.loops import new_event_loop
+from faas_common.nats_auth import NatsCredentialsError
 from faas_common.registry import Registry
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
@@ -43,7 +44,7 @@ def serve(settings: GatewaySettings, registry: Registry, *, reuse_port: bool = F
             print=None,
             loop=new_event_loop(settings.event_loop),
         )
-    except StreamConfigConflictError as exc:
+    except (StreamConfigConflictError, NatsCredentialsError) as exc:
         sys.exit(f"faas-gateway: {exc}")
 
 

@@ -29,6 +29,7 @@ from faas_common.headers import CALL_ID, NATS_MSG_ID
 from faas_common.jetstream import PublishRejectedError
 from faas_common.logs import call_context
 from faas_common.message import QueuedCall
+from faas_common.nats_auth import redact_url
 from faas_common.results import ResultStore
 from gateway.errors import (
     ConflictError,
@@ -90,7 +91,7 @@ class Publisher:
         elif not self._stream_ready.is_set():
             log.warning(
                 "NATS at %s not reachable yet; serving sync calls, async calls get 503 until it is",
-                self._settings.nats_url,
+                redact_url(self._settings.nats_url),
             )
 
     async def close(self) -> None:

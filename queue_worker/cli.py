@@ -9,6 +9,7 @@ from faas_common import __version__
 from faas_common.cli import load_settings, new_parser
 from faas_common.jetstream import StreamConfigConflictError
 from faas_common.logs import configure_logging
+from faas_common.nats_auth import NatsCredentialsError, check_credential_files
 from faas_common.registry import FunctionsFileError, load_functions_file
 from queue_worker.settings import WorkerSettings
 from queue_worker.worker import Worker
@@ -56,9 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings)
     try:
         registry = load_functions_file(settings.functions_file, settings.function_namespace)
-    except FunctionsFileError as exc:
+        check_credential_files(settings)  # here, to stop with a clear message before starting
+    except (FunctionsFileError, NatsCredentialsError) as exc:
         sys.exit(f"faas-queue-worker: {exc}")
     try:
         Worker(settings, registry, handle_signals=True).run()
-    except StreamConfigConflictError as exc:
+    except (StreamConfigConflictError, NatsCredentialsError) as exc:
         sys.exit(f"faas-queue-worker: {exc}")

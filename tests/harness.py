@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
+from nats.aio.client import Client as NatsClient
 
 from faas_common.registry import FunctionSpec, Registry
 
@@ -59,11 +61,19 @@ async def wait_until(
 class NatsServer:
     """A real nats-server with JetStream on a free port and a store dir that outlives restarts."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, config: str = "") -> None:
-        """``config``: nats-server configuration text, for what has no command-line flag."""
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        config: str = "",
+        config_file: Path | None = None,
+    ) -> None:
+        """``config``: nats-server configuration text, for what has no command-line flag;
+        ``config_file``: a configuration file (users, permissions, TLS). Flags below win."""
         self.store_dir = store_dir
         self.port = port or free_port()
         self.config = config
+        self.config_file = config_file
         self.log_path = store_dir.parent / f"nats-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -98,6 +108,7 @@ class NatsServer:
             [
                 nats_server_binary(),
                 *config_args,
+                *(["--config", str(self.config_file)] if self.config_file else []),
                 "--jetstream",
                 "--store_dir",
                 str(self.store_dir),
@@ -218,3 +229,19 @@ async def stop_process(process: asyncio.subprocess.Process, timeout_s: float = 1
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await asyncio.wait_for(process.wait(), timeout_s)
+
+
+async def connect_once(url: str, **options: Any) -> str:
+    """One try to connect: empty when it worked, else the error."""
+    client = NatsClient()
+    try:
+        await client.connect(url, allow_reconnect=False, connect_timeout=2, **options)
+    except (nats.errors.Error, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        # nats-py leaves the socket of a refused connection open.
+        transport = getattr(client, "_transport", None)
+        if not client.is_connected and transport is not None:
+            transport.close()
+    await client.close()
+    return ""

@@ -13,12 +13,13 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
+from faas_common.nats_auth import GATEWAY_USER, WORKER_USER, connect_options, password_file
 from faas_common.registry import load_functions_file
 from faas_common.settings import CommonSettings, settings_table
 from gateway.auth import PASSWORD_FILE, USER_FILE
 from gateway.settings import GatewaySettings
 from queue_worker.settings import WorkerSettings
-from tests.harness import ROOT, wait_until
+from tests.harness import ROOT, NatsServer, connect_once, wait_until
 
 sys.path.insert(0, str(ROOT / "deploy"))
 import local_stack
@@ -61,10 +62,87 @@ def test_compose_services_use_only_real_settings_and_commands():
     assert services["gateway"]["environment"]["basic_auth"] == "true"
     mount = Path(services["gateway"]["environment"]["secret_mount_path"])
     assert mount == Path("/run/secrets")  # where compose mounts secrets
-    assert services["gateway"]["secrets"] == [USER_FILE, PASSWORD_FILE]
+    assert services["gateway"]["secrets"][:2] == [USER_FILE, PASSWORD_FILE]
     for name in (USER_FILE, PASSWORD_FILE):
         assert COMPOSE["secrets"][name]["file"] == f"./secrets/{name}"
     assert "deploy/secrets/basic-auth-password" in (ROOT / "Makefile").read_text()
+
+
+def mounted_secret_file(service: dict, mount: str) -> Path:
+    """The host file behind a path under /run/secrets that ``service`` is given."""
+    name = Path(mount).relative_to("/run/secrets").as_posix()
+    assert name in service["secrets"], f"{name} is not given to the service"
+    return Path(COMPOSE["secrets"][name]["file"])
+
+
+def test_compose_nats_has_users_and_no_function_container_reaches_it():
+    services = COMPOSE["services"]
+    command = services["nats"]["command"]
+    config = mounted_secret_file(services["nats"], command[command.index("--config") + 1])
+    assert config == Path("secrets/nats-server.conf")
+    for name, user in (("gateway", GATEWAY_USER), ("queue-worker", WORKER_USER)):
+        env = services[name]["environment"]
+        assert {key: env[key] for key in ("nats_user", "nats_inbox_prefix")} == {
+            "nats_user": user,
+            "nats_inbox_prefix": f"_INBOX.{user}",
+        }
+        password = mounted_secret_file(services[name], env["nats_password_file"])
+        assert password == password_file(Path("secrets"), user)
+    # make compose-secrets writes the files the secrets name.
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-m faas_common.nats_auth deploy/secrets" in makefile
+
+    # Every service names its networks (none falls into "default" beside NATS); only the
+    # gateway and the worker share one with NATS, and they share one with each function.
+    networks = {name: set(service["networks"]) for name, service in services.items()}
+    assert set(COMPOSE["networks"]) == set().union(*networks.values())
+    with_nats = {name for name, nets in networks.items() if nets & networks["nats"]}
+    assert with_nats == {"nats", "gateway", "queue-worker"}
+    for function in ("echo", "sleep", "status"):
+        assert networks[function] & networks["gateway"] & networks["queue-worker"]
+    for monitored in ("gateway", "queue-worker"):
+        assert networks["prometheus"] & networks[monitored]
+
+
+async def test_compose_secrets_config_lets_in_exactly_its_users(tmp_path):
+    """`make compose-secrets` without Docker: the files it writes, given to a real
+    nats-server as compose gives them, let the users in with the settings compose sets."""
+    secrets = tmp_path / "secrets"
+    run = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "faas_common.nats_auth",
+        str(secrets),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await run.communicate()
+    assert run.returncode == 0, out.decode()
+    passwords = {
+        user: password_file(secrets, user).read_text() for user in (GATEWAY_USER, WORKER_USER)
+    }
+    server = NatsServer(tmp_path / "store", config_file=secrets / "nats-server.conf")
+    await server.start()
+    try:
+        assert "Authorization Violation" in await connect_once(server.url)
+        for name in ("gateway", "queue-worker"):
+            env = COMPOSE["services"][name]["environment"]
+            settings = CommonSettings(
+                nats_url=server.url,
+                nats_user=env["nats_user"],
+                nats_password_file=str(password_file(secrets, env["nats_user"])),
+                nats_inbox_prefix=env["nats_inbox_prefix"],
+            )
+            assert await connect_once(server.url, **connect_options(settings)) == ""
+    finally:
+        server.kill()
+    # Run again: the passwords are kept.
+    run = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "faas_common.nats_auth", str(secrets)
+    )
+    assert await run.wait() == 0
+    for user, password in passwords.items():
+        assert password_file(secrets, user).read_text() == password
 
 
 def scrape_targets(config_path: Path) -> dict[str, list[str]]:
@@ -194,6 +272,36 @@ async def test_sample_sleep_and_status():
         await status.close()
 
 
+def test_local_stack_gives_nats_users_unless_told_not_to(tmp_path, monkeypatch):
+    """`make run` starts nats-server with the users' config and gives the gateway and the
+    worker their credentials; --no-nats-auth (not --no-auth, which is about Basic auth)
+    runs NATS open."""
+    monkeypatch.setattr(sys, "argv", ["local_stack.py", "--no-auth"])
+    assert local_stack.parse_layout().nats_auth
+    monkeypatch.setattr(sys, "argv", ["local_stack.py", "--no-nats-auth"])
+    layout = local_stack.parse_layout()
+    assert layout.basic_auth and not layout.nats_auth
+
+    stack = {s.name: s for s in local_stack.services(local_stack.Layout(tmp_path / "a", 0))}
+    argv = stack["nats"].argv
+    config = Path(argv[argv.index("--config") + 1])
+    for name, user in (("gateway", GATEWAY_USER), ("worker", WORKER_USER)):
+        env = stack[name].env
+        assert env["nats_user"] == user
+        password = Path(env["nats_password_file"]).read_text().strip()
+        assert f'user: "{user}"' in config.read_text()
+        assert f'password: "{password}"' in config.read_text()
+        assert env["nats_inbox_prefix"] == f"_INBOX.{user}"
+
+    open_stack = {
+        s.name: s
+        for s in local_stack.services(local_stack.Layout(tmp_path / "b", 0, nats_auth=False))
+    }
+    assert "--config" not in open_stack["nats"].argv
+    for name in ("gateway", "worker"):
+        assert not any(key.startswith("nats_user") for key in open_stack[name].env)
+
+
 def free_offset() -> int:
     """A port offset at which every port of the local stack is free."""
     defaults = (4222, 8080, 8081, 9001, 9002, 9003)
@@ -258,6 +366,14 @@ async def test_make_run_stack_answers_the_readme_curl_lines(tmp_path):
         assert f"in {secrets}".encode() in output
         assert (secrets / "basic-auth-user").read_text().strip() == "admin"
         assert len((secrets / "basic-auth-password").read_text().strip()) >= 24
+        await wait_until(lambda: b"NATS needs credentials" in output, 10, "the NATS creds")
+        for user in (GATEWAY_USER, WORKER_USER):
+            password = password_file(secrets, user)
+            assert password.name.encode() in output
+            assert password.stat().st_mode & 0o777 == 0o600
+        # The stack's NATS lets in its gateway and worker (they answer below) and no one else.
+        nats_url = f"nats://127.0.0.1:{local_stack.NATS_PORT + offset}"
+        assert "Authorization Violation" in await connect_once(nats_url)
 
         def shifted(text: str) -> str:
             return re.sub(
