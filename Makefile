@@ -47,4 +47,4 @@ compose-secrets: $(INSTALLED)
 	@test -s deploy/secrets/basic-auth-password || $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(24))' > deploy/secrets/basic-auth-password
 	@chmod 600 deploy/secrets/basic-auth-password
 	@echo "gateway credentials: user $$(cat deploy/secrets/basic-auth-user), password in deploy/secrets/basic-auth-password"
-	@$(PY) -m faas_common.nats_auth deploy/secrets
+	@$(PY) -m faas_gateway.nats.auth deploy/secrets

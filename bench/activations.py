@@ -22,10 +22,10 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.js.errors import NotFoundError
 
-from faas_common.activations import Activation, index_subject
-from faas_common.message import QueuedCall
-from faas_common.outcome import Outcome
-from faas_common.settings import CommonSettings
+from faas_gateway.core.call import QueuedCall
+from faas_gateway.core.outcome import Outcome
+from faas_gateway.nats.activations import Activation, index_subject
+from faas_gateway.runtime.settings import CommonSettings
 
 SEED_FUNCTIONS = ("echo", "instant", "sleep", "thumbnail")
 FAILED_SHARE = 0.05

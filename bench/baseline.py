@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from faas_common.loops import new_event_loop
+from faas_gateway.runtime.loops import new_event_loop
 
 STREAM = "bench-baseline"
 SUBJECT = "bench.baseline"

@@ -12,7 +12,7 @@ import time
 
 import aiohttp
 
-from faas_common.loops import new_event_loop
+from faas_gateway.runtime.loops import new_event_loop
 
 
 async def generate(

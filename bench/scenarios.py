@@ -17,7 +17,7 @@ import nats
 from bench.activations import SEED_FUNCTIONS, seed_activations, time_listing
 from bench.load import LoadResult, run_load
 from bench.stack import BenchStack, Proc
-from faas_common.settings import CommonSettings
+from faas_gateway.runtime.settings import CommonSettings
 
 MIB = 1024 * 1024
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from faas_common.nats_auth import (
+from faas_gateway.nats.auth import (
     GATEWAY_USER,
     WORKER_USER,
     StackFiles,
@@ -26,7 +26,7 @@ from faas_common.nats_auth import (
     password_file,
     write_stack_files,
 )
-from faas_common.settings import CommonSettings
+from faas_gateway.runtime.settings import CommonSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS_FILE = ROOT / "deploy" / "functions.yml"

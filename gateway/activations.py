@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import nats.errors
 
-from faas_common import jetstream
-from faas_common.activations import (
+from faas_gateway.core.timefmt import format_duration_s
+from faas_gateway.nats import jetstream
+from faas_gateway.nats.activations import (
     ActivationStore,
     ActivationStoreError,
     StoredActivation,
@@ -22,10 +23,9 @@ from faas_common.activations import (
     index_subject,
     parse_rfc3339_ns,
 )
-from faas_common.durations import format_duration_s
-from faas_common.logs import call_context
+from faas_gateway.runtime.logs import call_context
 from gateway.errors import GatewayError, QueueUnavailableError
-from gateway.publisher import Publisher
+from gateway.queue import Publisher
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")

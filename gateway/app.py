@@ -5,25 +5,25 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from faas_common.callbacks import CallbackSender
-from faas_common.function_store import FunctionWatch
-from faas_common.registry import Registry
-from faas_common.upstream import UpstreamClient
-from gateway.activation_api import ActivationApi
+from faas_gateway.core.functions import Registry
+from faas_gateway.http.callbacks import CallbackSender
+from faas_gateway.http.client import UpstreamClient
+from faas_gateway.nats.function_store import FunctionWatch
 from gateway.activations import ActivationQueries
-from gateway.async_calls import AsyncInvoker
 from gateway.auth import Handler, load_credentials, require_auth
 from gateway.callback_urls import CallbackUrls
-from gateway.calls import CallContext
-from gateway.demotion import Demotions
-from gateway.functions_api import FunctionsApi
+from gateway.handlers.activations import ActivationApi
+from gateway.handlers.enqueue import AsyncInvoker
+from gateway.handlers.functions import FunctionsApi
+from gateway.handlers.reliability import ReliabilityApi
+from gateway.handlers.sync import SyncProxy
+from gateway.handlers.turn_async import Demotions
 from gateway.loops import Hops
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import document_route
-from gateway.proxy import SyncProxy
-from gateway.publisher import Publisher
+from gateway.queue import Publisher
 from gateway.queues import ServedQueues
-from gateway.reliability_api import ReliabilityApi
+from gateway.request import CallContext
 from gateway.routes import by_method, invocation, json_errors, no_such_route, read_only, system
 from gateway.settings import GatewaySettings
 

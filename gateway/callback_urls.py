@@ -8,8 +8,8 @@ import logging
 import socket
 from urllib.parse import urlsplit
 
-from faas_common.callback_policy import HostPolicy, IPAddress, parse_address
-from faas_common.headers import CALLBACK_URL
+from faas_gateway.core.callback_policy import HostPolicy, IPAddress, parse_address
+from faas_gateway.core.headers import CALLBACK_URL
 from gateway.errors import InvalidRequestError
 
 log = logging.getLogger("faas.gateway")

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import prometheus_client
 
-from faas_common import __version__
-from faas_common.cli import load_settings, new_parser
-from faas_common.logs import configure_logging
-from faas_common.nats_auth import NatsCredentialsError, check_credential_files
-from faas_common.registry import FunctionsFileError, Registry, load_functions_file
+from faas_gateway import __version__
+from faas_gateway.core.functions import FunctionsFileError, Registry, load_functions_file
+from faas_gateway.nats.auth import NatsCredentialsError, check_credential_files
+from faas_gateway.runtime.command import load_settings, new_parser
+from faas_gateway.runtime.logs import configure_logging
 from gateway.auth import AuthSetupError, load_credentials
 from gateway.loops import gateway_url_problem_now
 from gateway.processes import process_count, serve, serve_in_processes

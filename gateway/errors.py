@@ -4,7 +4,7 @@ import json
 
 from aiohttp import web
 
-from faas_common.headers import CALL_ID
+from faas_gateway.core.headers import CALL_ID
 
 
 class GatewayError(Exception):

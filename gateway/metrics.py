@@ -9,7 +9,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from faas_common.registry import Registry
+from faas_gateway.core.functions import Registry
 
 # Requests for names that are invalid or not registered are counted under this label value,
 # which no function can have, so random paths cannot create unbounded series.

@@ -19,11 +19,11 @@ from types import FrameType
 import prometheus_client
 from aiohttp import web
 
-from faas_common.jetstream import StreamConfigConflictError
-from faas_common.logs import configure_logging
-from faas_common.loops import new_event_loop
-from faas_common.nats_auth import NatsCredentialsError
-from faas_common.registry import Registry
+from faas_gateway.core.functions import Registry
+from faas_gateway.nats.auth import NatsCredentialsError
+from faas_gateway.nats.jetstream import StreamConfigConflictError
+from faas_gateway.runtime.logs import configure_logging
+from faas_gateway.runtime.loops import new_event_loop
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 

@@ -21,9 +21,9 @@ import nats.errors
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from faas_common.registry import Registry
+from faas_gateway.core.functions import Registry
 from gateway.errors import QueueUnavailableError
-from gateway.publisher import Publisher
+from gateway.queue import Publisher
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")

@@ -8,14 +8,14 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from faas_common.headers import CALL_ID
-from gateway.calls import CallContext, InvalidCallIdError, new_call_id, resolve_call_id
+from faas_gateway.core.headers import CALL_ID
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
     MethodNotAllowedError,
     error_response,
 )
+from gateway.request import CallContext, InvalidCallIdError, new_call_id, resolve_call_id
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 InvocationHandler = Callable[[web.Request, CallContext], Awaitable[web.StreamResponse]]

@@ -5,13 +5,13 @@ from urllib.parse import unquote
 from aiohttp import web
 from multidict import CIMultiDict
 
-from faas_common.headers import FORWARDED_FOR, FORWARDED_HOST, end_to_end
-from faas_common.registry import (
+from faas_gateway.core.functions import (
     FUNCTION_NAME_PATTERN,
     FunctionSpec,
     Registry,
     is_valid_function_name,
 )
+from faas_gateway.core.headers import FORWARDED_FOR, FORWARDED_HOST, end_to_end
 from gateway.errors import FunctionNotFoundError, InvalidRequestError
 
 

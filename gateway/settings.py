@@ -3,7 +3,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from faas_common.settings import CommonSettings, Seconds, setting
+from faas_gateway.runtime.settings import CommonSettings, Seconds, setting
 
 
 class GatewaySettings(CommonSettings):

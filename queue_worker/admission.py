@@ -9,7 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from faas_common.registry import FunctionSpec
+from faas_gateway.core.functions import FunctionSpec
 
 
 class Admission:

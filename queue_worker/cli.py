@@ -5,12 +5,12 @@ from pathlib import Path
 
 import prometheus_client
 
-from faas_common import __version__
-from faas_common.cli import load_settings, new_parser
-from faas_common.jetstream import StreamConfigConflictError
-from faas_common.logs import configure_logging
-from faas_common.nats_auth import NatsCredentialsError, check_credential_files
-from faas_common.registry import FunctionsFileError, load_functions_file
+from faas_gateway import __version__
+from faas_gateway.core.functions import FunctionsFileError, load_functions_file
+from faas_gateway.nats.auth import NatsCredentialsError, check_credential_files
+from faas_gateway.nats.jetstream import StreamConfigConflictError
+from faas_gateway.runtime.command import load_settings, new_parser
+from faas_gateway.runtime.logs import configure_logging
 from queue_worker.settings import WorkerSettings
 from queue_worker.worker import Worker
 

@@ -20,7 +20,18 @@ from typing import TypeVar
 
 import nats.errors
 
-from faas_common.activations import (
+from faas_gateway.core.call import QueuedCall
+from faas_gateway.core.functions import FunctionSpec, Registry
+from faas_gateway.core.headers import RETRY, RETRY_MAX
+from faas_gateway.core.outcome import Outcome
+from faas_gateway.core.retry import (
+    InvalidRetryPolicyError,
+    RetryPolicy,
+    judge_call_attempt,
+    parse_retry_after_s,
+)
+from faas_gateway.http.callbacks import CallbackResult, CallbackSender
+from faas_gateway.nats.activations import (
     CANCELLED,
     RUNNING,
     Activation,
@@ -29,20 +40,9 @@ from faas_common.activations import (
     RecordConflictError,
     StoredActivation,
 )
-from faas_common.callbacks import CallbackResult, CallbackSender
-from faas_common.dead_letters import DeadLetterError, keep_dead_letter
-from faas_common.headers import RETRY, RETRY_MAX
-from faas_common.jetstream import AckedPublisher, Delivery
-from faas_common.logs import call_context
-from faas_common.message import QueuedCall
-from faas_common.outcome import Outcome
-from faas_common.registry import FunctionSpec, Registry
-from faas_common.retries import (
-    InvalidRetryPolicyError,
-    RetryPolicy,
-    judge_call_attempt,
-    parse_retry_after_s,
-)
+from faas_gateway.nats.dead_letters import DeadLetterError, keep_dead_letter
+from faas_gateway.nats.jetstream import AckedPublisher, Delivery
+from faas_gateway.runtime.logs import call_context
 from queue_worker.admission import Admission, Claim, RecentIds
 from queue_worker.decisions import Ending, Settle, heartbeat_interval_s, outcome_label, settle
 from queue_worker.invoker import FunctionInvoker

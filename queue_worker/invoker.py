@@ -4,18 +4,18 @@ import time
 
 from multidict import CIMultiDict
 
-from faas_common.headers import CALL_ID, RETRY, RETRY_MAX, START_TIME, end_to_end
-from faas_common.message import QueuedCall
-from faas_common.outcome import Outcome, failure
-from faas_common.registry import FunctionSpec
-from faas_common.results import ResultStore, ResultStoreError, take_body
-from faas_common.upstream import (
+from faas_gateway.core.call import QueuedCall
+from faas_gateway.core.functions import FunctionSpec
+from faas_gateway.core.headers import CALL_ID, RETRY, RETRY_MAX, START_TIME, end_to_end
+from faas_gateway.core.outcome import Outcome, failure
+from faas_gateway.http.client import (
     Timeouts,
     UpstreamClient,
     UpstreamError,
     UpstreamTimeoutError,
     failure_for_caller,
 )
+from faas_gateway.nats.results import ResultStore, ResultStoreError, take_body
 from queue_worker.settings import WorkerSettings
 
 

@@ -2,10 +2,10 @@ from typing import Annotated
 
 from pydantic import Field, field_validator
 
-from faas_common.retries import MAX_ATTEMPTS, MAX_WAIT_S, parse_codes
-from faas_common.settings import CommonSettings, Seconds, setting
+from faas_gateway.core.retry import MAX_ATTEMPTS, MAX_WAIT_S, parse_codes
+from faas_gateway.runtime.settings import CommonSettings, Seconds, setting
 
-# The same bounds as a function's com.openfaas.retry.* annotations (faas_common/retries.py).
+# The same bounds as a function's com.openfaas.retry.* annotations (faas_gateway/retries.py).
 RetryAttempts = Annotated[int, Field(ge=1, le=MAX_ATTEMPTS)]
 RetryWait = Annotated[Seconds, Field(le=MAX_WAIT_S)]
 

@@ -18,26 +18,26 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from faas_common import jetstream
-from faas_common.activations import (
+from faas_gateway.core.call import MalformedMessageError, QueuedCall
+from faas_gateway.core.functions import Registry
+from faas_gateway.core.retry import RetryPolicy, parse_codes
+from faas_gateway.http.callbacks import CallbackSender
+from faas_gateway.http.client import UpstreamClient
+from faas_gateway.nats import jetstream
+from faas_gateway.nats.activations import (
     ActivationStore,
     ActivationStoreError,
     StoredActivation,
     ensure_activation_storage,
     results_bucket,
 )
-from faas_common.callbacks import CallbackSender
-from faas_common.cancellations import CancellationWatch
-from faas_common.dead_letters import ensure_dead_letter_stream
-from faas_common.function_store import FunctionWatch
-from faas_common.jetstream import Delivery
-from faas_common.logs import call_context
-from faas_common.loops import new_event_loop
-from faas_common.message import MalformedMessageError, QueuedCall
-from faas_common.registry import Registry
-from faas_common.results import ResultStore
-from faas_common.retries import RetryPolicy, parse_codes
-from faas_common.upstream import UpstreamClient
+from faas_gateway.nats.cancellations import CancellationWatch
+from faas_gateway.nats.dead_letters import ensure_dead_letter_stream
+from faas_gateway.nats.function_store import FunctionWatch
+from faas_gateway.nats.jetstream import Delivery
+from faas_gateway.nats.results import ResultStore
+from faas_gateway.runtime.logs import call_context
+from faas_gateway.runtime.loops import new_event_loop
 from queue_worker.admission import Admission, Claim, RecentIds
 from queue_worker.consumer import ensure_consumer
 from queue_worker.decisions import Ending, Settle, settle

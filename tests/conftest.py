@@ -13,8 +13,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
 
-from faas_common.jetstream import close_quietly
-from faas_common.registry import Registry
+from faas_gateway.core.functions import Registry
+from faas_gateway.nats.jetstream import close_quietly
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from queue_worker.settings import WorkerSettings

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from nats.aio.client import Client as NatsClient
 
-from faas_common.registry import FunctionSpec, Registry
+from faas_gateway.core.functions import FunctionSpec, Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,16 +13,16 @@ import pytest
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
-from faas_common.activations import (
+from faas_gateway.core.call import QueuedCall
+from faas_gateway.nats.activations import (
     Activation,
     ActivationChangedError,
     ActivationExistsError,
     ActivationStore,
     ensure_activation_storage,
 )
-from faas_common.jetstream import AckedPublisher
-from faas_common.message import QueuedCall
-from faas_common.settings import CommonSettings
+from faas_gateway.nats.jetstream import AckedPublisher
+from faas_gateway.runtime.settings import CommonSettings
 from queue_worker.worker import Worker
 from tests.conftest import RunningGateway, get_json, ready_gateway
 from tests.harness import NatsServer, RecordedRequest, Recorder, registry_of, wait_until

@@ -22,7 +22,7 @@ from nats.js.api import RawStreamMsg, StreamState
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
-from faas_common.message import SCHEMA_VERSION, QueuedCall
+from faas_gateway.core.call import SCHEMA_VERSION, QueuedCall
 from queue_worker.worker import Worker
 from tests.conftest import RunningGateway, ready_gateway, stream_message_count
 from tests.harness import RecordedRequest, Recorder, Responder, registry_of, wait_until

@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
-from gateway.calls import new_call_id
+from gateway.request import new_call_id
 from queue_worker.worker import Worker
 from tests.conftest import RunningGateway, get_json, ready_gateway, stream_message_count
 from tests.harness import RecordedRequest, Recorder, registry_of, wait_until

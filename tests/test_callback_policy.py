@@ -9,7 +9,7 @@ import time
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from faas_common.callback_policy import HostPolicy, sign, signing_keys, webhook_id
+from faas_gateway.core.callback_policy import HostPolicy, sign, signing_keys, webhook_id
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(100, 124))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from faas_common.cli import load_settings
-from faas_common.settings import settings_table
+from faas_gateway.runtime.command import load_settings
+from faas_gateway.runtime.settings import settings_table
 from gateway.settings import GatewaySettings
 from queue_worker.settings import WorkerSettings
 from tests.harness import subprocess_env

@@ -4,9 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from faas_common.durations import parse_duration_s
-from faas_common.message import SCHEMA_VERSION, MalformedMessageError, QueuedCall
-from faas_common.registry import FunctionsFileError, is_valid_function_name, load_functions_file
+from faas_gateway.core.call import SCHEMA_VERSION, MalformedMessageError, QueuedCall
+from faas_gateway.core.functions import (
+    FunctionsFileError,
+    is_valid_function_name,
+    load_functions_file,
+)
+from faas_gateway.core.timefmt import parse_duration_s
 
 
 @pytest.mark.parametrize(

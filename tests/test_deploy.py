@@ -13,9 +13,9 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
-from faas_common.nats_auth import GATEWAY_USER, WORKER_USER, connect_options, password_file
-from faas_common.registry import load_functions_file
-from faas_common.settings import CommonSettings, settings_table
+from faas_gateway.core.functions import load_functions_file
+from faas_gateway.nats.auth import GATEWAY_USER, WORKER_USER, connect_options, password_file
+from faas_gateway.runtime.settings import CommonSettings, settings_table
 from gateway.auth import PASSWORD_FILE, USER_FILE
 from gateway.settings import GatewaySettings
 from queue_worker.settings import WorkerSettings
@@ -90,7 +90,7 @@ def test_compose_nats_has_users_and_no_function_container_reaches_it():
         assert password == password_file(Path("secrets"), user)
     # make compose-secrets writes the files the secrets name.
     makefile = (ROOT / "Makefile").read_text()
-    assert "-m faas_common.nats_auth deploy/secrets" in makefile
+    assert "-m faas_gateway.nats.auth deploy/secrets" in makefile
 
     # Every service names its networks (none falls into "default" beside NATS); only the
     # gateway and the worker share one with NATS, and they share one with each function.
@@ -111,7 +111,7 @@ async def test_compose_secrets_config_lets_in_exactly_its_users(tmp_path):
     run = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "faas_common.nats_auth",
+        "faas_gateway.nats.auth",
         str(secrets),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -138,7 +138,7 @@ async def test_compose_secrets_config_lets_in_exactly_its_users(tmp_path):
         server.kill()
     # Run again: the passwords are kept.
     run = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "faas_common.nats_auth", str(secrets)
+        sys.executable, "-m", "faas_gateway.nats.auth", str(secrets)
     )
     assert await run.wait() == 0
     for user, password in passwords.items():

@@ -22,8 +22,8 @@ from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
-from faas_common.jetstream import StreamConfigConflictError
-from faas_common.registry import Registry
+from faas_gateway.core.functions import Registry
+from faas_gateway.nats.jetstream import StreamConfigConflictError
 from gateway.app import create_app
 from queue_worker.worker import Worker
 from tests.conftest import RunningGateway, gateway_settings, stream_message_count, worker_settings

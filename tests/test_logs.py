@@ -15,8 +15,8 @@ import pytest
 from aiohttp import web
 from pydantic import ValidationError
 
-from faas_common.logs import call_context, new_formatter
-from faas_common.settings import CommonSettings
+from faas_gateway.runtime.logs import call_context, new_formatter
+from faas_gateway.runtime.settings import CommonSettings
 from tests.harness import ROOT, RecordedRequest, free_port, subprocess_env, wait_until
 
 RFC3339_MS_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -106,8 +106,8 @@ import asyncio, threading, warnings
 import aiohttp
 from aiohttp import web
 from nats.aio.client import _default_error_callback
-from faas_common.logs import configure_logging
-from faas_common.settings import CommonSettings
+from faas_gateway.runtime.logs import configure_logging
+from faas_gateway.runtime.settings import CommonSettings
 
 configure_logging(CommonSettings(log_format="json"))
 

@@ -14,8 +14,12 @@ from aiohttp import web
 from nats.aio.client import Client as NatsClient
 from nats.js.errors import NoKeysError
 
-from faas_common import function_store
-from faas_common.function_store import ConcurrentChangeError, FunctionDeployment, FunctionStore
+from faas_gateway.nats import function_store
+from faas_gateway.nats.function_store import (
+    ConcurrentChangeError,
+    FunctionDeployment,
+    FunctionStore,
+)
 from queue_worker.worker import Worker
 from tests.conftest import RunningGateway, gateway_settings, get_json, ready_gateway
 from tests.harness import NatsServer, RecordedRequest, Recorder, registry_of, wait_until

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from nats.aio.client import Client as NatsClient
 
-from faas_common.registry import Registry
+from faas_gateway.core.functions import Registry
 from gateway.metrics import GatewayMetrics
 from queue_worker.metrics import WorkerMetrics
 from queue_worker.pending import by_function

@@ -1,5 +1,5 @@
 """NATS with credentials: the stack's nats-server (users gateway and worker with the
-permissions faas_common.nats_auth derives from the settings) refuses anonymous clients, lets
+permissions faas_gateway.nats.auth derives from the settings) refuses anonymous clients, lets
 the gateway and worker do all they do and nothing they should not; and every way of signing
 in (user/password, token, NKey seed, .creds file, TLS with client certificates) against a
 real nats-server configured for it."""
@@ -26,9 +26,8 @@ from nats.aio.client import Client as NatsClient
 from nats.js.errors import NoKeysError
 from pydantic import ValidationError
 
-from faas_common import jetstream
-from faas_common.function_store import function_bucket
-from faas_common.nats_auth import (
+from faas_gateway.nats import jetstream
+from faas_gateway.nats.auth import (
     GATEWAY_USER,
     WORKER_USER,
     NatsCredentialsError,
@@ -38,7 +37,8 @@ from faas_common.nats_auth import (
     redact_url,
     write_stack_files,
 )
-from faas_common.settings import CommonSettings
+from faas_gateway.nats.function_store import function_bucket
+from faas_gateway.runtime.settings import CommonSettings
 from queue_worker.consumer import ensure_consumer
 from queue_worker.settings import WorkerSettings
 from queue_worker.worker import Worker

@@ -18,7 +18,7 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 
-from faas_common.registry import Registry
+from faas_gateway.core.functions import Registry
 from gateway.app import create_app
 from gateway.openapi import document_route
 from gateway.settings import GatewaySettings

@@ -2,7 +2,7 @@
 
 import pytest
 
-from faas_common.activations import parse_rfc3339_ns, rfc3339_ms
+from faas_gateway.nats.activations import parse_rfc3339_ns, rfc3339_ms
 from gateway.prefer import Preferences, parse_prefer
 
 

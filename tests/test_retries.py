@@ -3,8 +3,8 @@
 import pytest
 from pydantic import ValidationError
 
-from faas_common.registry import FunctionSpec
-from faas_common.retries import (
+from faas_gateway.core.functions import FunctionSpec
+from faas_gateway.core.retry import (
     DONE,
     CallVerdict,
     InvalidRetryPolicyError,

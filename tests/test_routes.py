@@ -5,7 +5,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from yarl import URL
 
-from faas_common.message import QueuedCall
+from faas_gateway.core.call import QueuedCall
 from tests.conftest import RunningGateway, ready_gateway, stream_message_count
 from tests.harness import registry_of, wait_until
 

@@ -27,7 +27,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from faas_common.upstream import (
+from faas_gateway.http.client import (
     _HIGH_WATER_BYTES,
     Timeouts,
     UpstreamClient,

@@ -24,14 +24,14 @@ from nats.js.api import (
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
-from faas_common.nats_auth import (
+from faas_gateway.nats.auth import (
     NatsCredentialsError,
     connect_options,
     redact_url,
     server_urls,
     tls_configured,
 )
-from faas_common.settings import CommonSettings
+from faas_gateway.runtime.settings import CommonSettings
 
 log = logging.getLogger("faas.nats")
 
@@ -161,7 +161,7 @@ async def connect(
 ) -> NatsClient:
     """Connect, retrying forever, and keep reconnecting for the life of the process.
 
-    Credentials and TLS come from the settings (faas_common.nats_auth.connect_options);
+    Credentials and TLS come from the settings (faas_gateway.nats.auth.connect_options);
     NatsCredentialsError when a file they name cannot be read, or when TLS is configured and
     the server does not require it.
 

@@ -8,20 +8,18 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from faas_common.headers import CALL_ID, CALLBACK_URL, START_TIME, end_to_end
-from faas_common.logs import call_context
-from faas_common.message import QueuedCall
-from faas_common.registry import FunctionSpec, Registry
-from faas_common.upstream import (
+from faas_gateway.core.call import QueuedCall
+from faas_gateway.core.functions import FunctionSpec, Registry
+from faas_gateway.core.headers import CALL_ID, CALLBACK_URL, START_TIME, end_to_end
+from faas_gateway.http.client import (
     Timeouts,
     UpstreamClient,
     UpstreamError,
     UpstreamResponse,
     failure_for_caller,
 )
-from faas_common.upstream import UpstreamTimeoutError as ClientTimeoutError
-from gateway.calls import CallContext
-from gateway.demotion import AsyncAfter, Demotions, Hold
+from faas_gateway.http.client import UpstreamTimeoutError as ClientTimeoutError
+from faas_gateway.runtime.logs import call_context
 from gateway.errors import (
     ClientGoneError,
     GatewayError,
@@ -29,8 +27,10 @@ from gateway.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from gateway.handlers.turn_async import AsyncAfter, Demotions, Hold
 from gateway.loops import VIA, Hops
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
+from gateway.request import CallContext
 from gateway.request_bodies import StreamedBody, failure_of, read_body
 from gateway.routing import checked_subpath, forwarded_headers, resolve_function
 from gateway.settings import GatewaySettings

@@ -12,9 +12,9 @@ from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, model_va
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from faas_common import nats_auth
-from faas_common.callback_policy import signing_keys
-from faas_common.durations import format_duration_s, parse_duration_s
+from faas_gateway.core.callback_policy import signing_keys
+from faas_gateway.core.timefmt import format_duration_s, parse_duration_s
+from faas_gateway.nats import auth as nats_auth
 
 Seconds = Annotated[float, BeforeValidator(parse_duration_s)]
 # A size limit of a stream or bucket: JetStream's -1 (none) is not offered.

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from multidict import CIMultiDict
 from yarl import URL
 
-from faas_common.callback_policy import (
+from faas_gateway.core.callback_policy import (
     HostPolicy,
     Signer,
     parse_address,
     signing_keys,
     webhook_id,
 )
-from faas_common.headers import (
+from faas_gateway.core.headers import (
     CALL_ID,
     DURATION_SECONDS,
     FUNCTION_NAME,
@@ -32,16 +32,16 @@ from faas_common.headers import (
     WEBHOOK_SIGNATURE,
     WEBHOOK_TIMESTAMP,
 )
-from faas_common.logs import call_context
-from faas_common.outcome import Outcome
-from faas_common.results import ResultStore, ResultStoreError
-from faas_common.settings import CommonSettings
-from faas_common.upstream import (
+from faas_gateway.core.outcome import Outcome
+from faas_gateway.http.client import (
     Timeouts,
     UpstreamClient,
     UpstreamError,
     UpstreamRefusedError,
 )
+from faas_gateway.nats.results import ResultStore, ResultStoreError
+from faas_gateway.runtime.logs import call_context
+from faas_gateway.runtime.settings import CommonSettings
 
 log = logging.getLogger("faas.callback")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pythonjsonlogger.orjson import OrjsonFormatter
 
-from faas_common.settings import CommonSettings
+from faas_gateway.runtime.settings import CommonSettings
 
 CALL_FIELDS = ("callId", "function")
 

@@ -15,7 +15,7 @@ FORWARDED_HOST = "X-Forwarded-Host"
 NATS_MSG_ID = "Nats-Msg-Id"
 RETRY = "X-Retry"  # the attempt number, 1 for the first call
 RETRY_MAX = "X-Retry-Max"  # attempts allowed in all
-# Standard Webhooks' signature headers, on signed callbacks (faas_common/callback_policy.py).
+# Standard Webhooks' signature headers, on signed callbacks (faas_gateway/callback_policy.py).
 WEBHOOK_ID = "webhook-id"
 WEBHOOK_TIMESTAMP = "webhook-timestamp"
 WEBHOOK_SIGNATURE = "webhook-signature"

@@ -6,7 +6,7 @@ import time
 
 from multidict import CIMultiDict
 
-from faas_common.headers import CALL_ID, DURATION_SECONDS, START_TIME
+from faas_gateway.core.headers import CALL_ID, DURATION_SECONDS, START_TIME
 
 # A call id also names a JetStream message (Nats-Msg-Id) and a key-value entry (a NATS subject
 # token, where dots separate tokens), so it is held to what all of those accept: no empty

@@ -8,29 +8,29 @@ import nats.errors
 import orjson
 from aiohttp import web
 
-from faas_common import jetstream
-from faas_common.activations import (
+from faas_gateway.core.call import QueuedCall
+from faas_gateway.core.functions import Registry
+from faas_gateway.core.headers import CALL_ID
+from faas_gateway.nats import jetstream
+from faas_gateway.nats.activations import (
     CANCELLED,
     FAILED,
     Activation,
     ActivationStoreError,
     RecordConflictError,
 )
-from faas_common.cancellations import cancellation_bucket
-from faas_common.dead_letters import DeadLetterError, get_dead_letter, summary
-from faas_common.headers import CALL_ID
-from faas_common.message import QueuedCall
-from faas_common.registry import Registry
-from gateway.activation_api import (
+from faas_gateway.nats.cancellations import cancellation_bucket
+from faas_gateway.nats.dead_letters import DeadLetterError, get_dead_letter, summary
+from gateway.activations import ActivationQueries
+from gateway.errors import ConflictError, QueueUnavailableError
+from gateway.handlers.activations import (
     location_of,
     parse_function_param,
     parse_limit_param,
     valid_call_id,
 )
-from gateway.activations import ActivationQueries
-from gateway.calls import new_call_id
-from gateway.errors import ConflictError, QueueUnavailableError
-from gateway.publisher import Publisher
+from gateway.queue import Publisher
+from gateway.request import new_call_id
 from gateway.routing import resolve_function
 from gateway.settings import GatewaySettings
 

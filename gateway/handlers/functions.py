@@ -20,8 +20,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
-from faas_common import __version__
-from faas_common.function_store import (
+from faas_gateway import __version__
+from faas_gateway.core.functions import FunctionSpec, Registry, is_valid_function_name
+from faas_gateway.nats.function_store import (
     ConcurrentChangeError,
     FunctionDeployment,
     FunctionExistsError,
@@ -32,7 +33,6 @@ from faas_common.function_store import (
     StoredFunction,
     now_rfc3339,
 )
-from faas_common.registry import FunctionSpec, Registry, is_valid_function_name
 from gateway.errors import (
     ClientGoneError,
     ConflictError,
@@ -43,7 +43,7 @@ from gateway.errors import (
 )
 from gateway.loops import gateway_url_problem
 from gateway.metrics import GatewayMetrics
-from gateway.publisher import Publisher
+from gateway.queue import Publisher
 from gateway.queues import ServedQueues
 from gateway.request_bodies import read_body
 from gateway.settings import GatewaySettings

@@ -16,32 +16,32 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from faas_common.activations import (
-    Activation,
-    ActivationExistsError,
-    ActivationStoreError,
-    RecordConflictError,
-)
-from faas_common.callbacks import CallbackSender
-from faas_common.headers import CALL_ID, end_to_end
-from faas_common.logs import call_context
-from faas_common.message import QueuedCall
-from faas_common.outcome import Outcome, failure
-from faas_common.registry import FunctionSpec
-from faas_common.results import ResultStore, ResultStoreError, take_body
-from faas_common.upstream import (
+from faas_gateway.core.call import QueuedCall
+from faas_gateway.core.functions import FunctionSpec
+from faas_gateway.core.headers import CALL_ID, end_to_end
+from faas_gateway.core.outcome import Outcome, failure
+from faas_gateway.http.callbacks import CallbackSender
+from faas_gateway.http.client import (
     UpstreamError,
     UpstreamResponse,
     UpstreamTimeoutError,
     failure_for_caller,
 )
-from gateway.activation_api import location_of, result_response, unfinished_response
+from faas_gateway.nats.activations import (
+    Activation,
+    ActivationExistsError,
+    ActivationStoreError,
+    RecordConflictError,
+)
+from faas_gateway.nats.results import ResultStore, ResultStoreError, take_body
+from faas_gateway.runtime.logs import call_context
 from gateway.activations import ActivationQueries
 from gateway.callback_urls import CallbackUrls
-from gateway.calls import CallContext
 from gateway.errors import ConflictError, GatewayError, TooManyRequestsError
+from gateway.handlers.activations import location_of, result_response, unfinished_response
 from gateway.prefer import PREFER, PREFERENCE_APPLIED, parse_prefer
-from gateway.publisher import Publisher
+from gateway.queue import Publisher
+from gateway.request import CallContext
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")

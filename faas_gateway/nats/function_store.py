@@ -21,14 +21,18 @@ from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
-from faas_common.jetstream import WRONG_LAST_SEQUENCE_CODES, StorageLimitError, ensure_key_value
-from faas_common.registry import (
+from faas_gateway.core.functions import (
     MAX_INFLIGHT_ANNOTATION,
     TIMEOUT_ANNOTATIONS,
     FunctionSpec,
     Registry,
 )
-from faas_common.settings import CommonSettings
+from faas_gateway.nats.jetstream import (
+    WRONG_LAST_SEQUENCE_CODES,
+    StorageLimitError,
+    ensure_key_value,
+)
+from faas_gateway.runtime.settings import CommonSettings
 
 log = logging.getLogger("faas.functions")
 

@@ -15,12 +15,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from faas_common.activations import rfc3339_ms
-from faas_common.headers import NATS_MSG_ID
-from faas_common.jetstream import AckedPublisher, StreamLimits, ensure_limited_stream
-from faas_common.message import MalformedMessageError, QueuedCall
-from faas_common.outcome import Outcome
-from faas_common.settings import CommonSettings
+from faas_gateway.core.call import MalformedMessageError, QueuedCall
+from faas_gateway.core.headers import NATS_MSG_ID
+from faas_gateway.core.outcome import Outcome
+from faas_gateway.nats.activations import rfc3339_ms
+from faas_gateway.nats.jetstream import AckedPublisher, StreamLimits, ensure_limited_stream
+from faas_gateway.runtime.settings import CommonSettings
 
 log = logging.getLogger("faas.dead_letters")
 

@@ -9,7 +9,7 @@ from typing import TypeVar
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
-from faas_common.settings import settings_table
+from faas_gateway.runtime.settings import settings_table
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 

@@ -19,14 +19,14 @@ import orjson
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from faas_common.jetstream import (
+from faas_gateway.http.client import UpstreamResponse
+from faas_gateway.nats.jetstream import (
     AckedPublisher,
     PublishRejectedError,
     direct_get_batch,
     is_storage_full,
     message_sequence,
 )
-from faas_common.upstream import UpstreamResponse
 
 CHUNK_BYTES = 128 * 1024  # nats-py's and the CLI's default chunk size
 # Chunks published before the first of them must be acked: enough to keep the link busy,

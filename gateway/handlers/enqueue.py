@@ -4,24 +4,24 @@ import logging
 
 from aiohttp import web
 
-from faas_common.headers import CALLBACK_URL
-from faas_common.logs import call_context
-from faas_common.message import QueuedCall
-from faas_common.registry import Registry
-from gateway.activation_api import location_of, result_response, unfinished_response
+from faas_gateway.core.call import QueuedCall
+from faas_gateway.core.functions import Registry
+from faas_gateway.core.headers import CALLBACK_URL
+from faas_gateway.runtime.logs import call_context
 from gateway.activations import ActivationQueries
 from gateway.callback_urls import CallbackUrls
-from gateway.calls import CallContext
 from gateway.errors import (
     ClientGoneError,
     GatewayError,
     MethodNotAllowedError,
     PayloadTooLargeError,
 )
+from gateway.handlers.activations import location_of, result_response, unfinished_response
 from gateway.loops import VIA, Hops
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from gateway.prefer import PREFER, PREFERENCE_APPLIED, parse_prefer, wait_applied
-from gateway.publisher import Publisher
+from gateway.queue import Publisher
+from gateway.request import CallContext
 from gateway.request_bodies import read_body
 from gateway.routing import checked_subpath, forwarded_headers, resolve_function
 from gateway.settings import GatewaySettings

@@ -16,8 +16,8 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from faas_common.jetstream import ensure_key_value
-from faas_common.settings import CommonSettings
+from faas_gateway.nats.jetstream import ensure_key_value
+from faas_gateway.runtime.settings import CommonSettings
 
 log = logging.getLogger("faas.cancellations")
 

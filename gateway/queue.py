@@ -11,8 +11,10 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from faas_common import jetstream
-from faas_common.activations import (
+from faas_gateway.core.call import QueuedCall
+from faas_gateway.core.headers import CALL_ID, NATS_MSG_ID
+from faas_gateway.nats import jetstream
+from faas_gateway.nats.activations import (
     QUEUED,
     Activation,
     ActivationExistsError,
@@ -23,14 +25,12 @@ from faas_common.activations import (
     ensure_activation_storage,
     queued_at_ns,
 )
-from faas_common.dead_letters import ensure_dead_letter_stream
-from faas_common.function_store import FunctionWatch
-from faas_common.headers import CALL_ID, NATS_MSG_ID
-from faas_common.jetstream import PublishRejectedError
-from faas_common.logs import call_context
-from faas_common.message import QueuedCall
-from faas_common.nats_auth import redact_url
-from faas_common.results import ResultStore
+from faas_gateway.nats.auth import redact_url
+from faas_gateway.nats.dead_letters import ensure_dead_letter_stream
+from faas_gateway.nats.function_store import FunctionWatch
+from faas_gateway.nats.jetstream import PublishRejectedError
+from faas_gateway.nats.results import ResultStore
+from faas_gateway.runtime.logs import call_context
 from gateway.errors import (
     ConflictError,
     GatewayError,

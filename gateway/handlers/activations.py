@@ -5,12 +5,12 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from faas_common.activations import STATUSES, StoredActivation, parse_rfc3339_ns
-from faas_common.headers import CALL_ID
-from faas_common.registry import is_valid_function_name
+from faas_gateway.core.functions import is_valid_function_name
+from faas_gateway.core.headers import CALL_ID
+from faas_gateway.nats.activations import STATUSES, StoredActivation, parse_rfc3339_ns
 from gateway.activations import ActivationQueries, ListQuery
-from gateway.calls import CALL_ID_PATTERN
 from gateway.errors import InvalidRequestError
+from gateway.request import CALL_ID_PATTERN
 
 DEFAULT_LIMIT = 30
 MAX_LIMIT = 200

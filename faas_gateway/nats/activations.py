@@ -35,7 +35,9 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, BadRequestError
 
-from faas_common.jetstream import (
+from faas_gateway.core.call import QueuedCall
+from faas_gateway.core.outcome import Outcome
+from faas_gateway.nats.jetstream import (
     WRONG_LAST_SEQUENCE_CODES,
     AckedPublisher,
     PublishRejectedError,
@@ -46,11 +48,9 @@ from faas_common.jetstream import (
     keep_limits,
     message_sequence,
 )
-from faas_common.logs import call_context
-from faas_common.message import QueuedCall
-from faas_common.outcome import Outcome
-from faas_common.results import ResultStore, ResultStoreError
-from faas_common.settings import CommonSettings
+from faas_gateway.nats.results import ResultStore, ResultStoreError
+from faas_gateway.runtime.logs import call_context
+from faas_gateway.runtime.settings import CommonSettings
 
 log = logging.getLogger("faas.activations")
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-from faas_common.durations import parse_duration_s
+from faas_gateway.core.timefmt import parse_duration_s
 
 ANNOTATION_ATTEMPTS = "com.openfaas.retry.attempts"
 ANNOTATION_CODES = "com.openfaas.retry.codes"

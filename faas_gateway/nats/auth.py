@@ -1,13 +1,13 @@
 """Credentials and TLS for NATS, and what each process may do there.
 
 ``connect_options`` turns the ``nats_*`` credential and TLS settings into nats-py's connect
-arguments; both processes connect through ``faas_common.jetstream.connect``, which uses it.
+arguments; both processes connect through ``faas_gateway.nats.jetstream.connect``, which uses it.
 
 ``server_config`` writes a nats-server config with one user for the gateway and one for the
 workers, each allowed to publish and subscribe only on the subjects its code uses. The subjects
 are derived from the settings that name the streams and buckets, so they cannot drift apart.
 ``make run`` (deploy/local_stack.py) and ``make compose-secrets`` (``python -m
-faas_common.nats_auth``) both write theirs with it.
+faas_gateway.nats.auth``) both write theirs with it.
 
 What each user may do, and why (the streams are named after the settings: queue =
 nats_stream, records = KV_<activation_bucket>, results = OBJ_<activation_bucket>-results,
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
-    from faas_common.settings import CommonSettings
+    from faas_gateway.runtime.settings import CommonSettings
 
 GATEWAY_USER = "gateway"
 WORKER_USER = "worker"
@@ -222,7 +222,7 @@ class _Streams:
     @classmethod
     def of(cls, settings: "CommonSettings") -> "_Streams":
         # Here, not at the top: activations imports jetstream, which imports this module.
-        from faas_common.activations import results_bucket
+        from faas_gateway.nats.activations import results_bucket
 
         return cls(
             queue=settings.nats_stream,
@@ -353,8 +353,8 @@ def server_config(settings: "CommonSettings", passwords: Mapping[str, str]) -> s
         (WORKER_USER, worker_permissions(settings)),
     ]
     lines = [
-        "# Made by faas_common.nats_auth from the faas-gateway settings; written anew at each",
-        "# start. Users: gateway and worker (see faas_common/nats_auth.py for what each may do).",
+        "# Made by faas_gateway.nats.auth from the faas-gateway settings; written anew at each",
+        "# start. Users: gateway and worker (see faas_gateway/nats_auth.py for what each may do).",
         "authorization {",
         "  users = [",
     ]
@@ -421,15 +421,15 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m faas_common.nats_auth DIR``: NATS passwords and nats-server.conf in DIR
+    """``python -m faas_gateway.nats.auth DIR``: NATS passwords and nats-server.conf in DIR
     (``make compose-secrets``), for the settings in this environment (the defaults)."""
     from pydantic import ValidationError
 
-    from faas_common.cli import validation_problems
-    from faas_common.settings import CommonSettings
+    from faas_gateway.runtime.command import validation_problems
+    from faas_gateway.runtime.settings import CommonSettings
 
     parser = argparse.ArgumentParser(
-        prog="python -m faas_common.nats_auth",
+        prog="python -m faas_gateway.nats.auth",
         description="Write NATS passwords for the users gateway and worker (kept if they "
         "exist) and a nats-server config giving each the permissions it needs.",
     )

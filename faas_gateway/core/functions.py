@@ -2,7 +2,7 @@
 
 Two sources, merged: a YAML functions file read at start (local to each process, read-only
 through the API) and the functions deployed through the management API, which live in a NATS
-key-value bucket that every gateway and worker watches (faas_common/function_store.py)::
+key-value bucket that every gateway and worker watches (faas_gateway/function_store.py)::
 
     functions:
       echo:
@@ -31,8 +31,8 @@ from pydantic import (
 )
 from yarl import URL
 
-from faas_common.durations import parse_duration_s
-from faas_common.retries import InvalidRetryPolicyError, RetryPolicy
+from faas_gateway.core.retry import InvalidRetryPolicyError, RetryPolicy
+from faas_gateway.core.timefmt import parse_duration_s
 
 # Only to check a function's retry annotations when it is registered; the worker applies them
 # over its own settings.
