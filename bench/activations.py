@@ -24,7 +24,8 @@ from nats.js.errors import NotFoundError
 
 from faas_gateway.core.call import QueuedCall
 from faas_gateway.core.outcome import Outcome
-from faas_gateway.nats.activations import Activation, index_subject
+from faas_gateway.nats.activations import Activation
+from faas_gateway.nats.names import Names
 from faas_gateway.runtime.settings import CommonSettings
 
 SEED_FUNCTIONS = ("echo", "instant", "sleep", "thumbnail")
@@ -123,16 +124,17 @@ async def _publish_all(
     js = nc.jetstream()
     kv_prefix = f"$KV.{settings.activation_bucket}."
     index_stream = settings.activation_index_stream
+    names = Names.of(settings)
     for start in range(0, len(records), chunk):
         part = records[start : start + chunk]
         for record in part[:-1]:
             await nc.publish(kv_prefix + record.call_id, record.value)
-            await nc.publish(index_subject(settings, record.function), record.call_id.encode())
+            await nc.publish(names.index_subject(record.function), record.call_id.encode())
         last = part[-1]
         await asyncio.gather(
             js.publish(kv_prefix + last.call_id, last.value, timeout=30),
             js.publish(
-                index_subject(settings, last.function),
+                names.index_subject(last.function),
                 last.call_id.encode(),
                 timeout=30,
                 stream=index_stream,

@@ -1,67 +1,142 @@
-"""The gateway application: routes, and the lifetimes of its client session and NATS link."""
+"""The gateway application: its composition root.
 
-import json
+``create_app`` builds every object first, with no I/O (the NATS link connects later, in the
+background), then registers their bound methods as routes, guarded by Basic auth where the
+settings say so. The one lifetime hook starts and stops what holds connections.
+"""
+
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from faas_gateway.core.functions import Registry
 from faas_gateway.http.callbacks import CallbackSender
-from faas_gateway.http.client import UpstreamClient
-from faas_gateway.nats.function_store import FunctionWatch
-from gateway.activations import ActivationQueries
+from faas_gateway.http.client import Timeouts, UpstreamClient
+from faas_gateway.nats.activations import ActivationStore
+from faas_gateway.nats.cancellations import Cancellations
+from faas_gateway.nats.dead_letters import DeadLetters
+from faas_gateway.nats.function_store import FunctionStore, FunctionWatch
+from faas_gateway.nats.link import NatsLink
+from faas_gateway.nats.names import Names
+from faas_gateway.nats.provision import Plan
 from gateway.auth import Handler, load_credentials, require_auth
 from gateway.callback_urls import CallbackUrls
-from gateway.handlers.activations import ActivationApi
-from gateway.handlers.enqueue import AsyncInvoker
-from gateway.handlers.functions import FunctionsApi
-from gateway.handlers.reliability import ReliabilityApi
+from gateway.handlers.activations import Activations
+from gateway.handlers.enqueue import Enqueue
+from gateway.handlers.functions import Functions
+from gateway.handlers.reliability import Reliability
 from gateway.handlers.sync import SyncProxy
-from gateway.handlers.turn_async import Demotions
+from gateway.handlers.system import System
+from gateway.handlers.turn_async import TurnAsync
 from gateway.loops import Hops
 from gateway.metrics import GatewayMetrics
-from gateway.openapi import document_route
-from gateway.queue import Publisher
+from gateway.queue import GatewayQueue
 from gateway.queues import ServedQueues
-from gateway.request import CallContext
 from gateway.routes import by_method, invocation, json_errors, no_such_route, read_only, system
 from gateway.settings import GatewaySettings
-
-SETTINGS = web.AppKey("settings", GatewaySettings)
-REGISTRY = web.AppKey("registry", Registry)
-METRICS = web.AppKey("metrics", GatewayMetrics)
-PUBLISHER = web.AppKey("publisher", Publisher)
-UPSTREAM_CLIENT = web.AppKey("upstream_client", UpstreamClient)
-SYNC_PROXY = web.AppKey("sync_proxy", SyncProxy)
-ASYNC_INVOKER = web.AppKey("async_invoker", AsyncInvoker)
-ACTIVATION_API = web.AppKey("activation_api", ActivationApi)
-RELIABILITY_API = web.AppKey("reliability_api", ReliabilityApi)
-CALLBACK_URLS = web.AppKey("callback_urls", CallbackUrls)
-FUNCTION_WATCH = web.AppKey("function_watch", FunctionWatch)
-FUNCTIONS_API = web.AppKey("functions_api", FunctionsApi)
-QUERIES = web.AppKey("activation_queries", ActivationQueries)
-SERVED_QUEUES = web.AppKey("served_queues", ServedQueues)
-HOPS = web.AppKey("hops", Hops)
-
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def create_app(
     settings: GatewaySettings, registry: Registry, metrics: GatewayMetrics | None = None
 ) -> web.Application:
+    metrics = metrics or GatewayMetrics()
+    names = Names.of(settings)
+
+    # NATS: one link, the stores over it, and the queue that sets them up.
+    link = NatsLink(
+        settings,
+        "faas-gateway",
+        # A publish made while disconnected fails at once instead of going out after a
+        # reconnect: a request answered 503 must never be queued later.
+        buffer_while_reconnecting=False,
+        request_timeout_s=settings.publish_timeout_s,
+    )
+    link.on_reconnected.append(metrics.count_reconnect)
+    records = ActivationStore(
+        link, names, settings.activation_max_result_bytes, settings.activation_retention_s
+    )
+    watch = FunctionWatch(registry, link, names)
+    queue = GatewayQueue(
+        link,
+        Plan.of(settings),
+        records if settings.record_activations else None,
+        watch,
+        publish_timeout_s=settings.publish_timeout_s,
+        startup_wait_s=settings.nats_startup_wait_s,
+        max_async_body_bytes=settings.max_async_body_bytes,
+        duplicate_window_s=settings.duplicate_window_s,
+        nats_url=settings.nats_url,
+    )
+    served_queues = ServedQueues(registry, link, names)
+    metrics.count_services(registry)
+    metrics.watch_queues(served_queues.served)
+
+    # Calling functions: one client, which keeps no cookies and never decompresses, so bodies
+    # pass through byte for byte and nothing of one caller's call can reach another's.
+    client = UpstreamClient(keepalive_s=settings.upstream_keepalive_s)
+    callback_urls = CallbackUrls(settings.callback_allowed_hosts)
+    hops = Hops()  # this process's Via entry, on both invocation routes
+    # With basic_auth_invocations the client's Authorization is the gateway's own credential.
+    strip_authorization = settings.basic_auth and settings.basic_auth_invocations
+    turn_async = TurnAsync(
+        queue,
+        records,
+        CallbackSender(settings, client, records.results),
+        callback_urls,
+        max_turned_async=settings.max_turned_async,
+        max_wait_s=settings.max_wait_s,
+        sync_async_after_s=settings.sync_async_after_s,
+        shutdown_grace_s=settings.shutdown_grace_s,
+        max_held_bytes=settings.max_held_response_bytes,
+    )
+
+    # The handlers.
+    sync_proxy = SyncProxy(
+        registry,
+        client,
+        metrics,
+        turn_async,
+        hops,
+        defaults=Timeouts(
+            connect_s=settings.write_timeout_s,
+            read_s=settings.read_timeout_s,
+            total_s=settings.upstream_timeout_s,
+        ),
+        body_timeout_s=settings.request_body_timeout_s,
+        strip_authorization=strip_authorization,
+    )
+    enqueue = Enqueue(
+        registry,
+        queue,
+        records,
+        callback_urls,
+        metrics,
+        hops,
+        max_wait_s=settings.max_wait_s,
+        body_timeout_s=settings.request_body_timeout_s,
+        strip_authorization=strip_authorization,
+    )
+    activations = Activations(records)
+    reliability = Reliability(
+        registry, queue, records, DeadLetters(link, names), Cancellations(link, names)
+    )
+    functions = Functions(
+        registry,
+        FunctionStore(link, names),
+        watch,
+        metrics,
+        served_queues,
+        namespace=settings.function_namespace,
+        functions_file=settings.functions_file,
+        body_timeout_s=settings.request_body_timeout_s,
+        gateway_host=settings.gateway_host,
+        gateway_port=settings.gateway_port,
+    )
+    status = System(queue, metrics, served_queues)
+
     # Request bodies pass through as sent: a gzip upload reaches the function still gzipped.
     app = web.Application(handler_args={"auto_decompress": False})
-    app[SETTINGS] = settings
-    app[REGISTRY] = registry
-    app[METRICS] = metrics or GatewayMetrics()
-    app[CALLBACK_URLS] = CallbackUrls(settings.callback_allowed_hosts)
-    app[FUNCTION_WATCH] = FunctionWatch(registry, settings)
-    app[HOPS] = Hops()  # this process's Via entry, on both invocation routes
-    app[METRICS].count_services(registry)
-    # Cleaned up in reverse: calls that turned async finish while NATS and the client live.
-    app.cleanup_ctx.append(_upstream_client)
-    app.cleanup_ctx.append(_queue_publisher)
-    app.cleanup_ctx.append(_sync_proxy)
+    app.cleanup_ctx.append(_lifetime(queue, client, turn_async))
 
     # Without basic_auth the handlers are registered as they are: no per-request check.
     guard_system: Callable[[Handler], Handler] = _as_is
@@ -78,33 +153,39 @@ def create_app(
     def route(methods: str, pattern: str, handle: Handler) -> None:
         app.router.add_route(methods, pattern, handle)
 
-    sync_call = guard_calls(invocation(_sync_call))
-    async_call = guard_calls(invocation(_async_call))
+    sync_call = guard_calls(invocation(sync_proxy.handle))
+    async_call = guard_calls(invocation(enqueue.handle))
     sub = "{path:(?s:.*)}"  # (?s): a sub-path's %0A is decoded to a newline before matching
     for pattern in ("/function/{name}", "/function/{name}/", f"/function/{{name}}/{sub}"):
         route("*", pattern, sync_call)
     # Before the invocation route of the same path, which answers other methods with 405.
     # Cancelling reaches another caller's call: it takes the /system credentials.
-    route("DELETE", "/async-function/{call_id}", guard_system(json_errors(_cancel)))
+    route("DELETE", "/async-function/{call_id}", guard_system(json_errors(reliability.cancel)))
     for pattern in ("/async-function/{name}", f"/async-function/{{name}}/{sub}"):
         route("*", pattern, async_call)
-    functions = by_method(
-        {"GET": _list_functions, "POST": _deploy, "PUT": _update, "DELETE": _delete}
+    manage = by_method(
+        {
+            "GET": functions.list_functions,
+            "POST": functions.deploy,
+            "PUT": functions.update,
+            "DELETE": functions.delete,
+        }
     )
-    route("*", "/system/functions", guard_system(functions))
-    route("*", "/system/function/{name}", guard_system(system(_function)))
-    route("*", "/system/info", guard_system(system(_info)))
-    route("*", "/system/namespaces", guard_system(system(_namespaces)))
-    route("*", "/system/activations", guard_system(system(_list_activations)))
-    route("*", "/system/activations/{call_id}", guard_system(system(_activation)))
-    route("*", "/system/activations/{call_id}/result", guard_system(system(_activation_result)))
+    route("*", "/system/functions", guard_system(manage))
+    route("*", "/system/function/{name}", guard_system(system(functions.get_function)))
+    route("*", "/system/info", guard_system(system(functions.info)))
+    route("*", "/system/namespaces", guard_system(system(functions.namespaces)))
+    route("*", "/system/activations", guard_system(system(activations.newest)))
+    route("*", "/system/activations/{call_id}", guard_system(system(activations.record)))
+    route("*", "/system/activations/{call_id}/result", guard_system(system(activations.result)))
     # "*": other methods get by_method's 405, not the catch-all's 404 (no such path).
-    route("*", "/system/activations/{call_id}/retry", guard_system(by_method({"POST": _retry})))
-    route("*", "/system/dead-letters", guard_system(system(_dead_letters)))
-    app.router.add_route("*", "/healthz", read_only(_healthz))
-    app.router.add_route("*", "/metrics", read_only(_metrics))
-    app.router.add_route("*", "/openapi.json", read_only(document_route()))
-    app.router.add_route("*", "/{tail:(?s:.*)}", no_such_route)
+    retry = by_method({"POST": reliability.retry})
+    route("*", "/system/activations/{call_id}/retry", guard_system(retry))
+    route("*", "/system/dead-letters", guard_system(system(reliability.dead_letters)))
+    route("*", "/healthz", read_only(status.healthz))
+    route("*", "/metrics", read_only(status.metrics))
+    route("*", "/openapi.json", read_only(status.openapi))
+    route("*", "/{tail:(?s:.*)}", no_such_route)
     return app
 
 
@@ -112,152 +193,22 @@ def _as_is(handle: Handler) -> Handler:
     return handle
 
 
-def _gateway_checks_invocations(settings: GatewaySettings) -> bool:
-    """Whether a client's Authorization on an invocation is the gateway's own credential."""
-    return settings.basic_auth and settings.basic_auth_invocations
+def _lifetime(
+    queue: GatewayQueue, client: UpstreamClient, turn_async: TurnAsync
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        try:
+            await queue.start()
+        except BaseException:
+            await queue.close()
+            await client.close()
+            raise
+        try:
+            yield
+        finally:
+            # Calls that turned async finish first, while NATS and the client still live.
+            await turn_async.close()
+            await queue.close()
+            await client.close()
 
-
-async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    # Keeps no cookies and never decompresses: bodies pass through byte for byte, and
-    # nothing of one caller's call can reach another's.
-    client = UpstreamClient(keepalive_s=settings.upstream_keepalive_s)
-    app[UPSTREAM_CLIENT] = client
-    try:
-        yield
-    finally:
-        await client.close()
-
-
-async def _queue_publisher(app: web.Application) -> AsyncIterator[None]:
-    publisher = Publisher(
-        app[SETTINGS], app[FUNCTION_WATCH], on_reconnected=app[METRICS].nats_reconnects.inc
-    )
-    app[PUBLISHER] = publisher
-    queues = ServedQueues(app[SETTINGS], app[REGISTRY], publisher)
-    app[SERVED_QUEUES] = queues
-    app[METRICS].watch_queues(queues.served)
-    app[FUNCTIONS_API] = FunctionsApi(
-        app[SETTINGS], app[REGISTRY], publisher, app[FUNCTION_WATCH], app[METRICS], queues
-    )
-    queries = ActivationQueries(app[SETTINGS], publisher)
-    app[QUERIES] = queries
-    app[ACTIVATION_API] = ActivationApi(queries)
-    app[ASYNC_INVOKER] = AsyncInvoker(
-        app[SETTINGS],
-        app[REGISTRY],
-        publisher,
-        queries,
-        app[CALLBACK_URLS],
-        app[METRICS],
-        app[HOPS],
-        strip_authorization=_gateway_checks_invocations(app[SETTINGS]),
-    )
-    app[RELIABILITY_API] = ReliabilityApi(app[SETTINGS], app[REGISTRY], publisher, queries)
-    try:
-        await publisher.start()
-        yield
-    finally:
-        await app[FUNCTION_WATCH].close()
-        await publisher.close()
-
-
-async def _sync_proxy(app: web.Application) -> AsyncIterator[None]:
-    settings, client = app[SETTINGS], app[UPSTREAM_CLIENT]
-    demotions = Demotions(
-        settings,
-        app[PUBLISHER],
-        app[QUERIES],
-        CallbackSender(settings, client, app[PUBLISHER].results),
-        app[CALLBACK_URLS],
-    )
-    app[SYNC_PROXY] = SyncProxy(
-        settings,
-        app[REGISTRY],
-        client,
-        app[METRICS],
-        demotions,
-        app[HOPS],
-        strip_authorization=_gateway_checks_invocations(settings),
-    )
-    try:
-        yield
-    finally:
-        await demotions.close()
-
-
-async def _sync_call(request: web.Request, call: CallContext) -> web.StreamResponse:
-    return await request.app[SYNC_PROXY].handle(request, call)
-
-
-async def _async_call(request: web.Request, call: CallContext) -> web.StreamResponse:
-    return await request.app[ASYNC_INVOKER].handle(request, call)
-
-
-async def _list_functions(request: web.Request) -> web.StreamResponse:
-    return await request.app[FUNCTIONS_API].list_functions(request)
-
-
-async def _function(request: web.Request) -> web.StreamResponse:
-    return await request.app[FUNCTIONS_API].get_function(request)
-
-
-async def _deploy(request: web.Request) -> web.StreamResponse:
-    return await request.app[FUNCTIONS_API].deploy(request)
-
-
-async def _update(request: web.Request) -> web.StreamResponse:
-    return await request.app[FUNCTIONS_API].update(request)
-
-
-async def _delete(request: web.Request) -> web.StreamResponse:
-    return await request.app[FUNCTIONS_API].delete(request)
-
-
-async def _info(request: web.Request) -> web.StreamResponse:
-    return await request.app[FUNCTIONS_API].info(request)
-
-
-async def _namespaces(request: web.Request) -> web.StreamResponse:
-    return await request.app[FUNCTIONS_API].namespaces(request)
-
-
-async def _list_activations(request: web.Request) -> web.StreamResponse:
-    return await request.app[ACTIVATION_API].newest(request)
-
-
-async def _activation(request: web.Request) -> web.StreamResponse:
-    return await request.app[ACTIVATION_API].record(request)
-
-
-async def _activation_result(request: web.Request) -> web.StreamResponse:
-    return await request.app[ACTIVATION_API].result(request)
-
-
-async def _cancel(request: web.Request) -> web.StreamResponse:
-    return await request.app[RELIABILITY_API].cancel(request)
-
-
-async def _retry(request: web.Request) -> web.StreamResponse:
-    return await request.app[RELIABILITY_API].retry(request)
-
-
-async def _dead_letters(request: web.Request) -> web.StreamResponse:
-    return await request.app[RELIABILITY_API].dead_letters(request)
-
-
-async def _healthz(request: web.Request) -> web.StreamResponse:
-    healthy, details = await request.app[PUBLISHER].health()
-    details["status"] = "ok" if healthy else "unavailable"
-    return web.Response(
-        status=200 if healthy else 503,
-        body=json.dumps(details).encode(),
-        content_type="application/json",
-    )
-
-
-async def _metrics(request: web.Request) -> web.StreamResponse:
-    await request.app[SERVED_QUEUES].refresh()  # at most every few seconds
-    response = web.Response(body=request.app[METRICS].render())
-    response.headers["Content-Type"] = PROMETHEUS_CONTENT_TYPE
-    return response
+    return lifetime

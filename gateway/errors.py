@@ -1,10 +1,38 @@
-"""The gateway's one error type and its kinds; routes.py turns them into responses."""
+"""The gateway's one error type, its kinds, and the one mapping of the layers' errors to them.
+
+Handlers raise GatewayError for what they decide (a bad request, a function not found) and let
+the errors of the layers below through: the stores', the queue's, NATS's. ``http_error`` is the
+only place those become an HTTP status and a message; gateway/routes.py calls it for every
+route and turns the result into a JSON response.
+"""
 
 import json
 
 from aiohttp import web
 
 from faas_gateway.core.headers import CALL_ID
+from faas_gateway.nats.activations import ActivationNotFoundError, ActivationStoreError
+from faas_gateway.nats.cancellations import CancellationError
+from faas_gateway.nats.dead_letters import DeadLetterError
+from faas_gateway.nats.function_store import (
+    ConcurrentChangeError,
+    FunctionExistsError,
+    FunctionNotDeployedError,
+    FunctionStoreError,
+)
+from faas_gateway.nats.link import NatsUnavailableError
+from faas_gateway.nats.results import ResultStoreError
+from gateway.queue import (
+    CallIdTakenError,
+    EnqueueUncertainError,
+    MessageTooLargeError,
+    QueueError,
+    QueueFullError,
+)
+
+# Retry-After of a 503 for a full queue: long enough for workers to make room, short enough
+# that a client is not kept waiting much past it.
+QUEUE_FULL_RETRY_AFTER_S = 5
 
 
 class GatewayError(Exception):
@@ -26,8 +54,12 @@ class UnauthorizedError(GatewayError):
     status = 401
 
 
-class FunctionNotFoundError(GatewayError):
+class NotFoundError(GatewayError):
     status = 404
+
+
+class FunctionNotFoundError(NotFoundError):
+    pass
 
 
 class MethodNotAllowedError(GatewayError):
@@ -98,3 +130,50 @@ def error_response(
     if call_id is not None:
         response.headers[CALL_ID] = call_id
     return response
+
+
+# What a handler lets through from the layers below; http_error says what each becomes.
+LAYER_ERRORS = (
+    QueueError,
+    ActivationNotFoundError,
+    ActivationStoreError,
+    ResultStoreError,
+    DeadLetterError,
+    CancellationError,
+    FunctionStoreError,
+    NatsUnavailableError,
+)
+MAPPED_ERRORS = (GatewayError, *LAYER_ERRORS)
+
+
+def http_error(exc: Exception) -> GatewayError:
+    """The answer to a client for an error of a handler or of a layer below it."""
+    if isinstance(exc, GatewayError):
+        return exc
+    message = str(exc)
+    match exc:
+        case CallIdTakenError() | FunctionExistsError() | ConcurrentChangeError():
+            return ConflictError(message)
+        case ActivationNotFoundError() | FunctionNotDeployedError():
+            return NotFoundError(message)
+        case MessageTooLargeError():
+            return PayloadTooLargeError(message)
+        case QueueFullError():
+            return QueueUnavailableError(
+                message, headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}
+            )
+        case EnqueueUncertainError():
+            return QueueUncertainError(message)
+        case QueueError():
+            return QueueUnavailableError(message)
+        case ActivationStoreError() | ResultStoreError():
+            return QueueUnavailableError(f"activation records are unavailable: {message}")
+        case DeadLetterError():
+            return QueueUnavailableError(f"dead letters are unavailable: {message}")
+        case CancellationError():
+            return QueueUnavailableError(message)
+        case FunctionStoreError():
+            return QueueUnavailableError(f"the function registry is unavailable: {message}")
+        case NatsUnavailableError():
+            return QueueUnavailableError(f"NATS is unavailable: {message}")
+    raise TypeError(f"no HTTP answer for {type(exc).__name__}") from exc

@@ -67,6 +67,10 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+    async def count_reconnect(self) -> None:
+        """A NATS link hook: the connection was lost and made again."""
+        self.nats_reconnects.inc()
+
     def started(self, function: str) -> None:
         child = self._started.get(function)
         if child is None:

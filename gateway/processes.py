@@ -21,7 +21,7 @@ from aiohttp import web
 
 from faas_gateway.core.functions import Registry
 from faas_gateway.nats.auth import NatsCredentialsError
-from faas_gateway.nats.jetstream import StreamConfigConflictError
+from faas_gateway.nats.provision import StreamConfigConflictError
 from faas_gateway.runtime.logs import configure_logging
 from faas_gateway.runtime.loops import new_event_loop
 from gateway.app import create_app

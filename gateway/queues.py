@@ -22,9 +22,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from faas_gateway.core.functions import Registry
-from gateway.errors import QueueUnavailableError
-from gateway.queue import Publisher
-from gateway.settings import GatewaySettings
+from faas_gateway.nats.link import NatsLink, NatsUnavailableError
+from faas_gateway.nats.names import Names
 
 log = logging.getLogger("faas.gateway")
 
@@ -37,10 +36,10 @@ LOOK_TIMEOUT_S = 2.0
 
 
 class ServedQueues:
-    def __init__(self, settings: GatewaySettings, registry: Registry, publisher: Publisher) -> None:
-        self._settings = settings
+    def __init__(self, registry: Registry, link: NatsLink, names: Names) -> None:
         self._registry = registry
-        self._publisher = publisher
+        self._link = link
+        self._names = names
         self._served: dict[str, bool] = {}
         self._looked_at = -math.inf
         self._refreshing = asyncio.Lock()
@@ -48,12 +47,8 @@ class ServedQueues:
     async def is_served(self, queue: str) -> bool | None:
         """Whether a worker serves ``queue`` now; None when NATS cannot tell."""
         try:
-            js = self._publisher.jetstream()
-        except QueueUnavailableError:
-            return None
-        try:
-            served = await self._look(js, queue)
-        except (TimeoutError, nats.errors.Error) as exc:
+            served = await self._look(self._link.js, queue)
+        except (TimeoutError, NatsUnavailableError, nats.errors.Error) as exc:
             log.debug("cannot tell whether queue %s is served: %s", queue, exc)
             return None
         self._served[queue] = served
@@ -65,9 +60,7 @@ class ServedQueues:
                 await asyncio.sleep(LOOK_AGAIN_AFTER_S)
             try:
                 info = await js.consumer_info(
-                    self._settings.nats_stream,
-                    self._settings.consumer_for(queue),
-                    timeout=LOOK_TIMEOUT_S,
+                    self._names.stream, self._names.consumer_for(queue), timeout=LOOK_TIMEOUT_S
                 )
             except NotFoundError:
                 return False
@@ -97,10 +90,10 @@ class ServedQueues:
         return {queue: served for queue, served in self._served.items() if queue in in_use}
 
     def warning(self, queue: str) -> str:
-        consumer = self._settings.consumer_for(queue)
+        consumer = self._names.consumer_for(queue)
         command = "faas-queue-worker" + ("" if queue == "default" else f" --queue {queue}")
         return (
             f"no worker serves queue {queue!r} (consumer {consumer} on stream "
-            f"{self._settings.nats_stream}): its async calls wait in the queue until one "
-            f"does ({command})"
+            f"{self._names.stream}): its async calls wait in the queue until one does "
+            f"({command})"
         )

@@ -1,12 +1,31 @@
-"""Identity and timing of one invocation: the call id and the headers every response carries."""
+"""One invocation as it arrives: its call id and timing, the function and sub-path it names,
+the headers it forwards, its RFC 7240 preferences, and the queued call it becomes."""
 
 import os
 import re
 import time
+from dataclasses import dataclass
+from urllib.parse import unquote
 
+from aiohttp import web
 from multidict import CIMultiDict
 
-from faas_gateway.core.headers import CALL_ID, DURATION_SECONDS, START_TIME
+from faas_gateway.core.call import QueuedCall
+from faas_gateway.core.functions import (
+    FUNCTION_NAME_PATTERN,
+    FunctionSpec,
+    Registry,
+    is_valid_function_name,
+)
+from faas_gateway.core.headers import (
+    CALL_ID,
+    DURATION_SECONDS,
+    FORWARDED_FOR,
+    FORWARDED_HOST,
+    START_TIME,
+    end_to_end,
+)
+from gateway.errors import FunctionNotFoundError, InvalidRequestError
 
 # A call id also names a JetStream message (Nats-Msg-Id) and a key-value entry (a NATS subject
 # token, where dots separate tokens), so it is held to what all of those accept: no empty
@@ -77,3 +96,132 @@ def resolve_call_id(requested: str | None) -> str:
             "starting with a letter or digit, with no dot at the end or beside another"
         )
     return requested
+
+
+# the function and the path
+
+
+def resolve_function(registry: Registry, name: str) -> FunctionSpec:
+    function = registry.get(name)
+    if function is not None:  # registered names were checked when registered
+        return function
+    if not is_valid_function_name(name):
+        raise InvalidRequestError(
+            f"invalid function name {name!r}: names match {FUNCTION_NAME_PATTERN.pattern}"
+        )
+    raise FunctionNotFoundError(f"function {name!r} not found")
+
+
+def raw_subpath(request: web.Request) -> str:
+    """The path after /function/<name>, still percent-encoded: '' for none, else '/...'."""
+    parts = request.rel_url.raw_path.split("/", 3)
+    return "/" + parts[3] if len(parts) > 3 else ""
+
+
+def checked_subpath(request: web.Request) -> str:
+    """raw_subpath, refused with 400 if it could climb out of the function's base path.
+
+    The sub-path goes on as the client sent it, after the function's URL: a '..' in it would
+    let the function's server (or a proxy before it) resolve /base/../admin to /admin.
+    """
+    subpath = raw_subpath(request)
+    # Most paths have neither a dot nor an escape, and skip the whole check.
+    if ("." in subpath or "%" in subpath) and has_dot_segment(subpath):
+        raise InvalidRequestError(
+            "the path after the function name may not have '.' or '..' segments, in any "
+            "spelling (%2e, %2f, backslashes, ;parameters): it must stay under the function"
+        )
+    return subpath
+
+
+def has_dot_segment(raw_path: str) -> bool:
+    """Whether any segment is '.' or '..' once percent-decoded, as a server would decode it.
+
+    Decoded first, %2e%2e is '..' and ..%2f is '../'. Backslashes count as slashes (some
+    servers take them so) and a ';' starts a segment's parameters ('..;x' is '..' to Tomcat).
+    """
+    for segment in unquote(raw_path).replace("\\", "/").split("/"):
+        if segment.partition(";")[0] in (".", ".."):
+            return True
+    return False
+
+
+def forwarded_headers(request: web.Request, also_drop: frozenset[str]) -> CIMultiDict[str]:
+    """The client's end-to-end headers plus X-Forwarded-For and X-Forwarded-Host."""
+    headers = end_to_end(request.headers, also_drop)
+    forwarded_for = request.remote or ""
+    if FORWARDED_FOR in headers:
+        forwarded_for = f"{headers[FORWARDED_FOR]}, {forwarded_for}"
+    headers[FORWARDED_FOR] = forwarded_for
+    headers[FORWARDED_HOST] = request.host
+    return headers
+
+
+# preferences (RFC 7240): respond-async and wait=N
+
+PREFER = "Prefer"
+PREFERENCE_APPLIED = "Preference-Applied"
+
+
+@dataclass(frozen=True, slots=True)
+class Preferences:
+    respond_async: bool = False
+    wait_s: float | None = None
+
+
+NO_PREFERENCES = Preferences()
+
+
+def parse_prefer(values: list[str]) -> Preferences:
+    """Every Prefer header of a request; unknown or malformed preferences are ignored, as
+    RFC 7240 asks. The first of a repeated preference wins."""
+    respond_async = False
+    wait_s: float | None = None
+    for value in values:
+        for item in value.split(","):
+            token = item.split(";", 1)[0].strip()  # parameters after ';' mean nothing here
+            name, _, raw = token.partition("=")
+            name = name.strip().lower()
+            if name == "respond-async":
+                respond_async = True
+            elif name == "wait" and wait_s is None:
+                wait_s = _seconds(raw.strip().strip('"'))
+    return Preferences(respond_async, wait_s)
+
+
+def _seconds(text: str) -> float | None:
+    # RFC 7240 has delta-seconds (digits); fractions are accepted as a courtesy.
+    try:
+        seconds = float(text)
+    except ValueError:
+        return None
+    if not 0 <= seconds < float("inf"):
+        return None
+    return seconds
+
+
+def wait_applied(wait_s: float) -> str:
+    return f"wait={wait_s:g}"
+
+
+def queued_call(
+    call: "CallContext",
+    request: web.Request,
+    function: FunctionSpec,
+    subpath: str,
+    headers: CIMultiDict[str],
+    body: bytes,
+    callback_url: str | None,
+) -> QueuedCall:
+    """The call as the queue keeps it (and as a record describes it)."""
+    return QueuedCall(
+        call_id=call.call_id,
+        function=function.name,
+        method=request.method,
+        path=subpath,
+        query=request.rel_url.raw_query_string,
+        headers=list(headers.items()),
+        body=body,
+        callback_url=callback_url,
+        accepted_at_ns=call.start_ns,
+    )

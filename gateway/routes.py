@@ -10,10 +10,12 @@ from aiohttp import web
 
 from faas_gateway.core.headers import CALL_ID
 from gateway.errors import (
+    MAPPED_ERRORS,
     GatewayError,
     InvalidRequestError,
     MethodNotAllowedError,
     error_response,
+    http_error,
 )
 from gateway.request import CallContext, InvalidCallIdError, new_call_id, resolve_call_id
 
@@ -35,8 +37,8 @@ def invocation(handle: InvocationHandler) -> Handler:
             return _error(InvalidRequestError(str(exc)), call)
         try:
             response = await handle(request, call)
-        except GatewayError as exc:
-            return _error(exc, call)
+        except MAPPED_ERRORS as exc:
+            return _error(http_error(exc), call)
         if not response.prepared:
             call.apply_to(response.headers)
         return response
@@ -88,14 +90,15 @@ def by_method(handlers: dict[str, Handler]) -> Handler:
 
 
 def json_errors(handle: Handler) -> Handler:
-    """GatewayErrors of a route that is not an invocation become JSON responses."""
+    """Errors of a route that is not an invocation become JSON responses (http_error)."""
 
     async def route(request: web.Request) -> web.StreamResponse:
         try:
             return await handle(request)
-        except GatewayError as exc:
-            response = error_response(exc.status, exc.message, None, exc.headers)
-            if exc.closes_connection:
+        except MAPPED_ERRORS as exc:
+            error = http_error(exc)
+            response = error_response(error.status, error.message, None, error.headers)
+            if error.closes_connection:
                 response.force_close()
             return response
 

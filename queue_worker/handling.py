@@ -25,6 +25,7 @@ from faas_gateway.core.functions import FunctionSpec, Registry
 from faas_gateway.core.headers import RETRY, RETRY_MAX
 from faas_gateway.core.outcome import Outcome
 from faas_gateway.core.retry import (
+    Backoff,
     InvalidRetryPolicyError,
     RetryPolicy,
     judge_call_attempt,
@@ -40,14 +41,13 @@ from faas_gateway.nats.activations import (
     RecordConflictError,
     StoredActivation,
 )
-from faas_gateway.nats.dead_letters import DeadLetterError, keep_dead_letter
-from faas_gateway.nats.jetstream import AckedPublisher, Delivery
+from faas_gateway.nats.dead_letters import DeadLetterError, DeadLetters
+from faas_gateway.nats.jetstream import Delivery
 from faas_gateway.runtime.logs import call_context
 from queue_worker.admission import Admission, Claim, RecentIds
 from queue_worker.decisions import Ending, Settle, heartbeat_interval_s, outcome_label, settle
 from queue_worker.invoker import FunctionInvoker
 from queue_worker.metrics import WorkerMetrics
-from queue_worker.settings import WorkerSettings
 
 log = logging.getLogger("faas.worker")
 
@@ -103,31 +103,36 @@ class Lease:
 class CallHandler:
     def __init__(
         self,
-        settings: WorkerSettings,
         registry: Registry,
         functions_synced: asyncio.Event,
         admission: Admission,
         invoker: FunctionInvoker,
         callbacks: CallbackSender,
         metrics: WorkerMetrics,
-        acks: AckedPublisher,
+        dead_letters: DeadLetters,
         store: ActivationStore | None,
         retry_policy: RetryPolicy,
         is_connected: Callable[[], bool],
         forced: asyncio.Event,
+        *,
+        defer_wait_s: float,
+        running_record_delay_s: float,
+        ack_wait_s: float,
     ) -> None:
-        self._settings = settings
         self._registry = registry
         self._functions_synced = functions_synced
         self._admission = admission
         self._invoker = invoker
         self._callbacks = callbacks
         self._metrics = metrics
-        self._acks = acks
+        self._dead_letters = dead_letters
         self._store = store
         self._retry_policy = retry_policy
         self._is_connected = is_connected
         self._forced = forced
+        self._defer_wait_s = defer_wait_s
+        self._running_record_delay_s = running_record_delay_s
+        self._ack_wait_s = ack_wait_s
         self.cancelled = RecentIds(CANCELLED_KEEP_S, CANCELLED_MAX_IDS)
         self._invoking: dict[str, asyncio.Task[object]] = {}
         self._policies: dict[str, tuple[FunctionSpec, RetryPolicy]] = {}
@@ -157,7 +162,7 @@ class CallHandler:
                 # Without the record this worker cannot tell whether the call ran already.
                 log.info("record unreadable, the call comes back later: %s", exc, extra=context)
                 claim.release()
-                return Handled(Settle.NAK_LATER, self._settings.defer_wait_s)
+                return Handled(Settle.NAK_LATER, self._defer_wait_s)
         activation = None
         if self._store is not None:
             activation = Activation.from_stored(stored) if stored else Activation.queued(call)
@@ -183,7 +188,7 @@ class CallHandler:
                 # use: the function is at its own limit, or not known yet perhaps only
                 # because the registry watch has not caught up (not a reason to fail it).
                 claim.release()
-                return Handled(Settle.NAK_LATER, self._settings.defer_wait_s)
+                return Handled(Settle.NAK_LATER, self._defer_wait_s)
             try:
                 retry_in_s = await self._run(call, function, activation, attempt, delivery, claim)
             finally:
@@ -232,7 +237,7 @@ class CallHandler:
             # Delayed: most calls end sooner and are then written once, finished (with their
             # startedAt), which saves every such call a write; see running_record_delay.
             running_record = asyncio.get_running_loop().call_later(
-                self._settings.running_record_delay_s,
+                self._running_record_delay_s,
                 self._write_running,
                 activation,
                 running_write,
@@ -421,9 +426,7 @@ class CallHandler:
         """Before the final record: a call recorded failed always has its dead letter."""
 
         async def keep() -> None:
-            await keep_dead_letter(
-                self._acks, self._settings, call, outcome, attempts, time.time_ns()
-            )
+            await self._dead_letters.keep(call, outcome, attempts, time.time_ns())
 
         await self._while_nats_is_away(keep, "keeping the dead letter", call.call_id, call.function)
         self._metrics.function(call.function).dead_lettered()
@@ -434,19 +437,19 @@ class CallHandler:
         """Retry a write while NATS is away, for up to ack_wait (the call's lease is renewed
         meanwhile); after that the error goes up and the call goes back to the queue, rather
         than finish without what the write keeps."""
-        deadline = time.monotonic() + self._settings.ack_wait_s
-        wait_s = 0.1
+        deadline = time.monotonic() + self._ack_wait_s
+        backoff = Backoff()
         while True:
             try:
                 return await write()
             except (ActivationStoreError, DeadLetterError) as exc:
+                wait_s = backoff.next_s()
                 if time.monotonic() + wait_s > deadline or self._forced.is_set():
                     raise
                 log.info(
                     "%s failed, retrying: %s", what, exc, extra=call_context(call_id, function)
                 )
                 await asyncio.sleep(wait_s)
-                wait_s = min(wait_s * 2, 2.0)
 
     async def _call_back(
         self, call: QueuedCall, outcome: Outcome, attempt: int, max_attempts: int

@@ -1,14 +1,12 @@
 """The worker's own HTTP listener: /healthz and /metrics."""
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from faas_gateway.runtime.status import health_response, metrics_response
 from queue_worker.metrics import WorkerMetrics
-
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 HealthCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 Refresh = Callable[[], Awaitable[None]]
@@ -46,16 +44,8 @@ class StatusServer:
             await self._runner.cleanup()
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        healthy, details = await self._health()
-        details["status"] = "ok" if healthy else "unavailable"
-        return web.Response(
-            status=200 if healthy else 503,
-            body=json.dumps(details).encode(),
-            content_type="application/json",
-        )
+        return health_response(*await self._health())
 
     async def _render_metrics(self, request: web.Request) -> web.Response:
         await self._refresh_metrics()
-        response = web.Response(body=self._metrics.render())
-        response.headers["Content-Type"] = PROMETHEUS_CONTENT_TYPE
-        return response
+        return metrics_response(self._metrics.render())

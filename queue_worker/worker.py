@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import nats.errors
-from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
@@ -22,19 +21,15 @@ from faas_gateway.core.call import MalformedMessageError, QueuedCall
 from faas_gateway.core.functions import Registry
 from faas_gateway.core.retry import RetryPolicy, parse_codes
 from faas_gateway.http.callbacks import CallbackSender
-from faas_gateway.http.client import UpstreamClient
-from faas_gateway.nats import jetstream
-from faas_gateway.nats.activations import (
-    ActivationStore,
-    ActivationStoreError,
-    StoredActivation,
-    ensure_activation_storage,
-    results_bucket,
-)
+from faas_gateway.http.client import Timeouts, UpstreamClient
+from faas_gateway.nats.activations import ActivationStore, ActivationStoreError, StoredActivation
 from faas_gateway.nats.cancellations import CancellationWatch
-from faas_gateway.nats.dead_letters import ensure_dead_letter_stream
+from faas_gateway.nats.dead_letters import DeadLetters
 from faas_gateway.nats.function_store import FunctionWatch
 from faas_gateway.nats.jetstream import Delivery
+from faas_gateway.nats.link import NatsLink, retry_until_answers
+from faas_gateway.nats.names import Names
+from faas_gateway.nats.provision import Plan, ensure_all
 from faas_gateway.nats.results import ResultStore
 from faas_gateway.runtime.logs import call_context
 from faas_gateway.runtime.loops import new_event_loop
@@ -91,14 +86,54 @@ class Worker:
             min_wait_s=settings.initial_retry_wait_s,
             max_wait_s=max(settings.max_retry_wait_s, settings.initial_retry_wait_s),
         )
-        self._cancellations: CancellationWatch | None = None
-        self._functions = FunctionWatch(registry, settings)
-        self._nc: NatsClient | None = None
-        self._js: JetStreamContext | None = None
+        # Built now, with no I/O; they connect (through the link) in _start.
+        names = Names.of(settings)
+        self._names = names
+        self._plan = Plan.of(settings)
+        self._link = NatsLink(settings, "faas-queue-worker")
+        self._link.on_reconnected.append(self._on_reconnected)
+        self._activations = (
+            ActivationStore(
+                self._link,
+                names,
+                settings.activation_max_result_bytes,
+                settings.activation_retention_s,
+            )
+            if settings.record_activations
+            else None
+        )
+        # Large responses go to the results store even with records off, never to memory.
+        results = self._activations.results if self._activations else ResultStore(self._link, names)
+        self._client = UpstreamClient(keepalive_s=settings.upstream_keepalive_s)
+        self._functions = FunctionWatch(registry, self._link, names)
+        self._handler = CallHandler(
+            registry,
+            self._functions.synced,
+            self.admission,
+            FunctionInvoker(
+                self._client,
+                results,
+                Timeouts(
+                    connect_s=settings.write_timeout_s,
+                    read_s=settings.read_timeout_s,
+                    total_s=settings.exec_timeout_s,
+                ),
+                settings.max_held_response_bytes,
+            ),
+            CallbackSender(settings, self._client, results),
+            self.metrics,
+            DeadLetters(self._link, names),
+            self._activations,
+            self._retry_policy,
+            lambda: self._link.connected,
+            self._forced,
+            defer_wait_s=settings.defer_wait_s,
+            running_record_delay_s=settings.running_record_delay_s,
+            ack_wait_s=settings.ack_wait_s,
+        )
+        self._cancellations = CancellationWatch(self._link, names, self._handler.cancel)
+        self._cancellations_started = False
         self._sub: JetStreamContext.PullSubscription | None = None
-        self._client: UpstreamClient | None = None
-        self._handler: CallHandler | None = None
-        self._activations: ActivationStore | None = None
         self._status: StatusServer | None = None
 
     # lifecycle
@@ -156,7 +191,6 @@ class Worker:
 
     async def _start(self) -> bool:
         """Connect and bind the consumer; False when asked to stop before that succeeded."""
-        self._client = UpstreamClient(keepalive_s=self.settings.upstream_keepalive_s)
         self._status = StatusServer(
             self.settings.worker_host,
             self.settings.worker_port,
@@ -188,32 +222,8 @@ class Worker:
         return True
 
     async def _connect_and_bind(self) -> None:
-        assert self._client is not None
-        self._nc = await jetstream.connect(
-            self.settings, "faas-queue-worker", on_reconnected=self._on_reconnected
-        )
-        self._js = self._nc.jetstream()
-        acks = jetstream.AckedPublisher(self._nc)
-        await acks.start()
-        results = ResultStore(self._nc, self._js, acks, results_bucket(self.settings))
-        if self.settings.record_activations:
-            self._activations = ActivationStore(self._nc, self._js, acks, self.settings)
-            results = self._activations.results
-        self._handler = CallHandler(
-            self.settings,
-            self.registry,
-            self._functions.synced,
-            self.admission,
-            FunctionInvoker(self.settings, self._client, results),
-            CallbackSender(self.settings, self._client, lambda: results),
-            self.metrics,
-            acks,
-            self._activations,
-            self._retry_policy,
-            self._is_connected,
-            self._forced,
-        )
-        await jetstream.retry_until_jetstream_answers(self._bind, "stream and consumer")
+        await self._link.connect()
+        await retry_until_answers(self._bind, "stream and consumer")
 
     async def _on_reconnected(self) -> None:
         self.metrics.nats_reconnects.inc()
@@ -221,26 +231,22 @@ class Worker:
         self._functions.restart()
 
     async def _bind(self) -> None:
-        assert self._js is not None and self._handler is not None
-        await jetstream.ensure_stream(self._js, self.settings)
-        # The results store too when records are off: large responses go there, not to memory.
-        await ensure_activation_storage(self._js, self.settings)
-        await ensure_dead_letter_stream(self._js, self.settings)
-        if self._cancellations is None:
+        js = self._link.js
+        await ensure_all(js, self._plan)
+        if not self._cancellations_started:
             # Before the first fetch: a call cancelled while queued must never start.
-            watch = CancellationWatch(self._js, self.settings, self._handler.cancel)
-            await watch.start()
-            self._cancellations = watch
+            await self._cancellations.start()
+            self._cancellations_started = True
         if not self._functions.synced.is_set():
             # Before the first fetch too: a call of a function deployed through the API must
             # find it, not fail as unknown.
-            self._functions.start(self._js)
+            self._functions.start()
             await self._wait_for(self._functions.synced, FUNCTIONS_SYNC_WAIT_S)
-        await ensure_consumer(self._js, self.settings)
+        await ensure_consumer(js, self.settings)
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
-        self._sub = await self._js.pull_subscribe_bind(
+        self._sub = await js.pull_subscribe_bind(
             durable=self.settings.consumer_name, stream=self.settings.nats_stream
         )
 
@@ -342,7 +348,6 @@ class Worker:
         stored: StoredActivation | None,
         record_read: bool,
     ) -> None:
-        assert self._handler is not None
         keeping = asyncio.create_task(lease.keep())
         try:
             try:
@@ -367,7 +372,7 @@ class Worker:
             claim.settled()
 
     def _is_connected(self) -> bool:
-        return self._nc is not None and self._nc.is_connected
+        return self._link.connected
 
     async def _wait_until_connected(self) -> None:
         """Hold fetching while NATS is away.
@@ -435,14 +440,11 @@ class Worker:
 
     async def _release(self) -> None:
         await self._functions.close()
-        if self._cancellations is not None:
-            await self._cancellations.close()
-        if self._nc is not None and not self._nc.is_closed:
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await self._nc.flush(timeout=2)
-            await jetstream.close_quietly(self._nc)
-        if self._client is not None:
-            await self._client.close()
+        await self._cancellations.close()
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self._link.flush(timeout_s=2)
+        await self._link.close()
+        await self._client.close()
         if self._status is not None:
             await self._status.close()
 
@@ -459,16 +461,16 @@ class Worker:
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         details: dict[str, Any] = {
-            "nats": "connected" if self._nc and self._nc.is_connected else "disconnected",
+            "nats": "connected" if self._link.connected else "disconnected",
             "consumer": self.settings.consumer_name,
             "inflight": self.inflight,
             "held": self.held,
             "maxInflight": self.settings.max_inflight,
         }
-        if self._js is None or not self.ready.is_set() or not self._nc or not self._nc.is_connected:
+        if not self.ready.is_set() or not self._link.connected:
             return False, details
         try:
-            info = await self._js.consumer_info(
+            info = await self._link.js.consumer_info(
                 self.settings.nats_stream, self.settings.consumer_name, timeout=1.0
             )
         except (nats.errors.Error, TimeoutError) as exc:
@@ -479,6 +481,6 @@ class Worker:
 
     async def refresh_metrics(self) -> None:
         counts = None
-        if self._js is not None and self._nc is not None and self._nc.is_connected:
-            counts = await read_pending(self._js, self.settings, timeout_s=1.0)
+        if self._link.connected:
+            counts = await read_pending(self._link.js, self.settings, timeout_s=1.0)
         self.metrics.set_pending(self.settings.worker_queue, counts)

@@ -14,7 +14,9 @@ from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
 
 from faas_gateway.core.functions import Registry
-from faas_gateway.nats.jetstream import close_quietly
+from faas_gateway.nats.link import NatsLink, close_quietly
+from faas_gateway.nats.provision import Plan, ensure_all
+from faas_gateway.runtime.settings import CommonSettings
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from queue_worker.settings import WorkerSettings
@@ -56,6 +58,26 @@ async def stream_message_count(client: NatsClient, stream: str = "faas-async") -
     except NotFoundError:
         return 0
     return int(info.state.messages)
+
+
+async def connected_link(settings: CommonSettings) -> NatsLink:
+    """A NATS link as both processes make it, connected, with every stream and bucket set up;
+    for tests of the stores. Closed when the test's event loop ends."""
+    link = NatsLink(settings, "test")
+    await link.connect()
+    await ensure_all(link.js, Plan.of(settings))
+    _links.append(link)
+    return link
+
+
+_links: list[NatsLink] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_links() -> AsyncIterator[None]:
+    yield
+    while _links:
+        await _links.pop().close()
 
 
 @pytest.fixture

@@ -19,12 +19,11 @@ from faas_gateway.nats.activations import (
     ActivationChangedError,
     ActivationExistsError,
     ActivationStore,
-    ensure_activation_storage,
 )
-from faas_gateway.nats.jetstream import AckedPublisher
+from faas_gateway.nats.names import Names
 from faas_gateway.runtime.settings import CommonSettings
 from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, get_json, ready_gateway
+from tests.conftest import RunningGateway, connected_link, get_json, ready_gateway
 from tests.harness import NatsServer, RecordedRequest, Recorder, registry_of, wait_until
 
 DEADLINE_S = 30.0
@@ -510,11 +509,8 @@ async def test_a_record_is_created_once_and_written_only_over_the_revision_read(
     """No writer overwrites a record it did not see: create is create-if-absent, and every
     later write is conditional on the revision the writer last read or wrote."""
     settings = CommonSettings(nats_url=nats_server.url)
-    js = nats_client.jetstream()
-    await ensure_activation_storage(js, settings)
-    acks = AckedPublisher(nats_client)
-    await acks.start()
-    store = ActivationStore(nats_client, js, acks, settings)
+    link = await connected_link(settings)
+    store = ActivationStore(link, Names.of(settings), settings.activation_max_result_bytes, 3600.0)
     call = QueuedCall(
         call_id="taken-1",
         function="echo",

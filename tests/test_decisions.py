@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from faas_gateway.http.callbacks import CallbackVerdict, judge_callback_attempt
+from faas_gateway.core.retry import CallbackVerdict, judge_callback_attempt
 from queue_worker.decisions import (
     Ending,
     Settle,

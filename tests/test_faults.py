@@ -23,7 +23,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
 from faas_gateway.core.functions import Registry
-from faas_gateway.nats.jetstream import StreamConfigConflictError
+from faas_gateway.nats.provision import StreamConfigConflictError
 from gateway.app import create_app
 from queue_worker.worker import Worker
 from tests.conftest import RunningGateway, gateway_settings, stream_message_count, worker_settings

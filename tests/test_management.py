@@ -20,8 +20,15 @@ from faas_gateway.nats.function_store import (
     FunctionDeployment,
     FunctionStore,
 )
+from faas_gateway.nats.names import Names
 from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, gateway_settings, get_json, ready_gateway
+from tests.conftest import (
+    RunningGateway,
+    connected_link,
+    gateway_settings,
+    get_json,
+    ready_gateway,
+)
 from tests.harness import NatsServer, RecordedRequest, Recorder, registry_of, wait_until
 
 StartGateway = Callable[..., Awaitable[RunningGateway]]
@@ -379,10 +386,11 @@ async def test_info_namespaces_and_service_count(
 
 
 async def test_a_change_based_on_a_stale_read_is_refused_not_lost(
-    nats_client: NatsClient,
+    nats_server: NatsServer, nats_client: NatsClient
 ) -> None:
-    settings = gateway_settings("nats://unused")
-    store = FunctionStore(nats_client.jetstream(), settings)
+    settings = gateway_settings(nats_server.url)
+    link = await connected_link(settings)
+    store = FunctionStore(link, Names.of(settings))
     first = FunctionDeployment(service="raced", url="http://127.0.0.1:1")
     await store.create(first)
     bucket = await nats_client.jetstream().key_value("faas-functions")
@@ -394,8 +402,8 @@ async def test_a_change_based_on_a_stale_read_is_refused_not_lost(
             return stale
 
     for change in (
-        StaleStore(nats_client.jetstream(), settings).update(first),
-        StaleStore(nats_client.jetstream(), settings).delete("raced"),
+        StaleStore(link, Names.of(settings)).update(first),
+        StaleStore(link, Names.of(settings)).delete("raced"),
     ):
         try:
             await change

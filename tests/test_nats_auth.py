@@ -26,7 +26,6 @@ from nats.aio.client import Client as NatsClient
 from nats.js.errors import NoKeysError
 from pydantic import ValidationError
 
-from faas_gateway.nats import jetstream
 from faas_gateway.nats.auth import (
     GATEWAY_USER,
     WORKER_USER,
@@ -37,7 +36,9 @@ from faas_gateway.nats.auth import (
     redact_url,
     write_stack_files,
 )
-from faas_gateway.nats.function_store import function_bucket
+from faas_gateway.nats.jetstream import key_value
+from faas_gateway.nats.link import connect
+from faas_gateway.nats.provision import Plan, ensure_all
 from faas_gateway.runtime.settings import CommonSettings
 from queue_worker.consumer import ensure_consumer
 from queue_worker.settings import WorkerSettings
@@ -89,7 +90,7 @@ async def connect_as(
     server: NatsServer, files: StackFiles, user: str
 ) -> tuple[NatsClient, CommonSettings]:
     settings = WorkerSettings(nats_url=server.url, **as_user(files, user))
-    return await jetstream.connect(settings, f"test-{user}"), settings
+    return await connect(settings, f"test-{user}"), settings
 
 
 # the stack's server
@@ -148,7 +149,7 @@ async def test_a_connect_given_up_while_nats_refuses_ends_and_leaves_no_socket_o
     logger.addHandler(handler)
     try:
         settings = CommonSettings(nats_url=nats_server.url, nats_reconnect_wait_s=0.1)
-        handler.task = asyncio.create_task(jetstream.connect(settings, "test"))
+        handler.task = asyncio.create_task(connect(settings, "test"))
         done, _ = await asyncio.wait({handler.task}, timeout=DEADLINE_S)
         assert handler.task in done, "the cancelled connect went on retrying"
         assert handler.task.cancelled()
@@ -296,8 +297,8 @@ async def test_the_worker_user_cannot_deploy_functions_or_queue_calls(
     try:
         worker_js = worker.jetstream(timeout=1.0)
         # It may create the bucket (if it starts first) and the queue's stream, as it does.
-        bucket = await function_bucket(worker_js, settings)
-        await jetstream.ensure_stream(worker_js, settings)
+        await ensure_all(worker_js, Plan.of(settings))
+        bucket = key_value(worker_js, settings.functions_bucket)
 
         with pytest.raises(TimeoutError):  # the server drops it; no ack comes
             await bucket.put("evil", b'{"deployment": {"service": "evil", "url": "http://x"}}')
@@ -325,7 +326,7 @@ async def test_the_gateway_user_cannot_take_drop_or_watch_queued_calls(
     worker_settings = WorkerSettings(**settings.model_dump())
     try:
         gateway_js = gateway.jetstream(timeout=1.0)
-        await jetstream.ensure_stream(gateway_js, settings)
+        await ensure_all(gateway_js, Plan.of(settings))
         await gateway_js.publish(settings.subject_for("default", "echo"), b"queued call")
         worker_js = worker.jetstream()
         await ensure_consumer(worker_js, worker_settings)
@@ -377,7 +378,7 @@ async def start_server(tmp_path: Path, config: str) -> NatsServer:
 
 async def signs_in(settings: CommonSettings) -> bool:
     """Whether the server takes these settings' credentials, through the processes' connect."""
-    client = await asyncio.wait_for(jetstream.connect(settings, "test"), DEADLINE_S)
+    client = await asyncio.wait_for(connect(settings, "test"), DEADLINE_S)
     try:
         await client.flush(timeout=5)
         return client.is_connected
@@ -592,7 +593,7 @@ async def test_tls_settings_refuse_a_server_that_does_not_require_tls(
         **as_user(stack_files, GATEWAY_USER),
     )
     with pytest.raises(NatsCredentialsError, match="does not require TLS"):
-        await jetstream.connect(settings, "test")
+        await connect(settings, "test")
 
 
 # settings

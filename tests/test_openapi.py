@@ -15,12 +15,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import make_mocked_request
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 
 from faas_gateway.core.functions import Registry
 from gateway.app import create_app
-from gateway.openapi import document_route
+from gateway.handlers.system import document_bytes
 from gateway.settings import GatewaySettings
 from tests.harness import ROOT, subprocess_env, wait_until
 
@@ -103,13 +102,14 @@ def test_system_routes_name_basic_auth_and_health_metrics_and_document_need_none
                 assert operation["security"] == [{}, {"basicAuth": []}], (path, method)
 
 
-async def test_the_route_serves_the_file_as_shipped_in_the_package():
-    handler = document_route()
+async def test_the_route_serves_the_file_as_shipped_in_the_package(
+    start_gateway: Any, http: aiohttp.ClientSession
+) -> None:
+    gateway = await start_gateway(Registry())
 
-    response = await handler(make_mocked_request("GET", "/openapi.json"))
-
-    assert response.content_type == "application/json"
-    assert response.body == DOCUMENT.read_bytes()  # type: ignore[attr-defined]
+    async with http.get(gateway.url("/openapi.json")) as response:
+        assert response.content_type == "application/json"
+        assert await response.read() == DOCUMENT.read_bytes() == document_bytes()
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "openapi.json" in package_data["package-data"]["gateway"]
 

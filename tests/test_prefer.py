@@ -2,8 +2,8 @@
 
 import pytest
 
-from faas_gateway.nats.activations import parse_rfc3339_ns, rfc3339_ms
-from gateway.prefer import Preferences, parse_prefer
+from faas_gateway.core.timefmt import parse_rfc3339_ns, rfc3339_ms
+from gateway.request import Preferences, parse_prefer
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from faas_gateway.nats.jetstream import StorageLimitError
+from faas_gateway.nats.provision import StorageLimitError
 from gateway.app import create_app
 from queue_worker.worker import Worker
 from tests.conftest import (

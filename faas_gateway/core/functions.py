@@ -33,6 +33,7 @@ from yarl import URL
 
 from faas_gateway.core.retry import InvalidRetryPolicyError, RetryPolicy
 from faas_gateway.core.timefmt import parse_duration_s
+from faas_gateway.core.validation import one_line
 
 # Only to check a function's retry annotations when it is registered; the worker applies them
 # over its own settings.
@@ -246,13 +247,10 @@ def parse_functions_document(
 
 
 def _describe(error: ValidationError) -> str:
-    problems = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "entry"
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = (
-                "unknown key (allowed: url, read_timeout, write_timeout, exec_timeout, annotations)"
-            )
-        problems.append(f"{where}: {message}")
-    return "; ".join(problems)
+    return one_line(
+        error,
+        unknown_key=(
+            "unknown key (allowed: url, read_timeout, write_timeout, exec_timeout, annotations)"
+        ),
+        whole="entry",
+    )

@@ -37,6 +37,15 @@ HOP_BY_HOP = frozenset(
 )
 
 
+def header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
+    """The first value of header ``name`` (any case) in a list of pairs, or None."""
+    lowered = name.lower()
+    for key, value in headers:
+        if key.lower() == lowered:
+            return value
+    return None
+
+
 def end_to_end(
     headers: Mapping[str, str] | Iterable[tuple[str, str]], also_drop: frozenset[str] = frozenset()
 ) -> CIMultiDict[str]:

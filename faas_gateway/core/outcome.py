@@ -1,7 +1,11 @@
 """How one function call ended, as the worker (and the gateway, for a demoted sync call) saw it."""
 
 import json
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
+from typing import Protocol
+
+from faas_gateway.core.headers import header
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,11 +36,8 @@ class Outcome:
     def content_type(self) -> str | None:
         return self.header("content-type")
 
-    def header(self, lowered_name: str) -> str | None:
-        for name, value in self.headers:
-            if name.lower() == lowered_name:
-                return value
-        return None
+    def header(self, name: str) -> str | None:
+        return header(self.headers, name)
 
 
 def failure(
@@ -56,3 +57,13 @@ def failure(
         unreachable_or_timed_out=unreachable_or_timed_out,
         detail=detail,
     )
+
+
+class SpoolError(Exception):
+    """A body too large to hold could not be put where it goes instead."""
+
+
+class BodySpool(Protocol):
+    """Where a response too large to hold goes as it arrives (the results object store)."""
+
+    async def put_stream(self, name: str, body: AsyncIterable[bytes]) -> int: ...

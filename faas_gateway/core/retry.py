@@ -124,6 +124,77 @@ def judge_call_attempt(
     if retry_after_s is not None and status_code in (429, 503):
         wait_s = min(max(retry_after_s, policy.min_wait_s), policy.max_wait_s)
         return CallVerdict(final=False, wait_s=wait_s)
+    wait_s = backoff_s(attempt, policy.min_wait_s, policy.max_wait_s, policy.min_wait_s, jitter)
+    return CallVerdict(final=False, wait_s=wait_s)
+
+
+def backoff_s(
+    attempt: int,
+    first_s: float,
+    max_s: float,
+    floor_s: float,
+    jitter: Callable[[float, float], float] = random.uniform,
+) -> float:
+    """The wait after attempt number ``attempt`` (1-based): exponential from ``first_s``,
+    never over ``max_s``, with jitter between ``floor_s`` and that ceiling (a floor above the
+    ceiling is lowered to it, so a wait never exceeds ``max_s``)."""
     doublings = min(max(attempt - 1, 0), MAX_BACKOFF_DOUBLINGS)
-    ceiling_s = min(policy.max_wait_s, policy.min_wait_s * 2.0**doublings)
-    return CallVerdict(final=False, wait_s=jitter(min(policy.min_wait_s, ceiling_s), ceiling_s))
+    ceiling_s = min(max_s, first_s * 2.0**doublings)
+    return jitter(min(floor_s, ceiling_s), ceiling_s)
+
+
+class Backoff:
+    """Waits between tries of something that failed (NATS away, a stream not there yet):
+    ``first_s``, doubling each time, at most ``max_s``; ``reset`` after a success."""
+
+    def __init__(self, first_s: float = 0.1, max_s: float = 2.0) -> None:
+        self._first_s = first_s
+        self._max_s = max_s
+        self._next_s = first_s
+
+    def next_s(self) -> float:
+        wait_s = self._next_s
+        self._next_s = min(self._next_s * 2, self._max_s)
+        return wait_s
+
+    def reset(self) -> None:
+        self._next_s = self._first_s
+
+
+# Statuses below 500 that say "try again later" rather than "this request is wrong"; every
+# 5xx is retried too, as the README promises.
+RETRYABLE_CALLBACK_STATUSES = frozenset({408, 425, 429})
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackVerdict:
+    delivered: bool
+    retry_after_s: float | None  # None: stop trying
+
+
+def judge_callback_attempt(
+    status_code: int | None,
+    attempt: int,
+    max_attempts: int,
+    initial_wait_s: float,
+    max_wait_s: float,
+    jitter: Callable[[float, float], float] = random.uniform,
+) -> CallbackVerdict:
+    """After attempt number ``attempt`` (1-based) ended with ``status_code`` (None: no answer).
+
+    2xx is delivered. No answer, 408, 425, 429 and 5xx are retried with exponential backoff and
+    jitter, never waiting more than ``max_wait_s``, until ``max_attempts``; any other status is
+    final, since sending the same request again would get the same answer.
+    """
+    if status_code is not None and 200 <= status_code < 300:
+        return CallbackVerdict(delivered=True, retry_after_s=None)
+    retryable = (
+        status_code is None
+        or 500 <= status_code < 600
+        or status_code in RETRYABLE_CALLBACK_STATUSES
+    )
+    if not retryable or attempt >= max_attempts:
+        return CallbackVerdict(delivered=False, retry_after_s=None)
+    # The floor keeps retries from bunching up at once.
+    wait_s = backoff_s(attempt, initial_wait_s, max_wait_s, initial_wait_s / 2, jitter)
+    return CallbackVerdict(delivered=False, retry_after_s=wait_s)

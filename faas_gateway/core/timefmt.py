@@ -1,7 +1,11 @@
-"""Durations as OpenFaaS writes them: plain seconds (``60``, ``2.5``) or Go strings (``1m5s``)."""
+"""Times and durations as text: Go durations as OpenFaaS writes them (``60``, ``2.5``,
+``1m5s``), and RFC 3339 times with milliseconds in UTC both ways (``2026-11-23T08:00:00.120Z``)."""
 
+import functools
 import math
 import re
+import time
+from datetime import UTC, datetime, timedelta
 
 _GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _UNIT_S = {
@@ -56,3 +60,33 @@ def format_duration_s(seconds: float) -> str:
         return f"{int(seconds)}s" if seconds == int(seconds) else f"{seconds:g}s"
     hours, minutes = divmod(int(seconds) // 60, 60)
     return f"{hours}h" + (f"{minutes}m" if minutes else "")
+
+
+def rfc3339_ms(unix_ns: int | None) -> str | None:
+    """``2026-11-23T08:00:00.120Z`` for a time in Unix nanoseconds."""
+    if unix_ns is None:
+        return None
+    seconds, fraction_ns = divmod(unix_ns, 1_000_000_000)
+    return f"{_utc_second(seconds)}.{fraction_ns // 1_000_000:03d}Z"
+
+
+def now_rfc3339() -> str:
+    return rfc3339_ms(time.time_ns()) or ""
+
+
+@functools.lru_cache(maxsize=8)
+def _utc_second(unix_s: int) -> str:
+    # Every record is encoded up to three times with three times in it; most share a second.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(unix_s))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def parse_rfc3339_ns(text: str) -> int:
+    """RFC 3339 (``Z`` or an offset) to Unix nanoseconds; ValueError if it is not one."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError(f"{text!r} has no time zone")
+    # Integer arithmetic: a float timestamp loses the last digits of nanoseconds.
+    return (moment - _EPOCH) // timedelta(microseconds=1) * 1000

@@ -6,7 +6,6 @@ Used by the queue-worker for async calls and by the gateway for sync calls that 
 import asyncio
 import functools
 import logging
-import random
 import time
 from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from faas_gateway.core.headers import (
     WEBHOOK_TIMESTAMP,
 )
 from faas_gateway.core.outcome import Outcome
+from faas_gateway.core.retry import judge_callback_attempt
 from faas_gateway.http.client import (
     Timeouts,
     UpstreamClient,
@@ -44,51 +44,6 @@ from faas_gateway.runtime.logs import call_context
 from faas_gateway.runtime.settings import CommonSettings
 
 log = logging.getLogger("faas.callback")
-
-# Statuses below 500 that say "try again later" rather than "this request is wrong"; every
-# 5xx is retried too, as the README promises.
-RETRYABLE_CALLBACK_STATUSES = frozenset({408, 425, 429})
-
-# 2 ** 62 times any sane initial wait is far past any max wait, and a float can still hold it;
-# a larger exponent would raise OverflowError once callback_max_attempts is set above ~1000.
-MAX_BACKOFF_DOUBLINGS = 62
-
-
-@dataclass(frozen=True, slots=True)
-class CallbackVerdict:
-    delivered: bool
-    retry_after_s: float | None  # None: stop trying
-
-
-def judge_callback_attempt(
-    status_code: int | None,
-    attempt: int,
-    max_attempts: int,
-    initial_wait_s: float,
-    max_wait_s: float,
-    jitter: Callable[[float, float], float] = random.uniform,
-) -> CallbackVerdict:
-    """After attempt number ``attempt`` (1-based) ended with ``status_code`` (None: no answer).
-
-    2xx is delivered. No answer, 408, 425, 429 and 5xx are retried with exponential backoff and
-    jitter, never waiting more than ``max_wait_s``, until ``max_attempts``; any other status is
-    final, since sending the same request again would get the same answer.
-    """
-    if status_code is not None and 200 <= status_code < 300:
-        return CallbackVerdict(delivered=True, retry_after_s=None)
-    retryable = (
-        status_code is None
-        or 500 <= status_code < 600
-        or status_code in RETRYABLE_CALLBACK_STATUSES
-    )
-    if not retryable or attempt >= max_attempts:
-        return CallbackVerdict(delivered=False, retry_after_s=None)
-    doublings = min(attempt - 1, MAX_BACKOFF_DOUBLINGS)
-    ceiling_s = min(max_wait_s, initial_wait_s * 2.0**doublings)
-    # The floor keeps retries from bunching up at once; it must not lift a wait above
-    # max_wait_s when that is set below half the initial wait.
-    floor_s = min(initial_wait_s / 2, ceiling_s)
-    return CallbackVerdict(delivered=False, retry_after_s=jitter(floor_s, ceiling_s))
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,11 +106,11 @@ class CallbackSender:
         self,
         settings: CommonSettings,
         client: UpstreamClient,
-        results: Callable[[], ResultStore] | None = None,
+        results: ResultStore | None = None,
     ) -> None:
         self._settings = settings
         self._client = client
-        self._results = results  # where a body too large to hold was stored (once connected)
+        self._results = results  # where a body too large to hold was stored
         self._hosts = HostPolicy.parse(settings.callback_allowed_hosts)
         self._keys = signing_keys(settings.callback_signing_secret)
 
@@ -173,7 +128,7 @@ class CallbackSender:
             # Read from the results store again for each attempt (and each redirect), never
             # held whole; its length is known, so receivers get a Content-Length.
             assert self._results is not None, "a spooled body needs the results store"
-            body = functools.partial(self._results().chunks, call_id)
+            body = functools.partial(self._results.chunks, call_id)
             headers["Content-Length"] = str(outcome.spooled_size)
         if self._keys:
             headers[WEBHOOK_ID] = webhook_id(call_id, function, outcome.status_code)

@@ -13,44 +13,30 @@ Three JetStream parts, created idempotently by whichever process starts first:
   (see gateway/activations.py); the bucket alone cannot say which calls are newest.
 """
 
-import functools
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import nats.errors
 import orjson
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import (
-    DiscardPolicy,
-    KeyValueConfig,
-    ObjectStoreConfig,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-)
-from nats.js.errors import APIError, BadRequestError
 
 from faas_gateway.core.call import QueuedCall
+from faas_gateway.core.headers import header
 from faas_gateway.core.outcome import Outcome
+from faas_gateway.core.timefmt import format_duration_s, parse_rfc3339_ns, rfc3339_ms
 from faas_gateway.nats.jetstream import (
     WRONG_LAST_SEQUENCE_CODES,
-    AckedPublisher,
     PublishRejectedError,
-    StreamLimits,
     direct_get_batch,
-    ensure_key_value,
-    ensure_limited_stream,
-    keep_limits,
     message_sequence,
+    read_backwards,
 )
+from faas_gateway.nats.link import NatsLink, NatsUnavailableError
+from faas_gateway.nats.names import Names
 from faas_gateway.nats.results import ResultStore, ResultStoreError
 from faas_gateway.runtime.logs import call_context
-from faas_gateway.runtime.settings import CommonSettings
 
 log = logging.getLogger("faas.activations")
 
@@ -90,29 +76,30 @@ class ActivationChangedError(RecordConflictError):
     """Another writer (a cancellation, another worker) changed the record since it was read."""
 
 
-def rfc3339_ms(unix_ns: int | None) -> str | None:
-    if unix_ns is None:
-        return None
-    seconds, fraction_ns = divmod(unix_ns, 1_000_000_000)
-    return f"{_utc_second(seconds)}.{fraction_ns // 1_000_000:03d}Z"
+class ActivationNotFoundError(LookupError):
+    """No record of that call id: never accepted, or expired."""
+
+    def __init__(self, call_id: str, retention_s: float) -> None:
+        super().__init__(
+            f"no activation {call_id!r}: no call with this id was accepted, or its record "
+            f"expired (records are kept for {format_duration_s(retention_s)})"
+        )
 
 
-@functools.lru_cache(maxsize=8)
-def _utc_second(unix_s: int) -> str:
-    # Every record is encoded up to three times with three times in it; most share a second.
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(unix_s))
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    function: str | None = None
+    status: str | None = None
+    limit: int = 30
+    since_ns: int | None = None
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def parse_rfc3339_ns(text: str) -> int:
-    """RFC 3339 (``Z`` or an offset) to Unix nanoseconds; ValueError if it is not one."""
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    if moment.tzinfo is None:
-        raise ValueError(f"{text!r} has no time zone")
-    # Integer arithmetic: a float timestamp loses the last digits of nanoseconds.
-    return (moment - _EPOCH) // timedelta(microseconds=1) * 1000
+# Listing: index windows grow from the first to the largest; a filter that matches nothing
+# must not read a week of records, so at most MAX_SCANNED index entries are looked at.
+FIRST_WINDOW = 64
+LARGEST_WINDOW = 4096
+MAX_SCANNED = 100_000
+RECORDS_PER_REQUEST = 256
 
 
 def _ns_or_none(text: object) -> int | None:
@@ -122,14 +109,6 @@ def _ns_or_none(text: object) -> int | None:
         return parse_rfc3339_ns(text)
     except ValueError:
         return None
-
-
-def _header(headers: list[tuple[str, str]], name: str) -> str | None:
-    lowered = name.lower()
-    for key, value in headers:
-        if key.lower() == lowered:
-            return value
-    return None
 
 
 @dataclass(slots=True)
@@ -169,7 +148,7 @@ class Activation:
                 "method": call.method,
                 "path": call.path,
                 "query": call.query,
-                "contentType": _header(call.headers, "content-type"),
+                "contentType": header(call.headers, "content-type"),
                 "bodySize": len(call.body),
             },
             callback=None
@@ -332,81 +311,6 @@ def queued_at_ns(stored: StoredActivation) -> int:
     return _ns_or_none(stored.record.get("queuedAt")) or 0
 
 
-def index_subject(settings: CommonSettings, function: str) -> str:
-    return f"{settings.activation_index_stream}.{function}"
-
-
-def results_bucket(settings: CommonSettings) -> str:
-    return f"{settings.activation_bucket}-results"
-
-
-async def ensure_activation_storage(js: JetStreamContext, settings: CommonSettings) -> None:
-    """Bucket, object store and index stream, each created if missing, limits kept current.
-
-    Records and index entries go oldest first when full (discard old), so a full store never
-    stops a worker from writing an outcome. The object store refuses instead (discard new):
-    evicting the oldest chunks would corrupt the objects they belong to.
-    """
-    retention_s = settings.activation_retention_s
-    replicas = settings.nats_stream_replicas
-    await ensure_key_value(
-        js,
-        KeyValueConfig(
-            bucket=settings.activation_bucket,
-            description="Activation records (faas-gateway)",
-            history=1,
-            ttl=retention_s,
-            max_bytes=settings.activation_max_bytes,
-            storage=StorageType.FILE,
-            replicas=replicas,
-            direct=True,
-        ),
-        DiscardPolicy.OLD,
-        "activation_max_bytes",
-    )
-    results = StreamLimits(
-        settings.activation_results_max_bytes,
-        DiscardPolicy.NEW,
-        retention_s,
-        "activation_results_max_bytes",
-    )
-    try:
-        await js.create_object_store(
-            results_bucket(settings),
-            ObjectStoreConfig(
-                description="Large results of activations (faas-gateway)",
-                ttl=retention_s,
-                max_bytes=results.max_bytes,
-                storage=StorageType.FILE,
-                replicas=replicas,
-            ),
-        )
-    except BadRequestError:
-        await keep_limits(js, f"OBJ_{results_bucket(settings)}", results)
-    except APIError as exc:
-        raise results.refused(f"OBJ_{results_bucket(settings)}", exc) from exc
-    await ensure_limited_stream(
-        js,
-        StreamConfig(
-            name=settings.activation_index_stream,
-            description="Activation index: one message per call, in the order accepted",
-            subjects=[f"{settings.activation_index_stream}.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            num_replicas=replicas,
-            # JetStream refuses a duplicate window longer than max_age.
-            duplicate_window=min(120.0, retention_s),
-            allow_direct=True,
-        ),
-        StreamLimits(
-            settings.activation_index_max_bytes,
-            DiscardPolicy.OLD,
-            retention_s,
-            "activation_index_max_bytes",
-        ),
-    )
-
-
 class ActivationStore:
     """Reads and writes records; one per process, over that process's NATS connection.
 
@@ -418,24 +322,19 @@ class ActivationStore:
     """
 
     def __init__(
-        self,
-        nc: NatsClient,
-        js: JetStreamContext,
-        acks: AckedPublisher,
-        settings: CommonSettings,
+        self, link: NatsLink, names: Names, max_result_bytes: int, retention_s: float
     ) -> None:
-        self._nc = nc
-        self._js = js
-        self._acks = acks
-        self._settings = settings
-        self._subject_prefix = f"$KV.{settings.activation_bucket}."
-        self._stream = f"KV_{settings.activation_bucket}"
+        self._link = link
+        self._names = names
+        self._max_result_bytes = max_result_bytes
+        self._retention_s = retention_s  # only to say, in a 404, how long records are kept
+        self._stream = names.activation_stream
         self._direct_get = f"$JS.API.DIRECT.GET.{self._stream}"
         self._timeout_s = 5.0
-        self.results = ResultStore(nc, js, acks, results_bucket(settings))
+        self.results = ResultStore(link, names)
 
     def subject(self, call_id: str) -> str:
-        return self._subject_prefix + call_id
+        return self._names.record_subject(call_id)
 
     async def create(self, activation: Activation, body: bytes = b"") -> None:
         """Index an accepted call and record it, only if its call id has no record yet.
@@ -446,10 +345,10 @@ class ActivationStore:
         connection cut between the two, it costs only that call's listing entry.
         """
         try:
-            await self._nc.publish(
-                index_subject(self._settings, activation.function), activation.call_id.encode()
+            await self._link.nc.publish(
+                self._names.index_subject(activation.function), activation.call_id.encode()
             )
-        except nats.errors.Error as exc:
+        except (NatsUnavailableError, nats.errors.Error) as exc:
             raise ActivationStoreError(f"recording the call failed: {exc!r}") from exc
         expected = 0
         for _ in range(3):
@@ -475,12 +374,12 @@ class ActivationStore:
         """Write without waiting for the ack, for the last write of a call only (a detail added
         to a final record): conditional like ``put``, but its new revision stays unknown."""
         try:
-            await self._nc.publish(
+            await self._link.nc.publish(
                 self.subject(activation.call_id),
                 activation.encode(body),
                 headers={EXPECTED_LAST_SUBJECT_SEQUENCE: str(activation.revision)},
             )
-        except nats.errors.Error as exc:
+        except (NatsUnavailableError, nats.errors.Error) as exc:
             log.debug(
                 "record %s not written: %s",
                 activation.call_id,
@@ -492,7 +391,7 @@ class ActivationStore:
         """Remove a record this process created for a call that was then not queued (the
         publish was refused), so that the client can post the same call id again."""
         try:
-            await self._acks.publish(
+            await self._link.acks.publish(
                 self.subject(activation.call_id),
                 b"",
                 self._timeout_s,
@@ -505,12 +404,12 @@ class ActivationStore:
             if exc.err_code not in WRONG_LAST_SEQUENCE_CODES:
                 raise ActivationStoreError(f"deleting the record failed: {exc!r}") from exc
             raise ActivationChangedError(str(exc)) from exc
-        except (TimeoutError, nats.errors.Error) as exc:
+        except (TimeoutError, NatsUnavailableError, nats.errors.Error) as exc:
             raise ActivationStoreError(f"deleting the record failed: {exc!r}") from exc
 
     async def _write(self, activation: Activation, payload: bytes, expected: int) -> None:
         try:
-            ack = await self._acks.publish(
+            ack = await self._link.acks.publish(
                 self.subject(activation.call_id),
                 payload,
                 self._timeout_s,
@@ -522,7 +421,7 @@ class ActivationStore:
             raise ActivationChangedError(
                 f"the record of {activation.call_id!r} changed since revision {expected}"
             ) from exc
-        except (TimeoutError, nats.errors.Error) as exc:
+        except (TimeoutError, NatsUnavailableError, nats.errors.Error) as exc:
             raise ActivationStoreError(f"writing the record failed: {exc!r}") from exc
         activation.revision = ack_sequence(ack)
 
@@ -533,7 +432,7 @@ class ActivationStore:
         large to hold is there already, whole: the result route serves its first
         activation_max_result_bytes, callbacks all of it).
         """
-        limit = self._settings.activation_max_result_bytes
+        limit = self._max_result_bytes
         if outcome.spooled_size is not None:
             return b"", {"truncated": outcome.spooled_size > limit, "storedIn": "objectStore"}
         body = outcome.body
@@ -561,10 +460,10 @@ class ActivationStore:
     async def _entry(self, call_id: str) -> tuple[StoredActivation | None, int | None]:
         """The record, and the revision of the key's last entry (a tombstone's too)."""
         try:
-            msg = await self._nc.request(
+            msg = await self._link.nc.request(
                 f"{self._direct_get}.{self.subject(call_id)}", b"", timeout=self._timeout_s
             )
-        except (TimeoutError, nats.errors.Error) as exc:
+        except (TimeoutError, NatsUnavailableError, nats.errors.Error) as exc:
             raise ActivationStoreError(f"reading the record failed: {exc!r}") from exc
         revision = message_sequence(msg) or None
         return decode_entry(msg), revision
@@ -575,12 +474,12 @@ class ActivationStore:
             return {}
         try:
             messages = await direct_get_batch(
-                self._nc,
+                self._link.nc,
                 self._stream,
                 {"multi_last": [self.subject(call_id) for call_id in call_ids]},
                 self._timeout_s,
             )
-        except (TimeoutError, nats.errors.Error) as exc:
+        except (TimeoutError, NatsUnavailableError, nats.errors.Error) as exc:
             raise ActivationStoreError(f"reading records failed: {exc!r}") from exc
         records = {}
         for msg in messages:
@@ -595,11 +494,96 @@ class ActivationStore:
         if response.get("storedIn") != "objectStore":
             return stored.inline_body
         try:
-            return await self.results.read(
-                str(stored.record["callId"]), self._settings.activation_max_result_bytes
-            )
+            return await self.results.read(str(stored.record["callId"]), self._max_result_bytes)
         except ResultStoreError as exc:
             raise ActivationStoreError(f"reading the result failed: {exc}") from exc
+
+    async def find(self, call_id: str) -> StoredActivation:
+        """The record, or ActivationNotFoundError."""
+        stored = await self.get(call_id)
+        if stored is None:
+            raise ActivationNotFoundError(call_id, self._retention_s)
+        return stored
+
+    async def wait_until_final(self, call_id: str, timeout_s: float) -> StoredActivation | None:
+        """The record once finished, or its latest state when ``timeout_s`` runs out; None
+        when it cannot be read.
+
+        Watches the record's subject rather than polling: subscribe first, then read the
+        current value, so an update between the two is not missed.
+        """
+        try:
+            subscription = await self._link.nc.subscribe(self.subject(call_id))
+        except (NatsUnavailableError, nats.errors.Error) as exc:
+            log.info("cannot wait for %s: %s", call_id, exc, extra={"callId": call_id})
+            return None
+        try:
+            latest = await self.get(call_id)
+            deadline = time.monotonic() + timeout_s
+            while latest is None or not latest.is_final:
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
+                    break
+                try:
+                    msg = await subscription.next_msg(timeout=remaining_s)
+                except TimeoutError:
+                    break
+                update = decode_entry(msg)
+                if update is not None:
+                    latest = update
+            return latest
+        except (ActivationStoreError, nats.errors.Error) as exc:
+            log.info("waiting for %s ended early: %s", call_id, exc, extra={"callId": call_id})
+            return None
+        finally:
+            try:
+                await subscription.unsubscribe()
+            except nats.errors.Error as exc:
+                log.debug("unsubscribing: %s", exc)
+
+    async def newest(self, query: ListQuery) -> list[bytes]:
+        """Record JSON documents, newest first.
+
+        Reads the index stream backwards in windows of sequence numbers (a batched direct get
+        per window), then fetches the records of those call ids in one more batched get. The
+        index holds one small message per accepted call in the order accepted, so the newest
+        30 of 100,000 cost two or three requests; filters on function (a subject filter on the
+        index), status and ``since`` (on the records) look further back, window by window.
+        """
+        try:
+            return await self._newest(query)
+        except (TimeoutError, NatsUnavailableError, nats.errors.Error) as exc:
+            raise ActivationStoreError(f"listing records failed: {exc}") from exc
+
+    async def _newest(self, query: ListQuery) -> list[bytes]:
+        found: list[bytes] = []
+        windows = read_backwards(
+            self._link.nc,
+            self._link.js,
+            self._names.index_stream,
+            self._names.index_subject(query.function) if query.function else None,
+            first_window=max(FIRST_WINDOW, 2 * query.limit),
+            largest_window=LARGEST_WINDOW,
+            max_scanned=MAX_SCANNED,
+            timeout_s=self._timeout_s,
+        )
+        async for entries in windows:
+            newest_first = [msg.data.decode() for msg in entries if msg.data]
+            for offset in range(0, len(newest_first), RECORDS_PER_REQUEST):
+                chunk = newest_first[offset : offset + RECORDS_PER_REQUEST]
+                records = await self.get_many(chunk)
+                for call_id in chunk:
+                    stored = records.get(call_id)
+                    if stored is None:  # expired, or its record never got written
+                        continue
+                    if query.since_ns is not None and queued_at_ns(stored) < query.since_ns:
+                        return found  # the index is in the order accepted: the rest are older
+                    if query.status is not None and stored.record.get("status") != query.status:
+                        continue
+                    found.append(stored.record_json)
+                    if len(found) == query.limit:
+                        return found
+        return found
 
 
 def ack_sequence(ack: bytes) -> int:

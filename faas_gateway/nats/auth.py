@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from faas_gateway.nats.names import Names
+
 if TYPE_CHECKING:
     from faas_gateway.runtime.settings import CommonSettings
 
@@ -221,17 +223,15 @@ class _Streams:
 
     @classmethod
     def of(cls, settings: "CommonSettings") -> "_Streams":
-        # Here, not at the top: activations imports jetstream, which imports this module.
-        from faas_gateway.nats.activations import results_bucket
-
+        names = Names.of(settings)
         return cls(
-            queue=settings.nats_stream,
-            records=f"KV_{settings.activation_bucket}",
-            results=f"OBJ_{results_bucket(settings)}",
-            index=settings.activation_index_stream,
-            dead_letters=settings.dead_letter_stream,
-            functions=f"KV_{settings.functions_bucket}",
-            cancellations=f"KV_{settings.cancellation_bucket}",
+            queue=names.stream,
+            records=names.activation_stream,
+            results=names.results_stream,
+            index=names.index_stream,
+            dead_letters=names.dead_letter_stream,
+            functions=names.functions_stream,
+            cancellations=names.cancellation_stream,
         )
 
     def all(self) -> list[str]:

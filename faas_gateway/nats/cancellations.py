@@ -12,12 +12,11 @@ import logging
 from collections.abc import Callable
 
 import nats.errors
-from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from faas_gateway.nats.jetstream import ensure_key_value
-from faas_gateway.runtime.settings import CommonSettings
+from faas_gateway.nats.jetstream import key_value
+from faas_gateway.nats.link import NatsLink, NatsUnavailableError
+from faas_gateway.nats.names import Names
 
 log = logging.getLogger("faas.cancellations")
 
@@ -25,37 +24,36 @@ log = logging.getLogger("faas.cancellations")
 INITIAL_SYNC_WAIT_S = 5.0
 
 
-async def cancellation_bucket(js: JetStreamContext, settings: CommonSettings) -> KeyValue:
-    return await ensure_key_value(
-        js,
-        KeyValueConfig(
-            bucket=settings.cancellation_bucket,
-            description="Cancelled async calls (faas-gateway)",
-            history=1,
-            ttl=settings.activation_retention_s,
-            max_bytes=settings.cancellation_max_bytes,
-            storage=StorageType.FILE,
-            replicas=settings.nats_stream_replicas,
-        ),
-        # Discard new: a cancel refused (503) is better than an older one forgotten early,
-        # which would let that call run.
-        DiscardPolicy.NEW,
-        "cancellation_max_bytes",
-    )
+class CancellationError(RuntimeError):
+    """A cancellation could not be written: NATS is away, or the bucket is full."""
+
+
+class Cancellations:
+    """The gateway's side: one key per cancelled call id."""
+
+    def __init__(self, link: NatsLink, names: Names) -> None:
+        self._link = link
+        self._names = names
+
+    async def cancel(self, call_id: str) -> None:
+        try:
+            await self._link.acks.publish(
+                f"$KV.{self._names.cancellation_bucket}.{call_id}", b"", 5.0
+            )
+        except (TimeoutError, NatsUnavailableError, nats.errors.Error) as exc:
+            raise CancellationError(f"cannot cancel now: {exc}") from exc
 
 
 class CancellationWatch:
-    def __init__(
-        self, js: JetStreamContext, settings: CommonSettings, on_cancel: Callable[[str], None]
-    ) -> None:
-        self._js = js
-        self._settings = settings
+    def __init__(self, link: NatsLink, names: Names, on_cancel: Callable[[str], None]) -> None:
+        self._link = link
+        self._names = names
         self._on_cancel = on_cancel
         self._task: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
 
     async def start(self) -> None:
-        bucket = await cancellation_bucket(self._js, self._settings)
+        bucket = key_value(self._link.js, self._names.cancellation_bucket)
         watcher = await bucket.watchall()
         if (await bucket.status()).values == 0:
             # Nothing to catch up on; nats-py sends no end-of-initial-values marker then.

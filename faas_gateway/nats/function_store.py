@@ -11,11 +11,9 @@ import contextlib
 import logging
 import re
 import time
-from datetime import UTC, datetime
 
 import nats.errors
-from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, Header, KeyValueConfig, StorageType
+from nats.js.api import Header
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -27,12 +25,11 @@ from faas_gateway.core.functions import (
     FunctionSpec,
     Registry,
 )
-from faas_gateway.nats.jetstream import (
-    WRONG_LAST_SEQUENCE_CODES,
-    StorageLimitError,
-    ensure_key_value,
-)
-from faas_gateway.runtime.settings import CommonSettings
+from faas_gateway.core.retry import Backoff
+from faas_gateway.core.timefmt import now_rfc3339
+from faas_gateway.nats.jetstream import WRONG_LAST_SEQUENCE_CODES, key_value
+from faas_gateway.nats.link import NatsLink, NatsUnavailableError
+from faas_gateway.nats.names import Names
 
 log = logging.getLogger("faas.functions")
 
@@ -59,6 +56,10 @@ class FunctionNotDeployedError(FunctionStoreError):
 
 class ConcurrentChangeError(FunctionStoreError):
     pass
+
+
+class FunctionStoreUnavailableError(FunctionStoreError):
+    """NATS is away, did not answer, or the bucket is full."""
 
 
 class Resources(BaseModel):
@@ -135,45 +136,52 @@ class StoredFunction(BaseModel):
         return cls.model_validate_json(data)
 
 
-def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-async def function_bucket(js: JetStreamContext, settings: CommonSettings) -> KeyValue:
-    return await ensure_key_value(
-        js,
-        KeyValueConfig(
-            bucket=settings.functions_bucket,
-            description="Functions deployed through /system/functions (faas-gateway)",
-            history=1,
-            max_bytes=settings.functions_max_bytes,
-            storage=StorageType.FILE,
-            replicas=settings.nats_stream_replicas,
-        ),
-        DiscardPolicy.NEW,  # a deploy refused, never a deployed function dropped
-        "functions_max_bytes",
-    )
+_UNAVAILABLE = (TimeoutError, NatsUnavailableError, nats.errors.Error)
 
 
 class FunctionStore:
     """Writes to the bucket. Each write is conditional on the revision it read, so two
     gateways changing one function at once cannot lose either change silently."""
 
-    def __init__(self, js: JetStreamContext, settings: CommonSettings) -> None:
-        self._js = js
-        self._settings = settings
+    def __init__(self, link: NatsLink, names: Names) -> None:
+        self._link = link
+        self._names = names
+
+    def _bucket(self) -> KeyValue:
+        return key_value(self._link.js, self._names.functions_bucket)
 
     async def create(self, deployment: FunctionDeployment) -> tuple[int, StoredFunction]:
+        try:
+            return await self._create(deployment)
+        except _UNAVAILABLE as exc:
+            raise FunctionStoreUnavailableError(repr(exc)) from exc
+
+    async def update(self, deployment: FunctionDeployment) -> tuple[int, StoredFunction]:
+        try:
+            return await self._update(deployment)
+        except _UNAVAILABLE as exc:
+            raise FunctionStoreUnavailableError(repr(exc)) from exc
+
+    async def delete(self, name: str) -> int:
+        try:
+            return await self._delete(name)
+        except _UNAVAILABLE as exc:
+            raise FunctionStoreUnavailableError(repr(exc)) from exc
+
+    async def _create(self, deployment: FunctionDeployment) -> tuple[int, StoredFunction]:
         stored = StoredFunction(deployment=deployment, created_at=now_rfc3339())
-        bucket = await function_bucket(self._js, self._settings)
+        bucket = self._bucket()
         try:
             revision = await bucket.create(deployment.service, stored.encode())
         except KeyWrongLastSequenceError as exc:
-            raise FunctionExistsError(f"function {deployment.service!r} already exists") from exc
+            raise FunctionExistsError(
+                f"function {deployment.service!r} already exists; update it with "
+                "PUT /system/functions"
+            ) from exc
         return revision, stored
 
-    async def update(self, deployment: FunctionDeployment) -> tuple[int, StoredFunction]:
-        bucket = await function_bucket(self._js, self._settings)
+    async def _update(self, deployment: FunctionDeployment) -> tuple[int, StoredFunction]:
+        bucket = self._bucket()
         current = await self._current(bucket, deployment.service)
         created_at = StoredFunction.decode(current.value or b"{}").created_at
         stored = StoredFunction(deployment=deployment, created_at=created_at)
@@ -185,14 +193,13 @@ class FunctionStore:
             ) from exc
         return revision, stored
 
-    async def delete(self, name: str) -> int:
+    async def _delete(self, name: str) -> int:
         """Put a delete marker, as KeyValue.delete does, but keep its revision (nats-py's
         returns True), so the watch can tell older deliveries from newer ones."""
-        bucket = await function_bucket(self._js, self._settings)
-        current = await self._current(bucket, name)
+        current = await self._current(self._bucket(), name)
         try:
-            ack = await self._js.publish(
-                f"$KV.{self._settings.functions_bucket}.{name}",
+            ack = await self._link.js.publish(
+                self._names.function_subject(name),
                 b"",
                 headers={
                     KV_OP: KV_DEL,
@@ -226,18 +233,19 @@ class FunctionWatch:
     late watch delivery from undoing a newer change.
     """
 
-    def __init__(self, registry: Registry, settings: CommonSettings) -> None:
+    def __init__(self, registry: Registry, link: NatsLink, names: Names) -> None:
         self._registry = registry
-        self._settings = settings
+        self._link = link
+        self._bucket = names.functions_bucket
         self.deployed: dict[str, StoredFunction] = {}
         self._revisions: dict[str, int] = {}
         self.synced = asyncio.Event()
         self._restart = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def start(self, js: JetStreamContext) -> None:
+    def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(js), name="function-watch")
+            self._task = asyncio.create_task(self._run(), name="function-watch")
 
     def restart(self) -> None:
         self._restart.set()
@@ -261,24 +269,17 @@ class FunctionWatch:
         self.deployed[name] = stored
         self._registry.put_api_function(spec)
 
-    async def _run(self, js: JetStreamContext) -> None:
-        wait_s = 0.1
+    async def _run(self) -> None:
+        backoff = Backoff(max_s=5.0)
         while True:
             self._restart.clear()
             try:
-                bucket = await function_bucket(js, self._settings)
-                watcher = await bucket.watchall()
-            except StorageLimitError as exc:
-                # Not for this task to stop the process; said loudly, and tried again.
-                log.error("cannot set up the functions bucket: %s", exc)
-                await asyncio.sleep(5.0)
-                continue
-            except (nats.errors.Error, TimeoutError) as exc:
+                watcher = await key_value(self._link.js, self._bucket).watchall()
+            except (nats.errors.Error, NatsUnavailableError, TimeoutError) as exc:
                 log.warning("cannot watch the functions bucket yet: %s", exc)
-                await asyncio.sleep(wait_s)
-                wait_s = min(wait_s * 2, 5.0)
+                await asyncio.sleep(backoff.next_s())
                 continue
-            wait_s = 0.1
+            backoff.reset()
             try:
                 await self._follow(watcher)
             except (nats.errors.Error, TimeoutError) as exc:

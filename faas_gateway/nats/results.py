@@ -16,17 +16,16 @@ from typing import Any
 
 import nats.errors
 import orjson
-from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext
 
-from faas_gateway.http.client import UpstreamResponse
+from faas_gateway.core.outcome import SpoolError
 from faas_gateway.nats.jetstream import (
-    AckedPublisher,
     PublishRejectedError,
     direct_get_batch,
     is_storage_full,
     message_sequence,
 )
+from faas_gateway.nats.link import NatsLink, NatsUnavailableError
+from faas_gateway.nats.names import Names
 
 CHUNK_BYTES = 128 * 1024  # nats-py's and the CLI's default chunk size
 # Chunks published before the first of them must be acked: enough to keep the link busy,
@@ -36,7 +35,7 @@ CHUNKS_PER_READ = 8
 TIMEOUT_S = 5.0
 
 
-class ResultStoreError(RuntimeError):
+class ResultStoreError(SpoolError):
     """A body could not be stored or read: NATS is away, the store is full, or it is gone."""
 
     def __init__(self, message: str, storage_full: bool = False) -> None:
@@ -45,14 +44,10 @@ class ResultStoreError(RuntimeError):
 
 
 class ResultStore:
-    def __init__(
-        self, nc: NatsClient, js: JetStreamContext, acks: AckedPublisher, bucket: str
-    ) -> None:
-        self._nc = nc
-        self._js = js
-        self._acks = acks
-        self._bucket = bucket
-        self._stream = f"OBJ_{bucket}"
+    def __init__(self, link: NatsLink, names: Names) -> None:
+        self._link = link
+        self._bucket = names.results_bucket
+        self._stream = names.results_stream
 
     def _meta_subject(self, name: str) -> str:
         encoded = base64.urlsafe_b64encode(name.encode()).decode()
@@ -67,7 +62,7 @@ class ResultStore:
         Raises what the body's source raises (an upstream error, say) after removing the
         chunks written so far, and ResultStoreError when NATS refuses or does not answer.
         """
-        nuid = self._nc._nuid.next().decode()  # the subject of this version's chunks
+        nuid = self._link.nc._nuid.next().decode()  # the subject of this version's chunks
         chunk_subject = f"$O.{self._bucket}.C.{nuid}"
         digest = hashlib.sha256()
         size = chunks = 0
@@ -78,7 +73,7 @@ class ResultStore:
                 size += len(piece)
                 chunks += 1
                 in_flight.add(
-                    asyncio.create_task(self._acks.publish(chunk_subject, piece, TIMEOUT_S))
+                    asyncio.create_task(self._link.acks.publish(chunk_subject, piece, TIMEOUT_S))
                 )
                 if len(in_flight) >= CHUNKS_IN_FLIGHT:
                     done, in_flight = await asyncio.wait(
@@ -100,7 +95,7 @@ class ResultStore:
                 "digest": "SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode(),
                 "options": {"max_chunk_size": CHUNK_BYTES},
             }
-            await self._acks.publish(
+            await self._link.acks.publish(
                 self._meta_subject(name),
                 orjson.dumps(info),
                 TIMEOUT_S,
@@ -110,14 +105,14 @@ class ResultStore:
             for task in in_flight:
                 task.cancel()
             with contextlib.suppress(Exception):
-                await self._js.purge_stream(self._stream, subject=chunk_subject)
-            if isinstance(exc, TimeoutError | nats.errors.Error):
+                await self._link.js.purge_stream(self._stream, subject=chunk_subject)
+            if isinstance(exc, TimeoutError | NatsUnavailableError | nats.errors.Error):
                 full = isinstance(exc, PublishRejectedError) and is_storage_full(exc.err_code)
                 raise ResultStoreError(f"storing the body failed: {exc!r}", full) from exc
             raise
         if previous is not None and previous.get("nuid"):
             with contextlib.suppress(TimeoutError, nats.errors.Error):
-                await self._js.purge_stream(
+                await self._link.js.purge_stream(
                     self._stream, subject=f"$O.{self._bucket}.C.{previous['nuid']}"
                 )
         return size
@@ -138,7 +133,7 @@ class ResultStore:
         while left > 0 and remaining > 0:
             try:
                 messages = await direct_get_batch(
-                    self._nc,
+                    self._link.nc,
                     self._stream,
                     {
                         "seq": sequence,
@@ -147,7 +142,7 @@ class ResultStore:
                     },
                     TIMEOUT_S,
                 )
-            except (TimeoutError, nats.errors.Error) as exc:
+            except (TimeoutError, NatsUnavailableError, nats.errors.Error) as exc:
                 raise ResultStoreError(f"reading the body failed: {exc!r}") from exc
             if not messages:
                 raise ResultStoreError(f"stored body {name!r} is incomplete")
@@ -166,12 +161,12 @@ class ResultStore:
 
     async def _info(self, name: str) -> dict[str, Any] | None:
         try:
-            msg = await self._nc.request(
+            msg = await self._link.nc.request(
                 f"$JS.API.DIRECT.GET.{self._stream}.{self._meta_subject(name)}",
                 b"",
                 timeout=TIMEOUT_S,
             )
-        except (TimeoutError, nats.errors.Error) as exc:
+        except (TimeoutError, NatsUnavailableError, nats.errors.Error) as exc:
             raise ResultStoreError(f"reading the body's metadata failed: {exc!r}") from exc
         if not msg.data:
             return None
@@ -179,38 +174,6 @@ class ResultStore:
         if not isinstance(info, dict) or info.get("deleted"):
             return None
         return info
-
-
-async def take_body(
-    response: UpstreamResponse,
-    name: str,
-    max_buffered_bytes: int,
-    results: "ResultStore",
-) -> tuple[bytes, int | None]:
-    """A response's body: held in memory up to ``max_buffered_bytes``; a larger one goes on
-    into the result store under ``name`` as it arrives, and only its size comes back."""
-    declared = response.content_length
-    if declared is not None and declared <= max_buffered_bytes:
-        return await response.read(), None
-    held: list[bytes] = []
-    size = 0
-    chunks = response.chunks()
-    while True:
-        try:
-            chunk = await anext(chunks)
-        except StopAsyncIteration:
-            return b"".join(held), None
-        held.append(chunk)
-        size += len(chunk)
-        if size > max_buffered_bytes:
-            return b"", await results.put_stream(name, _chain(held, chunks))
-
-
-async def _chain(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    while first:
-        yield first.pop(0)
-    async for chunk in rest:
-        yield chunk
 
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:

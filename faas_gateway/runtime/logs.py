@@ -8,12 +8,12 @@ logger serves our loggers and the libraries' (aiohttp, nats-py, asyncio) alike.
 import logging
 import sys
 import threading
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
 from pythonjsonlogger.orjson import OrjsonFormatter
 
+from faas_gateway.core.timefmt import rfc3339_ms
 from faas_gateway.runtime.settings import CommonSettings
 
 CALL_FIELDS = ("callId", "function")
@@ -49,8 +49,7 @@ class JsonLineFormatter(OrjsonFormatter):
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         """RFC 3339 in UTC with milliseconds: ``2025-01-31T12:00:00.123Z``."""
-        moment = datetime.fromtimestamp(record.created, UTC)
-        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return rfc3339_ms(int(record.created * 1e9)) or ""
 
     def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
         # A traceback goes last, after the short fields a reader scans for.

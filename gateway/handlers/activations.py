@@ -6,69 +6,33 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from faas_gateway.core.functions import is_valid_function_name
-from faas_gateway.core.headers import CALL_ID
-from faas_gateway.nats.activations import STATUSES, StoredActivation, parse_rfc3339_ns
-from gateway.activations import ActivationQueries, ListQuery
+from faas_gateway.core.timefmt import parse_rfc3339_ns
+from faas_gateway.nats.activations import STATUSES, ActivationStore, ListQuery
 from gateway.errors import InvalidRequestError
 from gateway.request import CALL_ID_PATTERN
+from gateway.responses import record_response, result_response, unfinished_response
 
 DEFAULT_LIMIT = 30
 MAX_LIMIT = 200
-RESULT_TRUNCATED = "X-Result-Truncated"
-# How soon a client polling an unfinished call should ask again.
-RETRY_AFTER_S = 1
 UNIX_MS = re.compile(r"[0-9]{1,16}")
 
 
-def location_of(call_id: str) -> str:
-    return f"/system/activations/{call_id}"
-
-
-def record_response(stored: StoredActivation, status: int = 200) -> web.Response:
-    response = web.Response(status=status, body=stored.record_json, content_type="application/json")
-    response.headers[CALL_ID] = str(stored.record.get("callId"))
-    return response
-
-
-def unfinished_response(stored: StoredActivation) -> web.Response:
-    """202 for a call still queued or running: where to look, when to look again."""
-    response = record_response(stored, status=202)
-    response.headers["Location"] = location_of(str(stored.record.get("callId")))
-    response.headers["Retry-After"] = str(RETRY_AFTER_S)
-    return response
-
-
-async def result_response(queries: ActivationQueries, stored: StoredActivation) -> web.Response:
-    """A finished call's response as the function returned it: status, Content-Type, body."""
-    record = stored.record
-    response_info = record.get("response") or {}
-    body = await queries.result_body(stored)
-    response = web.Response(status=int(record.get("statusCode") or 502), body=body)
-    content_type = response_info.get("contentType")
-    if content_type:
-        response.headers["Content-Type"] = str(content_type)
-    response.headers[CALL_ID] = str(record.get("callId"))
-    if response_info.get("truncated"):
-        response.headers[RESULT_TRUNCATED] = "true"
-    return response
-
-
-class ActivationApi:
-    def __init__(self, queries: ActivationQueries) -> None:
-        self._queries = queries
+class Activations:
+    def __init__(self, records: ActivationStore) -> None:
+        self._records = records
 
     async def record(self, request: web.Request) -> web.StreamResponse:
-        stored = await self._queries.get(valid_call_id(request.match_info["call_id"]))
+        stored = await self._records.find(valid_call_id(request.match_info["call_id"]))
         return record_response(stored)
 
     async def result(self, request: web.Request) -> web.StreamResponse:
-        stored = await self._queries.get(valid_call_id(request.match_info["call_id"]))
+        stored = await self._records.find(valid_call_id(request.match_info["call_id"]))
         if not stored.is_final:
             return unfinished_response(stored)
-        return await result_response(self._queries, stored)
+        return await result_response(self._records, stored)
 
     async def newest(self, request: web.Request) -> web.StreamResponse:
-        records = await self._queries.newest(parse_list_query(request.rel_url.query))
+        records = await self._records.newest(parse_list_query(request.rel_url.query))
         body = b"[" + b",".join(records) + b"]"
         return web.Response(body=body, content_type="application/json")
 

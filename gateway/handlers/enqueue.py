@@ -1,30 +1,37 @@
-"""Async invocation: validate, read the body within the limit, enqueue durably, answer 202."""
+"""POST /async-function/<name>[/<path>]: validate, read the body within the limit, record and
+queue the call durably (gateway/queue.py), answer 202 (or, with Prefer: wait, its result)."""
 
 import logging
 
 from aiohttp import web
 
-from faas_gateway.core.call import QueuedCall
 from faas_gateway.core.functions import Registry
 from faas_gateway.core.headers import CALLBACK_URL
+from faas_gateway.nats.activations import ActivationStore
 from faas_gateway.runtime.logs import call_context
-from gateway.activations import ActivationQueries
 from gateway.callback_urls import CallbackUrls
 from gateway.errors import (
+    MAPPED_ERRORS,
     ClientGoneError,
-    GatewayError,
     MethodNotAllowedError,
     PayloadTooLargeError,
+    http_error,
 )
-from gateway.handlers.activations import location_of, result_response, unfinished_response
 from gateway.loops import VIA, Hops
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
-from gateway.prefer import PREFER, PREFERENCE_APPLIED, parse_prefer, wait_applied
-from gateway.queue import Publisher
-from gateway.request import CallContext
+from gateway.queue import GatewayQueue
+from gateway.request import (
+    PREFER,
+    CallContext,
+    checked_subpath,
+    forwarded_headers,
+    parse_prefer,
+    queued_call,
+    resolve_function,
+    wait_applied,
+)
 from gateway.request_bodies import read_body
-from gateway.routing import checked_subpath, forwarded_headers, resolve_function
-from gateway.settings import GatewaySettings
+from gateway.responses import accepted, waited_response
 
 log = logging.getLogger("faas.gateway")
 
@@ -32,30 +39,33 @@ log = logging.getLogger("faas.gateway")
 HEADERS_NOT_QUEUED = frozenset({"host", "content-length", "expect"})
 
 
-class AsyncInvoker:
+class Enqueue:
     def __init__(
         self,
-        settings: GatewaySettings,
         registry: Registry,
-        publisher: Publisher,
-        queries: ActivationQueries,
+        queue: GatewayQueue,
+        records: ActivationStore,
         callback_urls: CallbackUrls,
         metrics: GatewayMetrics,
-        hops: Hops | None = None,
-        strip_authorization: bool = False,
+        hops: Hops,
+        *,
+        max_wait_s: float,
+        body_timeout_s: float,
+        strip_authorization: bool,
     ) -> None:
+        self._registry = registry
+        self._queue = queue
+        self._records = records
+        self._callback_urls = callback_urls
+        self._metrics = metrics
+        self._hops = hops
+        self._max_wait_s = max_wait_s
+        self._body_timeout_s = body_timeout_s
         # With basic_auth_invocations the client's Authorization is the gateway's credential:
         # it must never reach a function, the stream or a dead letter.
         self._not_queued = HEADERS_NOT_QUEUED | (
             {"authorization"} if strip_authorization else frozenset()
         )
-        self._callback_urls = callback_urls
-        self._hops = hops or Hops()
-        self._settings = settings
-        self._registry = registry
-        self._publisher = publisher
-        self._queries = queries
-        self._metrics = metrics
 
     async def handle(self, request: web.Request, call: CallContext) -> web.StreamResponse:
         label = UNKNOWN_FUNCTION
@@ -67,69 +77,33 @@ class AsyncInvoker:
             function = resolve_function(self._registry, request.match_info["name"])
             label = function.name
             subpath = checked_subpath(request)
-            # In the queued headers, so the worker's call carries it to the function too.
-            via = self._hops.via_for(request.headers, function.name)
             callback_url = await self._callback_urls.validate(request.headers.get(CALLBACK_URL))
-            self._publisher.raise_unless_ready()
-            body = await read_body_within(
-                request, self._publisher.max_body_bytes(), self._settings.request_body_timeout_s
-            )
             headers = forwarded_headers(request, self._not_queued)
-            headers[VIA] = via
-            queued = QueuedCall(
-                call_id=call.call_id,
-                function=function.name,
-                method=request.method,
-                path=subpath,
-                query=request.rel_url.raw_query_string,
-                headers=list(headers.items()),
-                body=body,
-                callback_url=callback_url,
-                accepted_at_ns=call.start_ns,
+            # In the queued headers, so the worker's call carries it to the function too.
+            headers[VIA] = self._hops.via_for(request.headers, function.name)
+            self._queue.raise_unless_ready()
+            body = await read_body_within(
+                request, self._queue.max_body_bytes(), self._body_timeout_s
             )
-            await self._publisher.enqueue(
-                queued, self._settings.subject_for(function.queue, function.name)
-            )
+            queued = queued_call(call, request, function, subpath, headers, body, callback_url)
+            await self._queue.enqueue(queued, function.queue)
         except ClientGoneError as exc:
             # Nobody to answer; nothing was enqueued, and nothing failed here.
             self._metrics.client_disconnected(label)
             log.debug("%s", exc.message, extra=call_context(call.call_id, label))
             raise
-        except GatewayError as exc:
-            self._metrics.observe_async(label, exc.status)
-            raise
+        except MAPPED_ERRORS as exc:
+            error = http_error(exc)
+            self._metrics.observe_async(label, error.status)
+            raise error from exc
         self._metrics.observe_async(label, 202)
-        prefer = parse_prefer(request.headers.getall(PREFER, []))
-        return await self.accepted(call.call_id, function.name, prefer.wait_s)
-
-    async def accepted(
-        self, call_id: str, function: str, wait_s: float | None
-    ) -> web.StreamResponse:
-        """202 with the call id, or with Prefer: wait=N the result if the call finishes within
-        N seconds (capped by max_wait)."""
-        if wait_s is not None:
-            return await self._wait_for_result(call_id, function, min(wait_s, self._max_wait_s()))
-        response = web.json_response({"callId": call_id}, status=202)
-        response.headers["Location"] = location_of(call_id)
-        return response
-
-    def _max_wait_s(self) -> float:
-        return self._settings.max_wait_s
-
-    async def _wait_for_result(
-        self, call_id: str, function: str, wait_s: float
-    ) -> web.StreamResponse:
-        """Prefer: wait=N: the result if the call finishes within N seconds, else a 202."""
-        stored = await self._queries.wait_until_final(call_id, function, wait_s)
-        if stored is not None and stored.is_final:
-            response = await result_response(self._queries, stored)
-            response.headers[PREFERENCE_APPLIED] = wait_applied(wait_s)
-            return response
-        if stored is None:
-            response = web.json_response({"callId": call_id}, status=202)
-            response.headers["Location"] = location_of(call_id)
-            return response
-        return unfinished_response(stored)
+        wait_s = parse_prefer(request.headers.getall(PREFER, [])).wait_s
+        if wait_s is None:
+            return accepted(call.call_id)
+        wait_s = min(wait_s, self._max_wait_s)
+        return await waited_response(
+            self._records, call.call_id, wait_s, applied_to_result=wait_applied(wait_s)
+        )
 
 
 def allowed(request: web.Request) -> str:

@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import nats.errors
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -22,16 +21,13 @@ from pydantic.alias_generators import to_camel
 
 from faas_gateway import __version__
 from faas_gateway.core.functions import FunctionSpec, Registry, is_valid_function_name
+from faas_gateway.core.timefmt import now_rfc3339
+from faas_gateway.core.validation import one_line
 from faas_gateway.nats.function_store import (
-    ConcurrentChangeError,
     FunctionDeployment,
-    FunctionExistsError,
-    FunctionNotDeployedError,
     FunctionStore,
-    FunctionStoreError,
     FunctionWatch,
     StoredFunction,
-    now_rfc3339,
 )
 from gateway.errors import (
     ClientGoneError,
@@ -39,14 +35,11 @@ from gateway.errors import (
     FunctionNotFoundError,
     InvalidRequestError,
     PayloadTooLargeError,
-    QueueUnavailableError,
 )
 from gateway.loops import gateway_url_problem
 from gateway.metrics import GatewayMetrics
-from gateway.queue import Publisher
 from gateway.queues import ServedQueues
 from gateway.request_bodies import read_body
-from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")
 
@@ -62,22 +55,31 @@ class DeleteRequest(BaseModel):
     namespace: str = ""
 
 
-class FunctionsApi:
+class Functions:
     def __init__(
         self,
-        settings: GatewaySettings,
         registry: Registry,
-        publisher: Publisher,
+        store: FunctionStore,
         watch: FunctionWatch,
         metrics: GatewayMetrics,
         queues: ServedQueues,
+        *,
+        namespace: str,
+        functions_file: Path,
+        body_timeout_s: float,
+        gateway_host: str,
+        gateway_port: int,
     ) -> None:
-        self._settings = settings
         self._registry = registry
-        self._publisher = publisher
+        self._store = store
         self._watch = watch
         self._metrics = metrics
         self._queues = queues
+        self._namespace = namespace
+        self._functions_file = functions_file
+        self._body_timeout_s = body_timeout_s
+        self._gateway_host = gateway_host
+        self._gateway_port = gateway_port
         # File functions exist from when this process read the file.
         self._file_loaded_at = now_rfc3339()
 
@@ -103,7 +105,7 @@ class FunctionsApi:
         return _json(200, self._status(function, self._metrics.invocation_counts()))
 
     async def namespaces(self, request: web.Request) -> web.Response:
-        return _json(200, [self._settings.function_namespace])
+        return _json(200, [self._namespace])
 
     async def info(self, request: web.Request) -> web.Response:
         version = {"release": __version__, "sha": build_sha(), "commit_message": ""}
@@ -123,13 +125,13 @@ class FunctionsApi:
     # changes
 
     async def deploy(self, request: web.Request) -> web.Response:
-        return await self._write(request, FunctionStore.create)
+        return await self._write(request, self._store.create)
 
     async def update(self, request: web.Request) -> web.Response:
-        return await self._write(request, FunctionStore.update)
+        return await self._write(request, self._store.update)
 
     async def delete(self, request: web.Request) -> web.Response:
-        document = await _read_json(request, self._settings.request_body_timeout_s)
+        document = await _read_json(request, self._body_timeout_s)
         try:
             target = DeleteRequest.model_validate(document)
         except ValidationError as exc:
@@ -139,12 +141,7 @@ class FunctionsApi:
         if not is_valid_function_name(name):
             raise InvalidRequestError(f"invalid function name {name!r}")
         self._refuse_file_function(name)
-        try:
-            revision = await self._store().delete(name)
-        except FunctionStoreError as exc:
-            raise _store_error(exc) from exc
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise _unavailable(exc) from exc
+        revision = await self._store.delete(name)
         self._watch.apply(name, revision, None)
         log.info("function %s deleted", name)
         return web.Response(status=202)
@@ -154,18 +151,11 @@ class FunctionsApi:
     async def _write(
         self,
         request: web.Request,
-        change: Callable[
-            [FunctionStore, FunctionDeployment], Awaitable[tuple[int, StoredFunction]]
-        ],
+        change: Callable[[FunctionDeployment], Awaitable[tuple[int, StoredFunction]]],
     ) -> web.Response:
         deployment = await self._read_deployment(request)
         self._refuse_file_function(deployment.service)
-        try:
-            revision, stored = await change(self._store(), deployment)
-        except FunctionStoreError as exc:
-            raise _store_error(exc) from exc
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise _unavailable(exc) from exc
+        revision, stored = await change(deployment)
         response = self._changed(deployment.service, revision, stored)
         queue = deployment.to_spec().queue
         if await self._queues.is_served(queue) is False:
@@ -175,9 +165,6 @@ class FunctionsApi:
             # FunctionStatus body stays as OpenFaaS clients know it.
             response.headers["Warning"] = f'299 - "{warning}"'
         return response
-
-    def _store(self) -> FunctionStore:
-        return FunctionStore(self._publisher.jetstream(), self._settings)
 
     def _changed(self, name: str, revision: int, stored: StoredFunction) -> web.Response:
         # Applied here at once, so this gateway's next request sees the change; the others
@@ -191,7 +178,7 @@ class FunctionsApi:
         return response
 
     async def _read_deployment(self, request: web.Request) -> FunctionDeployment:
-        document = await _read_json(request, self._settings.request_body_timeout_s)
+        document = await _read_json(request, self._body_timeout_s)
         try:
             deployment = FunctionDeployment.model_validate(document)
         except ValidationError as exc:
@@ -201,10 +188,7 @@ class FunctionsApi:
             deployment.to_spec()
         except ValidationError as exc:
             raise InvalidRequestError(f"invalid function deployment: {describe(exc)}") from exc
-        settings = self._settings
-        problem = await gateway_url_problem(
-            deployment.url, settings.gateway_host, settings.gateway_port
-        )
+        problem = await gateway_url_problem(deployment.url, self._gateway_host, self._gateway_port)
         if problem is not None:
             raise InvalidRequestError(f"invalid function deployment: url: {problem}")
         return deployment
@@ -213,14 +197,13 @@ class FunctionsApi:
         if self._registry.in_file(name):
             raise ConflictError(
                 f"function {name!r} is defined in the functions file "
-                f"({self._settings.functions_file}); change it there"
+                f"({self._functions_file}); change it there"
             )
 
     def _check_namespace(self, namespace: str | None) -> None:
-        if namespace is not None and namespace != self._settings.function_namespace:
+        if namespace is not None and namespace != self._namespace:
             raise InvalidRequestError(
-                f"namespace {namespace!r} does not exist; the one namespace is "
-                f"{self._settings.function_namespace!r}"
+                f"namespace {namespace!r} does not exist; the one namespace is {self._namespace!r}"
             )
 
     def _status(self, function: FunctionSpec, counts: dict[str, float]) -> dict[str, Any]:
@@ -240,7 +223,7 @@ class FunctionsApi:
             ).model_dump(by_alias=True)
             del deployment["service"]
             created_at, source = self._file_loaded_at, "file"
-        deployment["namespace"] = self._settings.function_namespace
+        deployment["namespace"] = self._namespace
         return {
             "name": function.name,
             **deployment,
@@ -269,26 +252,7 @@ async def _read_json(request: web.Request, timeout_s: float) -> Any:
 
 
 def describe(error: ValidationError) -> str:
-    problems = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "body"
-        message = item["msg"].removeprefix("Value error, ")
-        problems.append(f"{where}: {message}")
-    return "; ".join(problems)
-
-
-def _store_error(exc: FunctionStoreError) -> Exception:
-    if isinstance(exc, FunctionNotDeployedError):
-        return FunctionNotFoundError(str(exc))
-    if isinstance(exc, FunctionExistsError):
-        return ConflictError(f"{exc}; update it with PUT /system/functions")
-    if isinstance(exc, ConcurrentChangeError):
-        return ConflictError(str(exc))
-    return InvalidRequestError(str(exc))
-
-
-def _unavailable(exc: Exception) -> QueueUnavailableError:
-    return QueueUnavailableError(f"the function registry is unavailable: {type(exc).__name__}")
+    return one_line(error, whole="body")
 
 
 def _json(status: int, document: Any) -> web.Response:

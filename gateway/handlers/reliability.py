@@ -2,63 +2,51 @@
 
 import time
 from collections.abc import Mapping
-from typing import Any
 
-import nats.errors
 import orjson
 from aiohttp import web
 
 from faas_gateway.core.call import QueuedCall
 from faas_gateway.core.functions import Registry
 from faas_gateway.core.headers import CALL_ID
-from faas_gateway.nats import jetstream
 from faas_gateway.nats.activations import (
     CANCELLED,
     FAILED,
     Activation,
-    ActivationStoreError,
+    ActivationStore,
     RecordConflictError,
 )
-from faas_gateway.nats.cancellations import cancellation_bucket
-from faas_gateway.nats.dead_letters import DeadLetterError, get_dead_letter, summary
-from gateway.activations import ActivationQueries
+from faas_gateway.nats.cancellations import Cancellations
+from faas_gateway.nats.dead_letters import DeadLetters
 from gateway.errors import ConflictError, QueueUnavailableError
-from gateway.handlers.activations import (
-    location_of,
-    parse_function_param,
-    parse_limit_param,
-    valid_call_id,
-)
-from gateway.queue import Publisher
-from gateway.request import new_call_id
-from gateway.routing import resolve_function
-from gateway.settings import GatewaySettings
+from gateway.handlers.activations import parse_function_param, parse_limit_param, valid_call_id
+from gateway.queue import GatewayQueue
+from gateway.request import new_call_id, resolve_function
+from gateway.responses import location_of
 
 
-class ReliabilityApi:
+class Reliability:
     def __init__(
         self,
-        settings: GatewaySettings,
         registry: Registry,
-        publisher: Publisher,
-        queries: ActivationQueries,
+        queue: GatewayQueue,
+        records: ActivationStore,
+        dead_letters: DeadLetters,
+        cancellations: Cancellations,
     ) -> None:
-        self._settings = settings
         self._registry = registry
-        self._publisher = publisher
-        self._queries = queries
+        self._queue = queue
+        self._records = records
+        self._dead_letters = dead_letters
+        self._cancellations = cancellations
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         """DELETE /async-function/{callId}: a queued call never runs, a running one is
         stopped; 202 and ``{"callId", "status"}``. 404 for an unknown id, 409 once it has
         finished; a call cancelled before is cancelled again (202), as DELETE is idempotent."""
         call_id = valid_call_id(request.match_info["call_id"])
-        try:
-            await self._record_cancelled(call_id)
-            bucket = await cancellation_bucket(self._publisher.jetstream(), self._settings)
-            await bucket.put(call_id, b"")
-        except (TimeoutError, nats.errors.Error, ActivationStoreError) as exc:
-            raise QueueUnavailableError(f"cannot cancel now: {exc}") from exc
+        await self._record_cancelled(call_id)
+        await self._cancellations.cancel(call_id)  # stops it where it runs
         response = web.Response(
             status=202,
             body=orjson.dumps({"callId": call_id, "status": CANCELLED}),
@@ -71,9 +59,8 @@ class ReliabilityApi:
     async def _record_cancelled(self, call_id: str) -> None:
         """The record says cancelled, written over the revision read (a worker that writes
         the call's state meanwhile makes this read it again, and its own write lose)."""
-        store = self._publisher.activations()
         for _ in range(5):
-            stored = await self._queries.get(call_id)
+            stored = await self._records.find(call_id)
             activation = Activation.from_stored(stored)
             if activation.status == CANCELLED:
                 return
@@ -81,7 +68,7 @@ class ReliabilityApi:
                 raise ConflictError(f"call {call_id!r} has finished already ({activation.status})")
             activation.cancel()
             try:
-                await store.put(activation, stored.inline_body)
+                await self._records.put(activation, stored.inline_body)
                 return
             except RecordConflictError:
                 continue
@@ -90,38 +77,17 @@ class ReliabilityApi:
     async def dead_letters(self, request: web.Request) -> web.StreamResponse:
         """GET /system/dead-letters?function=&limit=: newest first."""
         function, limit = parse_dead_letter_query(request.rel_url.query)
-        found: list[dict[str, Any]] = []
-        try:
-            windows = jetstream.read_backwards(
-                self._publisher.client(),
-                self._publisher.jetstream(),
-                self._settings.dead_letter_stream,
-            )
-            async for messages in windows:
-                for msg in messages:
-                    letter = summary(msg)
-                    if letter is None or (function and letter["function"] != function):
-                        continue
-                    found.append(letter)
-                    if len(found) == limit:
-                        break
-                if len(found) == limit:
-                    break
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise QueueUnavailableError(f"dead letters are unavailable: {exc}") from exc
+        found = await self._dead_letters.newest(function, limit)
         return web.Response(body=orjson.dumps(found), content_type="application/json")
 
     async def retry(self, request: web.Request) -> web.StreamResponse:
         """POST /system/activations/{callId}/retry: a failed call queued again under a new id."""
         call_id = valid_call_id(request.match_info["call_id"])
-        stored = await self._queries.get(call_id)
+        stored = await self._records.find(call_id)
         status = stored.record.get("status")
         if status != FAILED:
             raise ConflictError(f"only a failed call can be retried; {call_id!r} is {status}")
-        try:
-            original = await get_dead_letter(self._publisher.client(), self._settings, call_id)
-        except DeadLetterError as exc:
-            raise QueueUnavailableError(str(exc)) from exc
+        original = await self._dead_letters.get(call_id)
         if original is None:
             raise ConflictError(
                 f"no dead letter is kept for {call_id!r} (they expire after dead_letter_retention)"
@@ -139,9 +105,7 @@ class ReliabilityApi:
             accepted_at_ns=time.time_ns(),
             retry_of=call_id,
         )
-        await self._publisher.enqueue(
-            again, self._settings.subject_for(function.queue, function.name)
-        )
+        await self._queue.enqueue(again, function.queue)
         response = web.Response(
             status=202,
             body=orjson.dumps({"callId": again.call_id, "retryOf": call_id}),

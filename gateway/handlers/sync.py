@@ -8,7 +8,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from faas_gateway.core.call import QueuedCall
 from faas_gateway.core.functions import FunctionSpec, Registry
 from faas_gateway.core.headers import CALL_ID, CALLBACK_URL, START_TIME, end_to_end
 from faas_gateway.http.client import (
@@ -27,13 +26,17 @@ from gateway.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from gateway.handlers.turn_async import AsyncAfter, Demotions, Hold
+from gateway.handlers.turn_async import AsyncAfter, Hold, TurnAsync
 from gateway.loops import VIA, Hops
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
-from gateway.request import CallContext
+from gateway.request import (
+    CallContext,
+    checked_subpath,
+    forwarded_headers,
+    queued_call,
+    resolve_function,
+)
 from gateway.request_bodies import StreamedBody, failure_of, read_body
-from gateway.routing import checked_subpath, forwarded_headers, resolve_function
-from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")
 
@@ -48,24 +51,27 @@ RETRY_AFTER_BUSY_S = 1
 class SyncProxy:
     def __init__(
         self,
-        settings: GatewaySettings,
         registry: Registry,
         client: UpstreamClient,
         metrics: GatewayMetrics,
-        demotions: Demotions | None = None,
-        hops: Hops | None = None,
-        strip_authorization: bool = False,
+        turn_async: TurnAsync,
+        hops: Hops,
+        *,
+        defaults: Timeouts,
+        body_timeout_s: float,
+        strip_authorization: bool,
     ) -> None:
         # With basic_auth_invocations the client's Authorization is the gateway's credential.
         self._not_forwarded = REQUEST_HEADERS_NOT_FORWARDED | (
             {"authorization"} if strip_authorization else frozenset()
         )
-        self._settings = settings
         self._registry = registry
         self._client = client
         self._metrics = metrics
-        self._demotions = demotions
-        self._hops = hops or Hops()
+        self._turn_async = turn_async
+        self._hops = hops
+        self._defaults = defaults  # for functions that set no timeouts of their own
+        self._body_timeout_s = body_timeout_s
         self._timeouts_by_name: dict[str, tuple[FunctionSpec, Timeouts]] = {}
         # Sync calls running now per function with a max_inflight annotation, this process.
         self._inflight_by_name: dict[str, int] = {}
@@ -140,9 +146,9 @@ class SyncProxy:
         headers[START_TIME] = str(call.start_ns)
         headers[VIA] = via
         url = function.url_for(subpath, request.rel_url.raw_query_string)
-        after = self._demotions.wait_before_async(request) if self._demotions else None
+        after = self._turn_async.wait_before_async(request)
         body: bytes | StreamedBody | None = None  # None too when a call that may turn async read it
-        if after is not None and self._demotions is not None and self._demotions.fits(request):
+        if after is not None and self._turn_async.fits(request):
             turned = await self._call_may_turn_async(
                 request, function, call, headers, url, subpath, after, hold
             )
@@ -151,7 +157,7 @@ class SyncProxy:
                 return turned
             upstream = turned
         else:
-            body = await request_body(request, self._settings.request_body_timeout_s)
+            body = await request_body(request, self._body_timeout_s)
             try:
                 upstream = await self._client.request(
                     request.method, url, headers.items(), body, self._timeouts(function)
@@ -201,26 +207,14 @@ class SyncProxy:
         The request body is read whole first: once the client has its 202 it may hang up,
         and the function must still get the whole request.
         """
-        demotions = self._demotions
-        assert demotions is not None
-        demotions.raise_if_full()
-        callback_url = await demotions.callback_urls.validate(request.headers.get(CALLBACK_URL))
-        timeout_s = self._settings.request_body_timeout_s
-        body = await read_body(request, timeout_s) if request.body_exists else b""
-        queued = QueuedCall(
-            call_id=call.call_id,
-            function=function.name,
-            method=request.method,
-            path=subpath,
-            query=request.rel_url.raw_query_string,
-            headers=list(headers.items()),
-            body=body,
-            callback_url=callback_url,
-            accepted_at_ns=call.start_ns,
-        )
+        turn_async = self._turn_async
+        turn_async.raise_if_full()
+        callback_url = await turn_async.callback_urls.validate(request.headers.get(CALLBACK_URL))
+        body = await read_body(request, self._body_timeout_s) if request.body_exists else b""
+        queued = queued_call(call, request, function, subpath, headers, body, callback_url)
         if call.chosen_by_client:
             # The call id may name a call already (this one, posted again, or another).
-            same_call = await demotions.posted_before(queued, after)
+            same_call = await turn_async.posted_before(queued, after)
             if same_call is not None:
                 return same_call
         pending = asyncio.create_task(
@@ -231,7 +225,7 @@ class SyncProxy:
         try:
             done, _ = await asyncio.wait({pending}, timeout=after.wait_s)
             if not done:
-                response = await demotions.demote(call, queued, function, pending, after, hold)
+                response = await turn_async.demote(call, queued, function, pending, after, hold)
                 if response is not None:
                     return response
             return await pending
@@ -306,11 +300,10 @@ class SyncProxy:
         cached = self._timeouts_by_name.get(function.name)
         if cached is not None and cached[0] is function:
             return cached[1]
-        settings = self._settings
         timeouts = Timeouts(
-            connect_s=function.write_timeout_s or settings.write_timeout_s,
-            read_s=function.read_timeout_s or settings.read_timeout_s,
-            total_s=function.exec_timeout_s or settings.upstream_timeout_s,
+            connect_s=function.write_timeout_s or self._defaults.connect_s,
+            read_s=function.read_timeout_s or self._defaults.read_s,
+            total_s=function.exec_timeout_s or self._defaults.total_s,
         )
         self._timeouts_by_name[function.name] = (function, timeouts)
         return timeouts

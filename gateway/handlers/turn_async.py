@@ -18,31 +18,23 @@ from aiohttp import web
 
 from faas_gateway.core.call import QueuedCall
 from faas_gateway.core.functions import FunctionSpec
-from faas_gateway.core.headers import CALL_ID, end_to_end
 from faas_gateway.core.outcome import Outcome, failure
 from faas_gateway.http.callbacks import CallbackSender
-from faas_gateway.http.client import (
-    UpstreamError,
-    UpstreamResponse,
-    UpstreamTimeoutError,
-    failure_for_caller,
-)
+from faas_gateway.http.client import UpstreamResponse
+from faas_gateway.http.outcomes import outcome_of
 from faas_gateway.nats.activations import (
     Activation,
     ActivationExistsError,
+    ActivationStore,
     ActivationStoreError,
     RecordConflictError,
 )
-from faas_gateway.nats.results import ResultStore, ResultStoreError, take_body
 from faas_gateway.runtime.logs import call_context
-from gateway.activations import ActivationQueries
 from gateway.callback_urls import CallbackUrls
-from gateway.errors import ConflictError, GatewayError, TooManyRequestsError
-from gateway.handlers.activations import location_of, result_response, unfinished_response
-from gateway.prefer import PREFER, PREFERENCE_APPLIED, parse_prefer
-from gateway.queue import Publisher
-from gateway.request import CallContext
-from gateway.settings import GatewaySettings
+from gateway.errors import TooManyRequestsError
+from gateway.queue import CallIdTakenError, GatewayQueue
+from gateway.request import PREFER, PREFERENCE_APPLIED, CallContext, parse_prefer
+from gateway.responses import location_of, waited_response
 
 log = logging.getLogger("faas.gateway")
 
@@ -50,27 +42,36 @@ log = logging.getLogger("faas.gateway")
 RETRY_AFTER_FULL_S = 5
 
 
-class Demotions:
+class TurnAsync:
     def __init__(
         self,
-        settings: GatewaySettings,
-        publisher: Publisher,
-        queries: ActivationQueries,
+        queue: GatewayQueue,
+        records: ActivationStore,
         callbacks: CallbackSender,
         callback_urls: CallbackUrls,
+        *,
+        max_turned_async: int,
+        max_wait_s: float,
+        sync_async_after_s: float,
+        shutdown_grace_s: float,
+        max_held_bytes: int,
     ) -> None:
         self.callback_urls = callback_urls
-        self._settings = settings
-        self._publisher = publisher
-        self._queries = queries
+        self._queue = queue
+        self._records = records
         self._callbacks = callbacks
+        self._max_turned_async = max_turned_async
+        self._max_wait_s = max_wait_s
+        self._sync_async_after_s = sync_async_after_s
+        self._shutdown_grace_s = shutdown_grace_s
+        self._max_held_bytes = max_held_bytes
         self._tasks: set[asyncio.Task[None]] = set()
 
     def raise_if_full(self) -> None:
         """Calls that turned async run on in this process, each holding its request and a
         connection: at most max_turned_async of them; a call that could become one more is
         refused before it is sent."""
-        if len(self._tasks) >= self._settings.max_turned_async:
+        if len(self._tasks) >= self._max_turned_async:
             raise TooManyRequestsError(
                 f"this gateway runs {len(self._tasks)} calls that turned async, its "
                 f"max_turned_async; try again",
@@ -84,28 +85,19 @@ class Demotions:
         the same request is the same call (not sent again: its record or result answers),
         another request is a 409. None: the id is free."""
         try:
-            stored = await self._publisher.activations().get(queued.call_id)
-        except (ActivationStoreError, GatewayError):
+            stored = await self._records.get(queued.call_id)
+        except ActivationStoreError:
             return None  # it cannot turn async then either (its record cannot be written)
         if stored is None:
             return None
         if stored.record.get("requestDigest") != queued.request_digest():
-            raise ConflictError(
-                f"{CALL_ID} {queued.call_id!r} is used by another call; a call id may be "
-                "posted again only with the same function, method, path, query, body and "
-                "callback URL"
-            )
-        if not stored.is_final:
-            latest = await self._queries.wait_until_final(
-                queued.call_id, queued.function, after.wait_s
-            )
-            stored = latest or stored
-        if stored.is_final:
-            return await result_response(self._queries, stored)
-        response = unfinished_response(stored)
-        if after.preference_applied is not None:
-            response.headers[PREFERENCE_APPLIED] = after.preference_applied
-        return response
+            raise CallIdTakenError(queued.call_id)
+        return await waited_response(
+            self._records,
+            queued.call_id,
+            after.wait_s,
+            applied_to_unfinished=after.preference_applied,
+        )
 
     def wait_before_async(self, request: web.Request) -> "AsyncAfter | None":
         """How long this sync call waits before it turns async; None: it never does.
@@ -114,17 +106,16 @@ class Demotions:
         respond-async alone waits sync_async_after when that is set, else max_wait. Without
         the header, sync_async_after applies to every call when it is set.
         """
-        settings = self._settings
         if PREFER in request.headers:
             prefer = parse_prefer(request.headers.getall(PREFER))
             if prefer.respond_async:
                 wanted_s = prefer.wait_s
                 if wanted_s is None:
-                    wanted_s = settings.sync_async_after_s or settings.max_wait_s
-                wait_s = min(wanted_s, settings.max_wait_s)
+                    wanted_s = self._sync_async_after_s or self._max_wait_s
+                wait_s = min(wanted_s, self._max_wait_s)
                 return AsyncAfter(wait_s, f"respond-async, wait={wait_s:g}")
-        if settings.sync_async_after_s > 0:
-            return AsyncAfter(settings.sync_async_after_s, None)
+        if self._sync_async_after_s > 0:
+            return AsyncAfter(self._sync_async_after_s, None)
         return None
 
     def fits(self, request: web.Request) -> bool:
@@ -132,7 +123,7 @@ class Demotions:
         if not request.body_exists:
             return True
         length = request.content_length
-        return length is not None and length <= self._publisher.max_body_bytes()
+        return length is not None and length <= self._queue.max_body_bytes()
 
     async def demote(
         self,
@@ -146,13 +137,13 @@ class Demotions:
         """Record the call as running and answer 202; None if it cannot be recorded (or its
         call id was taken meanwhile), in which case the caller keeps waiting as for any sync
         call. The call keeps its place in the function's max_inflight until it ends."""
-        if len(self._tasks) >= self._settings.max_turned_async:
+        if len(self._tasks) >= self._max_turned_async:
             return None
         activation = Activation.queued(queued)
         activation.start(attempts=1, started_at_ns=call.start_ns)
         try:
-            await self._publisher.activations().create(activation)
-        except (ActivationStoreError, ActivationExistsError, GatewayError) as exc:
+            await self._records.create(activation)
+        except (ActivationStoreError, ActivationExistsError) as exc:
             log.info(
                 "not turning async, the record cannot be written: %s",
                 exc,
@@ -184,10 +175,12 @@ class Demotions:
         try:
             outcome = await outcome_of(
                 pending,
-                function,
-                call,
-                self._settings.max_held_response_bytes,
-                self._publisher.results(),
+                function=function.name,
+                spool_name=call.call_id,
+                started_monotonic=call.started_monotonic,
+                max_held_bytes=self._max_held_bytes,
+                spool=self._records.results,
+                timeout_error=f"function {function.name!r} did not answer within its timeout",
             )
         except asyncio.CancelledError:
             pending.cancel()
@@ -208,8 +201,8 @@ class Demotions:
         )
         activation.note_callback(result.delivered, result.attempts, result.last_status)
         try:
-            await self._publisher.activations().put(activation, kept)
-        except (ActivationStoreError, RecordConflictError, GatewayError) as exc:
+            await self._records.put(activation, kept)
+        except (ActivationStoreError, RecordConflictError) as exc:
             log.warning("callback state not recorded: %s", exc, extra=context)
 
     async def _record(
@@ -218,15 +211,14 @@ class Demotions:
         """The outcome into the record; None when it was not written: NATS away, or the call
         was cancelled meanwhile (the cancellation stands, and no callback is sent)."""
         try:
-            store = self._publisher.activations()
-            kept, stored = await store.store_result(activation.call_id, outcome)
+            kept, stored = await self._records.store_result(activation.call_id, outcome)
             activation.finish(outcome, stored)
-            await store.put(activation, kept)
+            await self._records.put(activation, kept)
             return kept
         except RecordConflictError:
             log.info("cancelled while it ran: its outcome is not recorded", extra=context)
             return None
-        except (ActivationStoreError, GatewayError) as exc:
+        except ActivationStoreError as exc:
             log.error("outcome of a call turned async not recorded: %s", exc, extra=context)
             return None
 
@@ -234,9 +226,7 @@ class Demotions:
         if not self._tasks:
             return
         log.info("waiting for %d calls that turned async", len(self._tasks))
-        _, still_running = await asyncio.wait(
-            set(self._tasks), timeout=self._settings.shutdown_grace_s
-        )
+        _, still_running = await asyncio.wait(set(self._tasks), timeout=self._shutdown_grace_s)
         for task in still_running:
             task.cancel()
         for task in still_running:
@@ -267,41 +257,3 @@ class Hold:
 class AsyncAfter:
     wait_s: float
     preference_applied: str | None  # for a wait the client asked for with Prefer
-
-
-async def outcome_of(
-    pending: "asyncio.Task[UpstreamResponse]",
-    function: FunctionSpec,
-    call: CallContext,
-    max_held_bytes: int,
-    results: ResultStore,
-) -> Outcome:
-    try:
-        upstream = await pending
-        async with upstream:
-            body, spooled_size = await take_body(upstream, call.call_id, max_held_bytes, results)
-            return Outcome(
-                status_code=upstream.status,
-                headers=list(end_to_end(upstream.headers, frozenset({"content-length"})).items()),
-                body=body,
-                duration_s=call.elapsed_s(),
-                spooled_size=spooled_size,
-            )
-    except ResultStoreError as exc:
-        return failure(
-            502,
-            f"the response was too large to hold and could not be stored: {exc}",
-            call.elapsed_s(),
-        )
-    except UpstreamTimeoutError:
-        return failure(
-            504, f"function {function.name!r} did not answer within its timeout", call.elapsed_s()
-        )
-    except (UpstreamError, ValueError) as exc:
-        # The record and the callback say what went wrong, not where the function listens.
-        return failure(
-            502,
-            f"function {function.name!r} did not answer: {failure_for_caller(exc)}",
-            call.elapsed_s(),
-            detail=f"{type(exc).__name__}: {exc}",
-        )
