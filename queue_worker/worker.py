@@ -19,7 +19,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from faas_gateway.core.call import MalformedMessageError, QueuedCall
 from faas_gateway.core.functions import Registry
-from faas_gateway.core.retry import RetryPolicy, parse_codes
+from faas_gateway.core.retry import Backoff, RetryPolicy, parse_codes
 from faas_gateway.http.callbacks import CallbackSender
 from faas_gateway.http.client import Timeouts, UpstreamClient
 from faas_gateway.nats.activations import ActivationStore, ActivationStoreError, StoredActivation
@@ -253,7 +253,7 @@ class Worker:
     # consuming
 
     async def _consume(self) -> None:
-        retry_wait_s = 0.1
+        backoff = Backoff()  # between fetches NATS refused or failed
         while not self._stopping.is_set():
             free = self.admission.free()
             if free <= 0:
@@ -269,7 +269,7 @@ class Worker:
                     min(free, self.settings.max_fetch_batch), timeout=self.settings.fetch_wait_s
                 )
             except TimeoutError:
-                retry_wait_s = 0.1
+                backoff.reset()
                 continue
             except APIError as exc:
                 if exc.code == 404 or isinstance(exc, NotFoundError):
@@ -277,15 +277,13 @@ class Worker:
                     await self._rebind()
                 else:
                     log.debug("fetch refused: %s", exc)
-                    await self._wait_for(self._stopping, timeout_s=retry_wait_s)
-                    retry_wait_s = min(retry_wait_s * 2, 2.0)
+                    await self._wait_for(self._stopping, timeout_s=backoff.next_s())
                 continue
             except nats.errors.Error as exc:
                 log.debug("fetch failed: %s", exc)
-                await self._wait_for(self._stopping, timeout_s=retry_wait_s)
-                retry_wait_s = min(retry_wait_s * 2, 2.0)
+                await self._wait_for(self._stopping, timeout_s=backoff.next_s())
                 continue
-            retry_wait_s = 0.1
+            backoff.reset()
             await self._dispatch([Delivery.from_msg(msg) for msg in messages])
 
     async def _dispatch(self, deliveries: list[Delivery]) -> None:

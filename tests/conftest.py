@@ -60,24 +60,22 @@ async def stream_message_count(client: NatsClient, stream: str = "faas-async") -
     return int(info.state.messages)
 
 
-async def connected_link(settings: CommonSettings) -> NatsLink:
-    """A NATS link as both processes make it, connected, with every stream and bucket set up;
-    for tests of the stores. Closed when the test's event loop ends."""
-    link = NatsLink(settings, "test")
-    await link.connect()
-    await ensure_all(link.js, Plan.of(settings))
-    _links.append(link)
-    return link
+@pytest.fixture
+async def connected_link() -> AsyncIterator[Callable[[CommonSettings], Awaitable[NatsLink]]]:
+    """``await connected_link(settings)``: a NATS link as both processes make it, connected,
+    with every stream and bucket set up; for tests of the stores. Closed after the test."""
+    links: list[NatsLink] = []
 
+    async def connect(settings: CommonSettings) -> NatsLink:
+        link = NatsLink(settings, "test")
+        await link.connect()
+        links.append(link)
+        await ensure_all(link.js, Plan.of(settings))
+        return link
 
-_links: list[NatsLink] = []
-
-
-@pytest.fixture(autouse=True)
-async def _close_links() -> AsyncIterator[None]:
-    yield
-    while _links:
-        await _links.pop().close()
+    yield connect
+    for link in links:
+        await link.close()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from nats.aio.client import Client as NatsClient
 
 from faas_gateway.core.call import QueuedCall
 from faas_gateway.nats.activations import (
@@ -23,7 +22,7 @@ from faas_gateway.nats.activations import (
 from faas_gateway.nats.names import Names
 from faas_gateway.runtime.settings import CommonSettings
 from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, connected_link, get_json, ready_gateway
+from tests.conftest import RunningGateway, get_json, ready_gateway
 from tests.harness import NatsServer, RecordedRequest, Recorder, registry_of, wait_until
 
 DEADLINE_S = 30.0
@@ -504,7 +503,7 @@ async def test_a_call_turned_async_still_running_when_the_gateway_stops_is_recor
 
 
 async def test_a_record_is_created_once_and_written_only_over_the_revision_read(
-    nats_server: NatsServer, nats_client: NatsClient
+    nats_server: NatsServer, connected_link: Any
 ) -> None:
     """No writer overwrites a record it did not see: create is create-if-absent, and every
     later write is conditional on the revision the writer last read or wrote."""

@@ -24,7 +24,6 @@ from faas_gateway.nats.names import Names
 from queue_worker.worker import Worker
 from tests.conftest import (
     RunningGateway,
-    connected_link,
     gateway_settings,
     get_json,
     ready_gateway,
@@ -386,7 +385,7 @@ async def test_info_namespaces_and_service_count(
 
 
 async def test_a_change_based_on_a_stale_read_is_refused_not_lost(
-    nats_server: NatsServer, nats_client: NatsClient
+    nats_server: NatsServer, nats_client: NatsClient, connected_link: Any
 ) -> None:
     settings = gateway_settings(nats_server.url)
     link = await connected_link(settings)
