@@ -211,41 +211,6 @@ class Permissions:
     subscribe: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class _Streams:
-    queue: str
-    records: str
-    results: str
-    index: str
-    dead_letters: str
-    functions: str
-    cancellations: str
-
-    @classmethod
-    def of(cls, settings: "CommonSettings") -> "_Streams":
-        names = Names.of(settings)
-        return cls(
-            queue=names.stream,
-            records=names.activation_stream,
-            results=names.results_stream,
-            index=names.index_stream,
-            dead_letters=names.dead_letter_stream,
-            functions=names.functions_stream,
-            cancellations=names.cancellation_stream,
-        )
-
-    def all(self) -> list[str]:
-        return [
-            self.queue,
-            self.records,
-            self.results,
-            self.index,
-            self.dead_letters,
-            self.functions,
-            self.cancellations,
-        ]
-
-
 def _stream_api(operations: Sequence[str], streams: Sequence[str]) -> list[str]:
     return [f"$JS.API.STREAM.{op}.{stream}" for op in operations for stream in streams]
 
@@ -277,38 +242,38 @@ def _watches(streams: Sequence[str]) -> list[str]:
     return subjects
 
 
-def _common_publish(settings: "CommonSettings", streams: _Streams) -> list[str]:
+def _common_publish(settings: "CommonSettings", names: Names) -> list[str]:
     return [
         # Account limits, which nats-py reads for some bucket options.
         "$JS.API.INFO",
         # An object-store read looks its stream up by subject.
         "$JS.API.STREAM.NAMES",
-        *_stream_api(["INFO", "CREATE"], streams.all()),
+        *_stream_api(["INFO", "CREATE"], names.all_streams),
         # An object-store write removes the chunks of the object it replaces.
-        f"$JS.API.STREAM.PURGE.{streams.results}",
+        f"$JS.API.STREAM.PURGE.{names.results_stream}",
         f"$KV.{settings.activation_bucket}.>",
-        f"$O.{streams.results.removeprefix('OBJ_')}.>",
+        f"$O.{names.results_bucket}.>",
     ]
 
 
 def gateway_permissions(settings: "CommonSettings") -> Permissions:
-    streams = _Streams.of(settings)
+    names = Names.of(settings)
     publish = [
-        *_common_publish(settings, streams),
-        *_stream_api(["UPDATE"], streams.all()),
+        *_common_publish(settings, names),
+        *_stream_api(["UPDATE"], names.all_streams),
         *_reads(
             [
-                streams.records,
-                streams.results,
-                streams.index,
-                streams.dead_letters,
-                streams.functions,
+                names.activation_stream,
+                names.results_stream,
+                names.index_stream,
+                names.dead_letter_stream,
+                names.functions_stream,
             ]
         ),
-        *_watches([streams.functions, streams.results]),
+        *_watches([names.functions_stream, names.results_stream]),
         # Whether a worker serves a queue (gateway_queue_unserved): reading its consumer's
         # state, which changes nothing.
-        f"$JS.API.CONSUMER.INFO.{streams.queue}.>",
+        f"$JS.API.CONSUMER.INFO.{names.stream}.>",
         settings.subjects_wildcard,
         f"{settings.activation_index_stream}.>",
         f"$KV.{settings.functions_bucket}.>",
@@ -323,16 +288,22 @@ def gateway_permissions(settings: "CommonSettings") -> Permissions:
 
 
 def worker_permissions(settings: "CommonSettings") -> Permissions:
-    streams = _Streams.of(settings)
-    queue = streams.queue
+    names = Names.of(settings)
+    queue = names.stream
     publish = [
-        *_common_publish(settings, streams),
+        *_common_publish(settings, names),
         *_stream_api(
             ["UPDATE"],
-            [streams.queue, streams.records, streams.results, streams.index, streams.dead_letters],
+            [
+                names.stream,
+                names.activation_stream,
+                names.results_stream,
+                names.index_stream,
+                names.dead_letter_stream,
+            ],
         ),
-        *_reads([streams.records, streams.results]),
-        *_watches([streams.functions, streams.cancellations, streams.results]),
+        *_reads([names.activation_stream, names.results_stream]),
+        *_watches([names.functions_stream, names.cancellation_stream, names.results_stream]),
         # Its durable consumer, one per queue (nats_consumer[-<queue>]).
         f"$JS.API.CONSUMER.INFO.{queue}.>",
         f"$JS.API.CONSUMER.CREATE.{queue}.>",
@@ -354,7 +325,7 @@ def server_config(settings: "CommonSettings", passwords: Mapping[str, str]) -> s
     ]
     lines = [
         "# Made by faas_gateway.nats.auth from the faas-gateway settings; written anew at each",
-        "# start. Users: gateway and worker (see faas_gateway/nats_auth.py for what each may do).",
+        "# start. Users: gateway and worker (see faas_gateway/nats/auth.py for what each may do).",
         "authorization {",
         "  users = [",
     ]
