@@ -6,6 +6,10 @@ INSTALLED := $(VENV)/.installed
 
 .PHONY: run test lint format install clean bench bench-quick compose-secrets
 
+# Options for make run and make test, passed on as they are:
+# make run ARGS="--port-offset 100", make test ARGS="-k openapi".
+ARGS ?=
+
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,10 +20,10 @@ $(INSTALLED): pyproject.toml
 install: $(INSTALLED)
 
 run: $(INSTALLED)
-	$(PY) deploy/local_stack.py
+	$(PY) deploy/local_stack.py $(ARGS)
 
 test: $(INSTALLED)
-	$(PY) -m pytest
+	$(PY) -m pytest $(ARGS)
 
 bench: $(INSTALLED)
 	$(PY) -m bench

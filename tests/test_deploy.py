@@ -6,6 +6,7 @@ import asyncio
 import random
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -300,6 +301,43 @@ def test_local_stack_gives_nats_users_unless_told_not_to(tmp_path, monkeypatch):
     assert "--config" not in open_stack["nats"].argv
     for name in ("gateway", "worker"):
         assert not any(key.startswith("nats_user") for key in open_stack[name].env)
+
+
+def test_a_stack_beside_the_first_keeps_its_own_data(monkeypatch):
+    """`make run ARGS="--port-offset 100"` beside `make run`: two nats-servers on one JetStream
+    store would corrupt it, so a shifted stack keeps its data apart unless told where."""
+
+    def layout(*args: str) -> local_stack.Layout:
+        monkeypatch.setattr(sys, "argv", ["local_stack.py", *args])
+        return local_stack.parse_layout()
+
+    data = local_stack.ROOT / ".data"
+    assert layout().data_dir == data
+    assert layout("--port-offset", "100").data_dir == data / "port-offset-100"
+    assert layout("--port-offset", "100").port(local_stack.GATEWAY_PORT) == 8180
+    elsewhere = layout("--port-offset", "100", "--data-dir", "/tmp/stack-b")
+    assert elsewhere.data_dir == Path("/tmp/stack-b")
+
+
+@pytest.mark.parametrize(
+    ("target", "command"),
+    [
+        ("run", "deploy/local_stack.py"),
+        ("test", "-m pytest"),
+    ],
+)
+def test_make_passes_args_on(target, command):
+    """The documented `make run ARGS="--port-offset 100"` (and make test's) reaches the
+    command with its arguments as given; `make -n` prints the commands without running them."""
+    run = subprocess.run(
+        ["make", "-n", "--no-print-directory", target, "ARGS=--port-offset 100 --no-auth"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    last = run.stdout.splitlines()[-1]
+    assert last.endswith(f"{command} --port-offset 100 --no-auth"), run.stdout
 
 
 def free_offset() -> int:
