@@ -4,9 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint format install clean bench bench-quick compose-secrets
+.PHONY: run test api-check lint format install clean bench bench-quick compose-secrets
 
-# Options for make run and make test, passed on as they are:
+# Options for make run, make test and make api-check, passed on as they are:
 # make run ARGS="--port-offset 100", make test ARGS="-k openapi".
 ARGS ?=
 
@@ -24,6 +24,11 @@ run: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PY) -m pytest $(ARGS)
+
+# gateway/openapi.json against a stack of its own on free ports, with a throwaway data
+# directory: nothing is left behind, and a running `make run` is not touched.
+api-check: $(INSTALLED)
+	$(PY) deploy/api_check.py $(ARGS)
 
 bench: $(INSTALLED)
 	$(PY) -m bench
