@@ -207,6 +207,9 @@ def main() -> int:
         "--include-path-regex '^/system/activations'. The exit status is schemathesis's.",
     )
     _, schemathesis_arguments = parser.parse_known_args()
+    # The stack runs in a session of its own (Ctrl-C does not reach it), so a SIGTERM must
+    # end this process through the finally below, which stops the stack, not kill it outright.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     workdir = Path(tempfile.mkdtemp(prefix="faas-api-check-"))
     stack = Stack(workdir)
     try:

@@ -134,7 +134,7 @@ def test_schemathesis_finds_no_5xx_and_no_response_the_document_does_not_allow(
     try:
         output, _ = run.communicate(timeout=270)
     except subprocess.TimeoutExpired:
-        run.send_signal(signal.SIGINT)  # it stops its stack on the way out
+        run.send_signal(signal.SIGTERM)  # it stops its stack on the way out
         run.communicate(timeout=100)
         raise
     report = output.decode(errors="replace")
