@@ -4,7 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint format install clean bench bench-quick compose-secrets
+.PHONY: run test api-check lint format install clean bench bench-quick compose-secrets
+
+# Options for make run, make test and make api-check, passed on as they are:
+# make run ARGS="--port-offset 100", make test ARGS="-k openapi".
+ARGS ?=
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -16,10 +20,15 @@ $(INSTALLED): pyproject.toml
 install: $(INSTALLED)
 
 run: $(INSTALLED)
-	$(PY) deploy/local_stack.py
+	$(PY) deploy/local_stack.py $(ARGS)
 
 test: $(INSTALLED)
-	$(PY) -m pytest
+	$(PY) -m pytest $(ARGS)
+
+# gateway/openapi.json against a stack of its own on free ports, with a throwaway data
+# directory: nothing is left behind, and a running `make run` is not touched.
+api-check: $(INSTALLED)
+	$(PY) deploy/api_check.py $(ARGS)
 
 bench: $(INSTALLED)
 	$(PY) -m bench

@@ -290,7 +290,10 @@ async def main(layout: Layout) -> int:
 def parse_layout() -> Layout:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--data-dir", type=Path, default=ROOT / ".data", help="NATS store and scratch files"
+        "--data-dir",
+        type=Path,
+        help="NATS store, secrets and scratch files "
+        "(default .data, or .data/port-offset-N with --port-offset N)",
     )
     parser.add_argument("--port-offset", type=int, default=0, help="shift every port by this much")
     parser.add_argument(
@@ -302,12 +305,21 @@ def parse_layout() -> Layout:
         help="NATS without users or permissions: any process that reaches its port may use it",
     )
     args = parser.parse_args()
+    data_dir = args.data_dir or default_data_dir(args.port_offset)
     return Layout(
-        args.data_dir.resolve(),
+        data_dir.resolve(),
         args.port_offset,
         basic_auth=not args.no_auth,
         nats_auth=not args.no_nats_auth,
     )
+
+
+def default_data_dir(port_offset: int) -> Path:
+    """.data for the first stack; a stack beside it (another port offset) gets a directory of
+    its own under it, since two nats-servers must never share a JetStream store."""
+    if port_offset == 0:
+        return ROOT / ".data"
+    return ROOT / ".data" / f"port-offset-{port_offset}"
 
 
 def display(path: Path) -> str:

@@ -1,11 +1,12 @@
-"""What a new user runs: the README's settings and curl lines, the local stack, docker-compose,
-the sample functions. The compose file cannot run here (no Docker engine), so it is checked
-against the code it configures."""
+"""What a new user reads and runs: the README and docs/ (the settings table, the curl lines,
+the links), the local stack, docker-compose, the sample functions. The compose file cannot run
+here (no Docker engine), so it is checked against the code it configures."""
 
 import asyncio
 import random
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,15 +26,53 @@ sys.path.insert(0, str(ROOT / "deploy"))
 import local_stack
 import sample_functions
 
-README = (ROOT / "README.md").read_text()
+README = ROOT / "README.md"
+OPERATIONS = ROOT / "docs" / "operations.md"  # the configuration table
+# Every page a user reads, the README first: its curl lines come first, as a user meets them.
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 COMPOSE = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
 
 
 @pytest.mark.parametrize("settings_cls", [CommonSettings, GatewaySettings, WorkerSettings])
-def test_readme_documents_every_setting_with_its_default(settings_cls):
+def test_operations_guide_documents_every_setting_with_its_default(settings_cls):
+    table = OPERATIONS.read_text()
     for env, default, _ in settings_table(settings_cls):
         row = f"| `{env}` | `{default}` |"
-        assert row in README, f"README configuration table lacks {row}"
+        assert row in table, f"the configuration table in {OPERATIONS.name} lacks {row}"
+
+
+def test_the_readme_is_a_five_minute_read():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; reference goes to docs/"
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)
+    found: set[str] = set()
+    for heading in re.findall(r"^#+ (.+)$", text, re.MULTILINE):
+        anchor, n = github_anchor(heading), 1
+        while anchor in found:  # a repeated heading gets -1, -2, ...
+            anchor, n = f"{github_anchor(heading)}-{n}", n + 1
+        found.add(anchor)
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_link_between_the_pages_leads_somewhere(page):
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    local = [link for link in links if not re.match(r"[a-z]+:", link)]
+    for link in local:
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        assert target.exists(), f"{page.name}: {link} leads to no file"
+        if anchor:
+            assert anchor in anchors(target), f"{page.name}: {link} leads to no heading"
 
 
 def env_names(settings_cls) -> set[str]:
@@ -302,6 +341,44 @@ def test_local_stack_gives_nats_users_unless_told_not_to(tmp_path, monkeypatch):
         assert not any(key.startswith("nats_user") for key in open_stack[name].env)
 
 
+def test_a_stack_beside_the_first_keeps_its_own_data(monkeypatch):
+    """`make run ARGS="--port-offset 100"` beside `make run`: two nats-servers on one JetStream
+    store would corrupt it, so a shifted stack keeps its data apart unless told where."""
+
+    def layout(*args: str) -> local_stack.Layout:
+        monkeypatch.setattr(sys, "argv", ["local_stack.py", *args])
+        return local_stack.parse_layout()
+
+    data = local_stack.ROOT / ".data"
+    assert layout().data_dir == data
+    assert layout("--port-offset", "100").data_dir == data / "port-offset-100"
+    assert layout("--port-offset", "100").port(local_stack.GATEWAY_PORT) == 8180
+    elsewhere = layout("--port-offset", "100", "--data-dir", "/tmp/stack-b")
+    assert elsewhere.data_dir == Path("/tmp/stack-b")
+
+
+@pytest.mark.parametrize(
+    ("target", "command"),
+    [
+        ("run", "deploy/local_stack.py"),
+        ("test", "-m pytest"),
+        ("api-check", "deploy/api_check.py"),
+    ],
+)
+def test_make_passes_args_on(target, command):
+    """The documented `make run ARGS="--port-offset 100"` (and test, api-check) reaches the
+    command with its arguments as given; `make -n` prints the commands without running them."""
+    run = subprocess.run(
+        ["make", "-n", "--no-print-directory", target, "ARGS=--port-offset 100 --no-auth"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    last = run.stdout.splitlines()[-1]
+    assert last.endswith(f"{command} --port-offset 100 --no-auth"), run.stdout
+
+
 def free_offset() -> int:
     """A port offset at which every port of the local stack is free."""
     defaults = (4222, 8080, 8081, 9001, 9002, 9003)
@@ -324,19 +401,22 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def readme_console_examples() -> list[tuple[str, str]]:
-    """(command, first line of output) for every `$ curl` line in the README."""
-    lines = README.splitlines()
+def console_examples() -> list[tuple[str, str]]:
+    """(command, first line of output) for every `$` line of the README and docs/, in order."""
     examples = []
-    for index, line in enumerate(lines):
-        if line.startswith("$ curl "):
-            examples.append((line[2:], lines[index + 1]))
+    for page in PAGES:
+        lines = page.read_text().splitlines()
+        for index, line in enumerate(lines):
+            if line.startswith("$ "):
+                # Every command shown this way is run below, so each must be one it can run.
+                assert line.startswith("$ curl "), f"{page.name}: the test cannot run {line}"
+                examples.append((line[2:], lines[index + 1]))
     return examples
 
 
-async def test_make_run_stack_answers_the_readme_curl_lines(tmp_path):
-    """The stack `make run` starts (deploy/local_stack.py), on shifted ports, with the README's
-    curl lines run as printed but for the port numbers."""
+async def test_make_run_stack_answers_the_curl_lines_of_the_readme_and_docs(tmp_path):
+    """The stack `make run` starts (deploy/local_stack.py), on shifted ports, with the curl
+    lines of the README and docs/ run as printed but for the port numbers."""
     offset = free_offset()
     stack = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -380,13 +460,15 @@ async def test_make_run_stack_answers_the_readme_curl_lines(tmp_path):
                 r"127\.0\.0\.1:(\d+)", lambda m: f"127.0.0.1:{int(m.group(1)) + offset}", text
             )
 
-        examples = readme_console_examples()
+        examples = console_examples()
         assert len(examples) >= 6
         for command, expected_first_line in examples:
-            # Through a shell, as a user runs it: the credentials come from $(cat ...).
+            # Through a shell, as a user runs it: the credentials come from $(cat ...), and
+            # the output may go through a pipe.
             in_this_stack = shifted(command).replace(".data/", f"{tmp_path / 'data'}/")
+            in_this_stack = in_this_stack.replace("curl ", "curl -sS --max-time 20 ", 1)
             process = await asyncio.create_subprocess_shell(
-                f"{in_this_stack} -sS --max-time 20",
+                in_this_stack,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
             )

@@ -869,7 +869,7 @@ async def test_nats_sigkilled_during_a_burst_keeps_every_202_and_runs_no_clear_5
     await wait_until(lambda: stream_empty(nats_server.url), WAIT_S, "an empty queue")
     ran_after_503 = rejected & set(call_ids(function.requests))
     # A publish the server stored just before dying, whose ack never left it, is a 503 that
-    # still runs (README, delivery guarantee); only a request in flight at the kill can be one.
+    # still runs (docs/delivery.md); only a request in flight at the kill can be one.
     assert ran_after_503 <= sent_at_kill, ran_after_503
     print(f"{len(accepted)} accepted, {len(rejected)} rejected, {len(ran_after_503)} ran anyway")
 

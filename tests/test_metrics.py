@@ -1,5 +1,5 @@
 """Both processes' /metrics, scraped over HTTP from a real stack after known calls; and the
-dashboard and the README naming only metrics that exist."""
+dashboard and the operations guide naming only metrics that exist."""
 
 import asyncio
 import json
@@ -296,7 +296,7 @@ async def test_nats_restart_counts_a_reconnect_and_pending_is_absent_while_down(
     await wait_until(pending_again, DEADLINE_S, "pending to be read again")
 
 
-# series names: the dashboard and the README against what the processes register
+# series names: the dashboard and docs/operations.md against what the processes register
 
 
 def exported_metrics() -> dict[str, set[str]]:
@@ -379,9 +379,9 @@ def test_the_dashboard_queries_only_exported_metrics_and_shows_each_worker_and_a
     assert required <= shown, f"no panel for {required - shown}"
 
 
-def test_the_readme_metric_table_lists_exactly_the_exported_metrics() -> None:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+def test_the_operations_guide_metric_table_lists_exactly_the_exported_metrics() -> None:
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    section = guide.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
     documented = re.findall(r"^\| `([a-z_:]+)` \| (?:gateway|worker) \|", section, re.MULTILINE)
     assert len(documented) == len(set(documented)), "a metric is listed twice"
     assert set(documented) == set(exported_metrics())

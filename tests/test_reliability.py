@@ -270,7 +270,7 @@ async def test_callbacks_are_signed_as_standard_webhooks_bound_to_call_function_
     )
     await callbacks.wait_for_requests(2, DEADLINE_S)
     refused, delivered = callbacks.by_call_id()[call_id]
-    verify = readme_verify()
+    verify = documented_verify()
     for attempt in (refused, delivered):
         # Each attempt is signed anew under the same id, which binds call, function and status.
         assert attempt.headers.getall("webhook-id") == [f"{call_id}:echo:200"]
@@ -317,7 +317,7 @@ async def test_callbacks_are_signed_as_standard_webhooks_bound_to_call_function_
 
     # A client may choose the body (echo) so that the signed text splits another way, with a
     # fresh timestamp of its own inside; the signature then fits a shorter body, which the
-    # package alone accepts, and the README's check of the three fields does not.
+    # package alone accepts, and the documented check of the three fields does not.
     own_timestamp = str(int(time.time()))
     shifted_call = await post_async(
         http,
@@ -337,8 +337,9 @@ async def test_callbacks_are_signed_as_standard_webhooks_bound_to_call_function_
     assert not verify(NEW_SECRET, shifted, b'{"paid": true}')
 
 
-def readme_verify() -> Callable[..., bool]:
-    text = (ROOT / "README.md").read_text()
+def documented_verify() -> Callable[..., bool]:
+    """The receiver's verifier as docs/api.md shows it ("Signed callbacks"), run as printed."""
+    text = (ROOT / "docs" / "api.md").read_text()
     start = text.rindex("```python\n", 0, text.index("\ndef verify(")) + len("```python\n")
     namespace: dict[str, Any] = {}
     exec(text[start : text.index("```", start)], namespace)
@@ -410,7 +411,7 @@ async def test_callbacks_carry_none_of_the_functions_credentials_and_each_of_our
         "X-Callback-Anything",
     ):
         assert name not in callback.headers, name
-    assert readme_verify()(NEW_SECRET, callback.headers, callback.body)
+    assert documented_verify()(NEW_SECRET, callback.headers, callback.body)
 
 
 async def test_callback_urls_to_forbidden_hosts_are_refused_at_enqueue_and_at_send(
