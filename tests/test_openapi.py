@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 
