@@ -5,7 +5,7 @@ Signatures follow Standard Webhooks: ``webhook-signature: v1,<base64 HMAC-SHA256
 secret is rotated. The body is the function's own response, so the call id, function and
 status are bound through the signed id, ``<call id>:<function>:<status>``: neither a call id
 nor a function name can hold a colon, and the status is digits, so a signature made for one
-call cannot be read as another's (see the README's verifier).
+call cannot be read as another's (see the verifier in docs/api.md).
 
 Allowed hosts (``callback_allowed_hosts``, comma-separated): host names (``hooks.example.com``),
 wildcards (``*.example.com``: any name below it) and CIDRs (``10.0.0.0/8``, ``::1/128``). Empty

@@ -162,7 +162,7 @@ class Backoff:
 
 
 # Statuses below 500 that say "try again later" rather than "this request is wrong"; every
-# 5xx is retried too, as the README promises.
+# 5xx is retried too, as docs/api.md says.
 RETRYABLE_CALLBACK_STATUSES = frozenset({408, 425, 429})
 
 
