@@ -26,8 +26,8 @@ from tests.harness import NatsServer, Recorder, Responder, default_responder, wa
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """Tests run on uvloop, the loop both processes use in production; the HTTP client's own
-    tests run on both loops, since its transports must work with either."""
-    if item.module is not None and item.module.__name__.endswith("test_upstream_client"):
+    tests (tests/http) run on both loops, since its transports must work with either."""
+    if item.module is not None and item.module.__name__.startswith("tests.http."):
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     if os.environ.get("FAAS_TEST_LOOP") == "asyncio":  # for debugging with asyncio's tools
         return {"asyncio": asyncio.new_event_loop}
