@@ -1,7 +1,6 @@
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,14 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from queue_worker.settings import WorkerSettings
 from queue_worker.worker import Worker
-from tests.harness import NatsServer, Recorder, Responder, default_responder, wait_until
+from tests.harness import (
+    NatsServer,
+    Recorder,
+    Responder,
+    RunningGateway,
+    default_responder,
+    wait_until,
+)
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
@@ -97,16 +103,6 @@ async def recorder() -> AsyncIterator[Callable[..., Awaitable[Recorder]]]:
     yield start
     for server in started:
         await server.close()
-
-
-@dataclass
-class RunningGateway:
-    server: TestServer
-    app: web.Application
-    settings: GatewaySettings
-
-    def url(self, path: str) -> str:
-        return str(self.server.make_url(path))
 
 
 def gateway_settings(nats_url: str, **overrides: Any) -> GatewaySettings:

@@ -1,5 +1,6 @@
 """Real parts for tests: a nats-server subprocess, aiohttp servers as functions and callback
-receivers, the gateway and workers in-process, and deadline-bound waiting."""
+receivers, the gateway and workers in-process, and deadline-bound waiting; and the helpers
+that tests in several directories use to make calls and read what came of them."""
 
 import asyncio
 import contextlib
@@ -16,15 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import nats.errors
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from nats.aio.client import Client as NatsClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from faas_gateway.core.functions import FunctionSpec, Registry
+from gateway.settings import GatewaySettings
+from queue_worker.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
+# Generous: other test runs share this small machine.
+DEADLINE_S = 30.0
 
 
 def nats_server_binary() -> str:
@@ -209,6 +216,16 @@ class Recorder:
         return calls
 
 
+@dataclass
+class RunningGateway:
+    server: TestServer
+    app: web.Application
+    settings: GatewaySettings
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+
 def registry_of(**functions: str | dict[str, Any]) -> Registry:
     """registry_of(echo="http://...", slow={"url": "http://...", "exec_timeout": "1s"})."""
     specs = {}
@@ -245,3 +262,92 @@ async def connect_once(url: str, **options: Any) -> str:
             transport.close()
     await client.close()
     return ""
+
+
+# calls and what came of them
+
+
+async def post_accepted(
+    http: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    path: str = "/async-function/echo",
+    *,
+    data: Any = b"",
+    headers: Any = None,
+) -> str:
+    """POST an async call that must be accepted; the call id."""
+    async with http.post(gateway.url(path), data=data, headers=headers or {}) as response:
+        payload = await response.json()
+        assert response.status == 202, payload
+        call_id = response.headers["X-Call-Id"]
+    assert payload == {"callId": call_id}
+    return call_id
+
+
+def respond(
+    status: int = 200,
+    body: bytes = b"ok",
+    content_type: str = "text/plain",
+    headers: dict[str, str] | None = None,
+) -> Responder:
+    async def responder(request: web.Request, recorded: RecordedRequest) -> web.StreamResponse:
+        response = web.Response(status=status, body=body, headers=headers)
+        response.content_type = content_type
+        return response
+
+    return responder
+
+
+def answer_in_turn(*statuses: int) -> Responder:
+    """Answer the statuses in order, then the last one forever."""
+    remaining = list(statuses)
+
+    async def responder(request: web.Request, recorded: RecordedRequest) -> web.StreamResponse:
+        status = remaining.pop(0) if len(remaining) > 1 else remaining[0]
+        return web.Response(status=status, body=b"receiver says %d" % status)
+
+    return responder
+
+
+def wait_for(gate: asyncio.Event) -> Responder:
+    async def responder(request: web.Request, recorded: RecordedRequest) -> web.StreamResponse:
+        await gate.wait()
+        return web.Response(status=200, body=b"released")
+
+    return responder
+
+
+def worker_url(worker: Worker, path: str) -> str:
+    return f"http://127.0.0.1:{worker.status_port}{path}"
+
+
+async def wait_completed(worker: Worker, count: int) -> None:
+    await wait_until(lambda: worker.completed >= count, DEADLINE_S, f"{count} completed calls")
+
+
+# metrics
+
+
+async def scrape(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.get(url) as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        return await response.text()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample ``name`` with exactly ``labels``, None when absent."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return float(found.value)
+    return None
+
+
+def samples_named(text: str, name: str) -> list[dict[str, str]]:
+    return [
+        found.labels
+        for family in text_string_to_metric_families(text)
+        for found in family.samples
+        if found.name == name
+    ]

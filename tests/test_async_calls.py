@@ -15,22 +15,33 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from multidict import CIMultiDictProxy
 from nats.aio.client import Client as NatsClient
 from nats.js.api import RawStreamMsg, StreamState
-from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from faas_gateway.core.call import SCHEMA_VERSION, QueuedCall
 from queue_worker.worker import Worker
 from tests.conftest import RunningGateway, ready_gateway, stream_message_count
-from tests.harness import RecordedRequest, Recorder, Responder, registry_of, wait_until
+from tests.harness import (
+    DEADLINE_S,
+    RecordedRequest,
+    Recorder,
+    answer_in_turn,
+    post_accepted,
+    registry_of,
+    respond,
+    sample,
+    samples_named,
+    scrape,
+    wait_completed,
+    wait_for,
+    wait_until,
+    worker_url,
+)
 
 STREAM = "faas-async"
 SUBJECT_PREFIX = "faas.async"
-# Generous: other test runs share this small machine.
-DEADLINE_S = 30.0
 
 StartGateway = Callable[..., Awaitable[RunningGateway]]
 StartWorker = Callable[..., Awaitable[Worker]]
@@ -44,23 +55,6 @@ async def status_of(http: aiohttp.ClientSession, url: str) -> int:
     async with http.get(url) as response:
         await response.read()
         return response.status
-
-
-async def post_accepted(
-    http: aiohttp.ClientSession,
-    gateway: RunningGateway,
-    path: str = "/async-function/echo",
-    *,
-    data: Any = b"",
-    headers: Any = None,
-) -> str:
-    """POST an async call that must be accepted; the call id."""
-    async with http.post(gateway.url(path), data=data, headers=headers or {}) as response:
-        payload = await response.json()
-        assert response.status == 202, payload
-        call_id = response.headers["X-Call-Id"]
-    assert payload == {"callId": call_id}
-    return call_id
 
 
 async def post_rejected(
@@ -113,31 +107,6 @@ async def assert_nothing_enqueued_then_control(
     assert QueuedCall.decode(stored.data or b"").call_id == control
 
 
-async def scrape(http: aiohttp.ClientSession, url: str) -> str:
-    async with http.get(url) as response:
-        assert response.status == 200
-        assert response.content_type == "text/plain"
-        return await response.text()
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of the sample ``name`` with exactly ``labels``, None when absent."""
-    for family in text_string_to_metric_families(text):
-        for found in family.samples:
-            if found.name == name and found.labels == labels:
-                return float(found.value)
-    return None
-
-
-def samples_named(text: str, name: str) -> list[dict[str, str]]:
-    return [
-        found.labels
-        for family in text_string_to_metric_families(text)
-        for found in family.samples
-        if found.name == name
-    ]
-
-
 def json_body(recorded: RecordedRequest) -> dict[str, Any]:
     payload = json.loads(recorded.body)
     assert isinstance(payload, dict)
@@ -149,52 +118,11 @@ def raw_url(gateway: RunningGateway, path_and_query: str) -> URL:
     return URL(str(gateway.server.make_url("/")).rstrip("/") + path_and_query, encoded=True)
 
 
-def worker_url(worker: Worker, path: str) -> str:
-    return f"http://127.0.0.1:{worker.status_port}{path}"
-
-
 async def wait_stream_empty(nats_client: NatsClient) -> None:
     async def empty() -> bool:
         return await stream_message_count(nats_client) == 0
 
     await wait_until(empty, DEADLINE_S, "the stream to empty")
-
-
-async def wait_completed(worker: Worker, count: int) -> None:
-    await wait_until(lambda: worker.completed >= count, DEADLINE_S, f"{count} completed calls")
-
-
-def respond(
-    status: int = 200,
-    body: bytes = b"ok",
-    content_type: str = "text/plain",
-    headers: dict[str, str] | None = None,
-) -> Responder:
-    async def responder(request: web.Request, recorded: RecordedRequest) -> web.StreamResponse:
-        response = web.Response(status=status, body=body, headers=headers)
-        response.content_type = content_type
-        return response
-
-    return responder
-
-
-def answer_in_turn(*statuses: int) -> Responder:
-    """Answer the statuses in order, then the last one forever."""
-    remaining = list(statuses)
-
-    async def responder(request: web.Request, recorded: RecordedRequest) -> web.StreamResponse:
-        status = remaining.pop(0) if len(remaining) > 1 else remaining[0]
-        return web.Response(status=status, body=b"receiver says %d" % status)
-
-    return responder
-
-
-def wait_for(gate: asyncio.Event) -> Responder:
-    async def responder(request: web.Request, recorded: RecordedRequest) -> web.StreamResponse:
-        await gate.wait()
-        return web.Response(status=200, body=b"released")
-
-    return responder
 
 
 @pytest.fixture

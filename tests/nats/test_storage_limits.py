@@ -32,8 +32,15 @@ from tests.conftest import (
     stream_message_count,
     worker_settings,
 )
-from tests.harness import NatsServer, RecordedRequest, Recorder, registry_of, wait_until
-from tests.test_async_calls import sample, scrape
+from tests.harness import (
+    NatsServer,
+    RecordedRequest,
+    Recorder,
+    registry_of,
+    sample,
+    scrape,
+    wait_until,
+)
 
 StartGateway = Callable[..., Awaitable[RunningGateway]]
 StartWorker = Callable[..., Awaitable[Worker]]

@@ -16,17 +16,21 @@ from queue_worker.metrics import WorkerMetrics
 from queue_worker.pending import by_function
 from queue_worker.worker import Worker
 from tests.conftest import RunningGateway, ready_gateway
-from tests.harness import ROOT, NatsServer, Recorder, registry_of, wait_until
-from tests.test_async_calls import (
+from tests.harness import (
     DEADLINE_S,
+    ROOT,
+    NatsServer,
+    Recorder,
     answer_in_turn,
     post_accepted,
+    registry_of,
     respond,
     sample,
     samples_named,
     scrape,
     wait_completed,
     wait_for,
+    wait_until,
     worker_url,
 )
 
