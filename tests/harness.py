@@ -23,7 +23,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from nats.aio.client import Client as NatsClient
+from nats.js.api import StreamState
 from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
 
 from faas_gateway.core.functions import FunctionSpec, Registry
 from gateway.settings import GatewaySettings
@@ -32,6 +34,7 @@ from queue_worker.worker import Worker
 ROOT = Path(__file__).resolve().parent.parent
 # Generous: other test runs share this small machine.
 DEADLINE_S = 30.0
+STREAM = "faas-async"  # the queue's stream, under the default settings
 
 
 def nats_server_binary() -> str:
@@ -267,6 +270,11 @@ async def connect_once(url: str, **options: Any) -> str:
 # calls and what came of them
 
 
+def raw_url(gateway: RunningGateway, path_and_query: str) -> URL:
+    """A URL sent exactly as written: yarl would otherwise normalize %2F, %7E and the like."""
+    return URL(str(gateway.server.make_url("/")).rstrip("/") + path_and_query, encoded=True)
+
+
 async def post_accepted(
     http: aiohttp.ClientSession,
     gateway: RunningGateway,
@@ -323,6 +331,12 @@ def worker_url(worker: Worker, path: str) -> str:
 
 async def wait_completed(worker: Worker, count: int) -> None:
     await wait_until(lambda: worker.completed >= count, DEADLINE_S, f"{count} completed calls")
+
+
+async def stream_state(nats_client: NatsClient) -> StreamState:
+    await wait_until(lambda: nats_client.is_connected, DEADLINE_S, "the test's NATS client")
+    info = await nats_client.jetstream().stream_info(STREAM)
+    return info.state
 
 
 # metrics
