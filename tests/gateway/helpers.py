@@ -1,6 +1,10 @@
-"""What the synchronous proxy's tests share: the shape of a function handler, gateway limits that
-leave timeouts to the function, and checks of the gateway's JSON errors and call ids."""
+"""What several of the gateway's test files share: for the synchronous proxy, the shape of a
+function handler, gateway limits that leave timeouts to the function, and checks of the gateway's
+JSON errors and call ids; for activation records, a function that holds calls, reading records
+and listings, and a function that answers the status it is asked for."""
 
+import asyncio
+import json
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -8,7 +12,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tests.harness import RecordedRequest
+from tests.conftest import RunningGateway, get_json
+from tests.harness import DEADLINE_S, RecordedRequest, wait_until
 
 # Gateway-wide upstream limits far beyond any deadline here, so a 504 can only come from the
 # function's own exec_timeout.
@@ -39,3 +44,46 @@ async def assert_json_error(response: aiohttp.ClientResponse, status: int) -> di
     assert "X-Start-Time" in response.headers
     assert "X-Duration-Seconds" in response.headers
     return dict(body)
+
+
+class Gate:
+    """A function that holds every call until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def responder(self, request: web.Request, recorded: RecordedRequest) -> web.Response:
+        self.entered.set()
+        await self.opened.wait()
+        return web.Response(status=201, body=b"made: " + recorded.body, content_type="text/x-made")
+
+
+async def record_of(http: aiohttp.ClientSession, gateway: RunningGateway, call_id: str) -> Any:
+    status, record = await get_json(http, gateway.url(f"/system/activations/{call_id}"))
+    assert status == 200, record
+    return record
+
+
+async def wait_for_status(
+    http: aiohttp.ClientSession, gateway: RunningGateway, call_id: str, *statuses: str
+) -> Any:
+    async def reached() -> Any:
+        record = await record_of(http, gateway, call_id)
+        return record if record["status"] in statuses else None
+
+    return await wait_until(reached, DEADLINE_S, f"{call_id} to be {' or '.join(statuses)}")
+
+
+async def answer_with_status(request: web.Request, recorded: RecordedRequest) -> web.Response:
+    code = int(request.query.get("code", "200"))
+    return web.Response(
+        status=code, body=json.dumps({"code": code}).encode(), content_type="application/json"
+    )
+
+
+async def listed(http: aiohttp.ClientSession, gateway: RunningGateway, query: str) -> list[Any]:
+    status, body = await get_json(http, gateway.url(f"/system/activations{query}"))
+    assert status == 200, body
+    assert isinstance(body, list)
+    return body

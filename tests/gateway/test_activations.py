@@ -1,64 +1,21 @@
-"""Activation records: lifecycle through the API, results, listing, expiry, Prefer: wait,
-sync calls that turn async, and records surviving restarts. Real nats-server, gateway, worker.
-"""
+"""Activation records through the API: lifecycle, results (large ones in the object store),
+listing, expiry, and records surviving restarts. Real nats-server, gateway, worker."""
 
 import asyncio
-import json
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import web
 
-from faas_gateway.core.call import QueuedCall
-from faas_gateway.nats.activations import (
-    Activation,
-    ActivationChangedError,
-    ActivationExistsError,
-    ActivationStore,
-)
-from faas_gateway.nats.names import Names
-from faas_gateway.runtime.settings import CommonSettings
 from queue_worker.worker import Worker
 from tests.conftest import RunningGateway, get_json, ready_gateway
-from tests.harness import NatsServer, RecordedRequest, Recorder, registry_of, wait_until
-
-DEADLINE_S = 30.0
+from tests.gateway.helpers import Gate, answer_with_status, listed, record_of, wait_for_status
+from tests.harness import DEADLINE_S, NatsServer, RecordedRequest, Recorder, registry_of, wait_until
 
 StartGateway = Callable[..., Awaitable[RunningGateway]]
 StartWorker = Callable[..., Awaitable[Worker]]
 StartRecorder = Callable[..., Awaitable[Recorder]]
-
-
-class Gate:
-    """A function that holds every call until the test opens the gate."""
-
-    def __init__(self) -> None:
-        self.opened = asyncio.Event()
-        self.entered = asyncio.Event()
-
-    async def responder(self, request: web.Request, recorded: RecordedRequest) -> web.Response:
-        self.entered.set()
-        await self.opened.wait()
-        return web.Response(status=201, body=b"made: " + recorded.body, content_type="text/x-made")
-
-
-async def record_of(http: aiohttp.ClientSession, gateway: RunningGateway, call_id: str) -> Any:
-    status, record = await get_json(http, gateway.url(f"/system/activations/{call_id}"))
-    assert status == 200, record
-    return record
-
-
-async def wait_for_status(
-    http: aiohttp.ClientSession, gateway: RunningGateway, call_id: str, *statuses: str
-) -> Any:
-    async def reached() -> Any:
-        record = await record_of(http, gateway, call_id)
-        return record if record["status"] in statuses else None
-
-    return await wait_until(reached, DEADLINE_S, f"{call_id} to be {' or '.join(statuses)}")
 
 
 async def test_record_goes_queued_running_succeeded_and_the_result_follows(
@@ -141,13 +98,6 @@ async def record_delivered(
     return record if record["callback"]["state"] == "delivered" else None
 
 
-async def answer_with_status(request: web.Request, recorded: RecordedRequest) -> web.Response:
-    code = int(request.query.get("code", "200"))
-    return web.Response(
-        status=code, body=json.dumps({"code": code}).encode(), content_type="application/json"
-    )
-
-
 async def post_async(
     http: aiohttp.ClientSession, gateway: RunningGateway, path: str, **kwargs: Any
 ) -> str:
@@ -221,13 +171,6 @@ async def test_records_expire_after_the_retention(
     assert status == 200 and listed == []
 
 
-async def listed(http: aiohttp.ClientSession, gateway: RunningGateway, query: str) -> list[Any]:
-    status, body = await get_json(http, gateway.url(f"/system/activations{query}"))
-    assert status == 200, body
-    assert isinstance(body, list)
-    return body
-
-
 async def test_listing_is_newest_first_with_filters_and_limits(
     recorder: StartRecorder,
     start_gateway: StartGateway,
@@ -283,126 +226,6 @@ async def test_listing_is_newest_first_with_filters_and_limits(
         status, body = await get_json(http, gateway.url(f"/system/activations{query}"))
         assert status == 400, query
         assert word in body["error"]
-
-
-async def test_prefer_wait_returns_the_result_when_the_call_finishes_in_time(
-    recorder: StartRecorder,
-    start_gateway: StartGateway,
-    start_worker: StartWorker,
-    http: aiohttp.ClientSession,
-) -> None:
-    function = await recorder(answer_with_status)
-    registry = registry_of(status=function.url)
-    gateway = await ready_gateway(start_gateway, http, registry, max_wait_s=20.0)
-    await start_worker(registry)
-    async with http.post(
-        gateway.url("/async-function/status?code=418"),
-        headers={"Prefer": "wait=100", "X-Call-Id": "prefer-1"},
-    ) as response:
-        assert response.status == 418
-        assert response.headers["Preference-Applied"] == "wait=20"  # capped by max_wait
-        assert response.headers["X-Call-Id"] == "prefer-1"
-        assert response.headers["Content-Type"] == "application/json"
-        assert await response.json() == {"code": 418}
-    assert (await record_of(http, gateway, "prefer-1"))["status"] == "failed"
-
-
-async def test_prefer_wait_turns_into_202_with_the_record_when_the_call_is_slow(
-    recorder: StartRecorder,
-    start_gateway: StartGateway,
-    start_worker: StartWorker,
-    http: aiohttp.ClientSession,
-) -> None:
-    gate = Gate()
-    function = await recorder(gate.responder)
-    registry = registry_of(held=function.url)
-    gateway = await ready_gateway(start_gateway, http, registry)
-    await start_worker(registry)
-    async with http.post(
-        gateway.url("/async-function/held"), data=b"a", headers={"Prefer": "wait=0.5"}
-    ) as response:
-        assert response.status == 202
-        record = await response.json()
-        call_id = response.headers["X-Call-Id"]
-        assert record["callId"] == call_id
-        assert record["status"] in ("queued", "running")
-        assert response.headers["Location"] == f"/system/activations/{call_id}"
-        assert "Preference-Applied" not in response.headers
-    gate.opened.set()
-    done = await wait_for_status(http, gateway, call_id, "succeeded")
-    assert done["statusCode"] == 201
-
-
-async def test_sync_call_with_prefer_respond_async_turns_async_and_records_its_result(
-    recorder: StartRecorder, start_gateway: StartGateway, http: aiohttp.ClientSession
-) -> None:
-    gate = Gate()
-    function = await recorder(gate.responder)
-    callbacks = await recorder()
-    registry = registry_of(held=function.url)
-    gateway = await ready_gateway(start_gateway, http, registry)
-    async with http.post(
-        gateway.url("/function/held/x?y=2"),
-        data=b"slow work",
-        headers={
-            "Prefer": "respond-async, wait=0.3",
-            "X-Callback-Url": callbacks.url + "/done",
-            "Content-Type": "text/plain",
-        },
-    ) as response:
-        assert response.status == 202
-        call_id = response.headers["X-Call-Id"]
-        assert response.headers["Location"] == f"/system/activations/{call_id}"
-        assert response.headers["Preference-Applied"] == "respond-async, wait=0.3"
-        record = await response.json()
-    assert record["status"] == "running" and record["attempts"] == 1
-    assert record["request"]["path"] == "/x" and record["request"]["bodySize"] == 9
-    assert (await record_of(http, gateway, call_id))["status"] == "running"
-    assert [r["callId"] for r in await listed(http, gateway, "?function=held")] == [call_id]
-
-    gate.opened.set()
-    received = await callbacks.wait_for_requests(1, DEADLINE_S)
-    assert received[0].body == b"made: slow work"
-    assert received[0].headers["X-Call-Id"] == call_id
-    assert received[0].headers["X-Function-Status"] == "201"
-    done = await wait_for_status(http, gateway, call_id, "succeeded")
-    assert done["statusCode"] == 201
-    async with http.get(gateway.url(f"/system/activations/{call_id}/result")) as response:
-        assert response.status == 201 and await response.read() == b"made: slow work"
-    assert len(function.requests) == 1
-
-
-async def test_sync_calls_answered_in_time_stay_sync_and_leave_no_record(
-    recorder: StartRecorder, start_gateway: StartGateway, http: aiohttp.ClientSession
-) -> None:
-    function = await recorder(answer_with_status)
-    registry = registry_of(status=function.url)
-    gateway = await ready_gateway(start_gateway, http, registry, sync_async_after_s=5.0)
-    async with http.post(
-        gateway.url("/function/status?code=200"),
-        data=b"x",
-        headers={"X-Call-Id": "quick-1", "Prefer": "respond-async, wait=5"},
-    ) as response:
-        assert response.status == 200
-        assert "Preference-Applied" not in response.headers
-    status, _ = await get_json(http, gateway.url("/system/activations/quick-1"))
-    assert status == 404
-
-
-async def test_gateway_setting_turns_every_slow_sync_call_async(
-    recorder: StartRecorder, start_gateway: StartGateway, http: aiohttp.ClientSession
-) -> None:
-    gate = Gate()
-    function = await recorder(gate.responder)
-    registry = registry_of(held=function.url)
-    gateway = await ready_gateway(start_gateway, http, registry, sync_async_after_s=0.3)
-    async with http.get(gateway.url("/function/held")) as response:
-        assert response.status == 202
-        call_id = response.headers["X-Call-Id"]
-        assert "Preference-Applied" not in response.headers
-    gate.opened.set()
-    done = await wait_for_status(http, gateway, call_id, "succeeded")
-    assert done["request"]["method"] == "GET" and done["callback"] is None
 
 
 async def test_records_survive_restarts_of_gateway_worker_and_nats_server(
@@ -479,75 +302,3 @@ async def test_large_results_go_to_the_object_store_and_longer_ones_are_cut(
         assert await response.read() == bytes(i % 251 for i in range(limit))
     received = await callbacks.wait_for_requests(1, DEADLINE_S)
     assert len(received[0].body) == cut_size  # the callback gets the whole body
-
-
-async def test_a_call_turned_async_still_running_when_the_gateway_stops_is_recorded_failed(
-    recorder: StartRecorder, start_gateway: StartGateway, http: aiohttp.ClientSession
-) -> None:
-    gate = Gate()
-    function = await recorder(gate.responder)
-    registry = registry_of(held=function.url)
-    gateway = await ready_gateway(
-        start_gateway, http, registry, sync_async_after_s=0.2, shutdown_grace_s=0.5
-    )
-    async with http.get(gateway.url("/function/held")) as response:
-        assert response.status == 202
-        call_id = response.headers["X-Call-Id"]
-    await gateway.server.close()  # waits shutdown_grace, then cuts the call off
-
-    other = await ready_gateway(start_gateway, http, registry)
-    record = await record_of(http, other, call_id)
-    assert record["status"] == "failed" and record["statusCode"] == 502
-    assert "gateway stopped" in record["error"]
-    gate.opened.set()
-
-
-async def test_a_record_is_created_once_and_written_only_over_the_revision_read(
-    nats_server: NatsServer, connected_link: Any
-) -> None:
-    """No writer overwrites a record it did not see: create is create-if-absent, and every
-    later write is conditional on the revision the writer last read or wrote."""
-    settings = CommonSettings(nats_url=nats_server.url)
-    link = await connected_link(settings)
-    store = ActivationStore(link, Names.of(settings), settings.activation_max_result_bytes, 3600.0)
-    call = QueuedCall(
-        call_id="taken-1",
-        function="echo",
-        method="POST",
-        path="",
-        query="",
-        headers=[],
-        body=b"x",
-        callback_url=None,
-        accepted_at_ns=time.time_ns(),
-    )
-    first = Activation.queued(call)
-    await store.create(first)
-    assert first.revision > 0
-
-    with pytest.raises(ActivationExistsError) as taken:
-        await store.create(Activation.queued(call))
-    assert taken.value.stored is not None
-    assert taken.value.stored.record["requestDigest"] == call.request_digest()
-
-    # A second writer that read the record, and the first writer, both change it: the one
-    # whose revision is stale loses, and the record keeps what the other wrote.
-    stored = await store.get("taken-1")
-    assert stored is not None and stored.revision == first.revision
-    cancelling = Activation.from_stored(stored)
-    cancelling.cancel()
-    await store.put(cancelling)
-    first.start(attempts=1)
-    with pytest.raises(ActivationChangedError):
-        await store.put(first)
-    after = await store.get("taken-1")
-    assert after is not None and after.record["status"] == "cancelled"
-
-    # A record deleted (a call that could not be queued) frees its id for a new create.
-    await store.delete(cancelling)
-    assert await store.get("taken-1") is None
-    again = Activation.queued(call)
-    await store.create(again)
-    records = await store.get_many(["taken-1", "never-accepted"])
-    assert list(records) == ["taken-1"] and records["taken-1"].revision == again.revision
-    assert await store.get("never-accepted") is None
