@@ -225,8 +225,3 @@ async def ready_gateway(
 
     await wait_until(healthy, 30.0, "the gateway to reach NATS")
     return gateway
-
-
-async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
-    async with http.get(url) as response:
-        return response.status, await response.json(content_type=None)

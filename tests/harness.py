@@ -292,6 +292,31 @@ async def post_accepted(
     return call_id
 
 
+async def post_async(
+    http: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    path: str,
+    callback_url: str | None = None,
+    **kwargs: Any,
+) -> str:
+    headers = dict(kwargs.pop("headers", {}))
+    if callback_url is not None:
+        headers["X-Callback-Url"] = callback_url
+    async with http.post(gateway.url(path), headers=headers, **kwargs) as response:
+        assert response.status == 202, await response.text()
+        return str((await response.json())["callId"])
+
+
+async def final_record(http: aiohttp.ClientSession, gateway: RunningGateway, call_id: str) -> Any:
+    async def final() -> Any:
+        status, record = await get_json(http, gateway.url(f"/system/activations/{call_id}"))
+        if status == 200 and record["status"] in ("succeeded", "failed", "cancelled"):
+            return record
+        return None
+
+    return await wait_until(final, DEADLINE_S, f"{call_id} to finish")
+
+
 def respond(
     status: int = 200,
     body: bytes = b"ok",
@@ -331,6 +356,11 @@ def worker_url(worker: Worker, path: str) -> str:
 
 async def wait_completed(worker: Worker, count: int) -> None:
     await wait_until(lambda: worker.completed >= count, DEADLINE_S, f"{count} completed calls")
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with http.get(url) as response:
+        return response.status, await response.json(content_type=None)
 
 
 async def stream_state(nats_client: NatsClient) -> StreamState:

@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import RunningGateway, get_json
-from tests.harness import DEADLINE_S, RecordedRequest, wait_until
+from tests.conftest import RunningGateway
+from tests.harness import DEADLINE_S, RecordedRequest, get_json, wait_until
 
 # Gateway-wide upstream limits far beyond any deadline here, so a 504 can only come from the
 # function's own exec_timeout.

@@ -9,9 +9,17 @@ import aiohttp
 from aiohttp import web
 
 from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, get_json, ready_gateway
+from tests.conftest import RunningGateway, ready_gateway
 from tests.gateway.helpers import Gate, answer_with_status, listed, record_of, wait_for_status
-from tests.harness import DEADLINE_S, NatsServer, RecordedRequest, Recorder, registry_of, wait_until
+from tests.harness import (
+    DEADLINE_S,
+    NatsServer,
+    RecordedRequest,
+    Recorder,
+    get_json,
+    registry_of,
+    wait_until,
+)
 
 StartGateway = Callable[..., Awaitable[RunningGateway]]
 StartWorker = Callable[..., Awaitable[Worker]]

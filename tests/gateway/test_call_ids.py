@@ -21,8 +21,8 @@ from nats.aio.client import Client as NatsClient
 
 from gateway.request import new_call_id
 from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, get_json, ready_gateway, stream_message_count
-from tests.harness import RecordedRequest, Recorder, registry_of, wait_until
+from tests.conftest import RunningGateway, ready_gateway, stream_message_count
+from tests.harness import RecordedRequest, Recorder, get_json, registry_of, wait_until
 
 DEADLINE_S = 30.0
 ADMIN = {"Authorization": "Basic " + base64.b64encode(b"admin:pw").decode()}

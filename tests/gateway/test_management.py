@@ -22,13 +22,8 @@ from faas_gateway.nats.function_store import (
 )
 from faas_gateway.nats.names import Names
 from queue_worker.worker import Worker
-from tests.conftest import (
-    RunningGateway,
-    gateway_settings,
-    get_json,
-    ready_gateway,
-)
-from tests.harness import NatsServer, RecordedRequest, Recorder, registry_of, wait_until
+from tests.conftest import RunningGateway, gateway_settings, ready_gateway
+from tests.harness import NatsServer, RecordedRequest, Recorder, get_json, registry_of, wait_until
 
 StartGateway = Callable[..., Awaitable[RunningGateway]]
 StartWorker = Callable[..., Awaitable[Worker]]

@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, get_json, ready_gateway
+from tests.conftest import RunningGateway, ready_gateway
 from tests.gateway.helpers import Gate, answer_with_status, listed, record_of, wait_for_status
-from tests.harness import DEADLINE_S, Recorder, registry_of
+from tests.harness import DEADLINE_S, Recorder, get_json, registry_of
 
 StartGateway = Callable[..., Awaitable[RunningGateway]]
 StartWorker = Callable[..., Awaitable[Worker]]

@@ -43,12 +43,13 @@ from faas_gateway.runtime.settings import CommonSettings
 from queue_worker.consumer import ensure_consumer
 from queue_worker.settings import WorkerSettings
 from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, get_json, ready_gateway
+from tests.conftest import RunningGateway, ready_gateway
 from tests.harness import (
     NatsServer,
     RecordedRequest,
     Recorder,
     connect_once,
+    get_json,
     registry_of,
     subprocess_env,
     wait_until,
