@@ -127,7 +127,7 @@ def worker_settings(nats_url: str, **overrides: Any) -> WorkerSettings:
         "fetch_wait_s": 0.5,
         "callback_initial_wait_s": 0.05,
         "callback_max_wait_s": 0.2,
-        # One attempt per call unless a test asks for retries (tests/test_reliability.py).
+        # One attempt per call unless a test asks for retries (tests/worker/test_reliability.py).
         "max_retry_attempts": 1,
         "initial_retry_wait_s": 0.05,
         "max_retry_wait_s": 0.2,

@@ -1,4 +1,5 @@
-"""Routing details the schemathesis run (tests/test_openapi.py) found wrong, one test each."""
+"""Routing details the schemathesis run (tests/system/test_openapi.py) found wrong, one test
+each."""
 
 import aiohttp
 import pytest
