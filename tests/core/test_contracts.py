@@ -1,4 +1,5 @@
-"""The pieces both processes share: durations, the functions file and the queued message."""
+"""The pieces both processes share: durations and times, the functions file and the queued
+message."""
 
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from faas_gateway.core.functions import (
     is_valid_function_name,
     load_functions_file,
 )
-from faas_gateway.core.timefmt import parse_duration_s
+from faas_gateway.core.timefmt import parse_duration_s, parse_rfc3339_ns, rfc3339_ms
 
 
 @pytest.mark.parametrize(
@@ -38,6 +39,17 @@ def test_durations_accept_seconds_and_go_strings(text, seconds):
 def test_durations_reject_anything_else(text):
     with pytest.raises(ValueError):
         parse_duration_s(text)
+
+
+def test_record_times_are_rfc3339_utc_with_milliseconds_and_read_back() -> None:
+    unix_ns = 1_795_392_000_123_456_789
+    text = rfc3339_ms(unix_ns)
+    assert text == "2026-11-23T00:00:00.123Z"
+    assert parse_rfc3339_ns(text) == 1_795_392_000_123_000_000
+    assert rfc3339_ms(None) is None
+    assert parse_rfc3339_ns("2026-11-23T01:00:00+01:00") == 1_795_392_000_000_000_000
+    with pytest.raises(ValueError):
+        parse_rfc3339_ns("2026-11-23T00:00:00")  # no zone
 
 
 @pytest.mark.parametrize(

@@ -15,14 +15,8 @@ from nats.aio.client import Client as NatsClient
 from nats.js.errors import NoKeysError
 
 from faas_gateway.nats import function_store
-from faas_gateway.nats.function_store import (
-    ConcurrentChangeError,
-    FunctionDeployment,
-    FunctionStore,
-)
-from faas_gateway.nats.names import Names
 from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, gateway_settings, ready_gateway
+from tests.conftest import RunningGateway, ready_gateway
 from tests.harness import NatsServer, RecordedRequest, Recorder, get_json, registry_of, wait_until
 
 StartGateway = Callable[..., Awaitable[RunningGateway]]
@@ -377,35 +371,6 @@ async def test_info_namespaces_and_service_count(
     assert 'gateway_service_count{function_name="extra"} 1.0' in text
     await send(http, "DELETE", gateway.url("/system/functions"), {"functionName": "extra"})
     assert 'gateway_service_count{function_name="extra"}' not in await metrics()
-
-
-async def test_a_change_based_on_a_stale_read_is_refused_not_lost(
-    nats_server: NatsServer, nats_client: NatsClient, connected_link: Any
-) -> None:
-    settings = gateway_settings(nats_server.url)
-    link = await connected_link(settings)
-    store = FunctionStore(link, Names.of(settings))
-    first = FunctionDeployment(service="raced", url="http://127.0.0.1:1")
-    await store.create(first)
-    bucket = await nats_client.jetstream().key_value("faas-functions")
-    stale = await bucket.get("raced")
-    await store.update(first.model_copy(update={"image": "newer"}))
-
-    class StaleStore(FunctionStore):
-        async def _current(self, bucket: Any, name: str) -> Any:
-            return stale
-
-    for change in (
-        StaleStore(link, Names.of(settings)).update(first),
-        StaleStore(link, Names.of(settings)).delete("raced"),
-    ):
-        try:
-            await change
-        except ConcurrentChangeError:
-            continue
-        raise AssertionError("a write based on a stale revision went through")
-    entry = await bucket.get("raced")
-    assert b'"image":"newer"' in (entry.value or b"")
 
 
 async def test_a_watch_whose_consumer_vanished_catches_up_at_its_next_resync(

@@ -1,8 +1,7 @@
-"""Pure parts of activation records: the Prefer header and the record's time format."""
+"""The Prefer header as the gateway reads it: respond-async and wait, as a table."""
 
 import pytest
 
-from faas_gateway.core.timefmt import parse_rfc3339_ns, rfc3339_ms
 from gateway.request import Preferences, parse_prefer
 
 
@@ -25,14 +24,3 @@ from gateway.request import Preferences, parse_prefer
 )
 def test_prefer_header(headers: list[str], expected: Preferences) -> None:
     assert parse_prefer(headers) == expected
-
-
-def test_record_times_are_rfc3339_utc_with_milliseconds_and_read_back() -> None:
-    unix_ns = 1_795_392_000_123_456_789
-    text = rfc3339_ms(unix_ns)
-    assert text == "2026-11-23T00:00:00.123Z"
-    assert parse_rfc3339_ns(text) == 1_795_392_000_123_000_000
-    assert rfc3339_ms(None) is None
-    assert parse_rfc3339_ns("2026-11-23T01:00:00+01:00") == 1_795_392_000_000_000_000
-    with pytest.raises(ValueError):
-        parse_rfc3339_ns("2026-11-23T00:00:00")  # no zone
