@@ -29,6 +29,11 @@ from tests.harness import (
     wait_until,
 )
 
+# The fixtures that start things, as types for annotating tests.
+StartGateway = Callable[..., Awaitable[RunningGateway]]
+StartWorker = Callable[..., Awaitable[Worker]]
+StartRecorder = Callable[..., Awaitable[Recorder]]
+
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """Tests run on uvloop, the loop both processes use in production; the HTTP client's own

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -229,6 +230,13 @@ class RunningGateway:
         return str(self.server.make_url(path))
 
 
+def reset_connection(writer: asyncio.StreamWriter) -> None:
+    """Close with SO_LINGER 0, so the peer gets a TCP RST rather than an orderly FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
 def registry_of(**functions: str | dict[str, Any]) -> Registry:
     """registry_of(echo="http://...", slow={"url": "http://...", "exec_timeout": "1s"})."""
     specs = {}
@@ -267,54 +275,21 @@ async def connect_once(url: str, **options: Any) -> str:
     return ""
 
 
-# calls and what came of them
+# functions that hold or shape their answers (responders for a Recorder)
 
 
-def raw_url(gateway: RunningGateway, path_and_query: str) -> URL:
-    """A URL sent exactly as written: yarl would otherwise normalize %2F, %7E and the like."""
-    return URL(str(gateway.server.make_url("/")).rstrip("/") + path_and_query, encoded=True)
+class Gate:
+    """A function that holds every call until the test opens the gate, then answers 201 with
+    "made: " and the request's body."""
 
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+        self.entered = asyncio.Event()
 
-async def post_accepted(
-    http: aiohttp.ClientSession,
-    gateway: RunningGateway,
-    path: str = "/async-function/echo",
-    *,
-    data: Any = b"",
-    headers: Any = None,
-) -> str:
-    """POST an async call that must be accepted; the call id."""
-    async with http.post(gateway.url(path), data=data, headers=headers or {}) as response:
-        payload = await response.json()
-        assert response.status == 202, payload
-        call_id = response.headers["X-Call-Id"]
-    assert payload == {"callId": call_id}
-    return call_id
-
-
-async def post_async(
-    http: aiohttp.ClientSession,
-    gateway: RunningGateway,
-    path: str,
-    callback_url: str | None = None,
-    **kwargs: Any,
-) -> str:
-    headers = dict(kwargs.pop("headers", {}))
-    if callback_url is not None:
-        headers["X-Callback-Url"] = callback_url
-    async with http.post(gateway.url(path), headers=headers, **kwargs) as response:
-        assert response.status == 202, await response.text()
-        return str((await response.json())["callId"])
-
-
-async def final_record(http: aiohttp.ClientSession, gateway: RunningGateway, call_id: str) -> Any:
-    async def final() -> Any:
-        status, record = await get_json(http, gateway.url(f"/system/activations/{call_id}"))
-        if status == 200 and record["status"] in ("succeeded", "failed", "cancelled"):
-            return record
-        return None
-
-    return await wait_until(final, DEADLINE_S, f"{call_id} to finish")
+    async def __call__(self, request: web.Request, recorded: RecordedRequest) -> web.Response:
+        self.entered.set()
+        await self.opened.wait()
+        return web.Response(status=201, body=b"made: " + recorded.body, content_type="text/x-made")
 
 
 def respond(
@@ -350,12 +325,46 @@ def wait_for(gate: asyncio.Event) -> Responder:
     return responder
 
 
-def worker_url(worker: Worker, path: str) -> str:
-    return f"http://127.0.0.1:{worker.status_port}{path}"
+# calls, and what came of them
 
 
-async def wait_completed(worker: Worker, count: int) -> None:
-    await wait_until(lambda: worker.completed >= count, DEADLINE_S, f"{count} completed calls")
+def raw_url(gateway: RunningGateway, path_and_query: str) -> URL:
+    """A URL sent exactly as written: yarl would otherwise normalize %2F, %7E and the like."""
+    return URL(str(gateway.server.make_url("/")).rstrip("/") + path_and_query, encoded=True)
+
+
+async def post_accepted(
+    http: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    path: str = "/async-function/echo",
+    *,
+    data: Any = b"",
+    headers: Any = None,
+) -> str:
+    """POST an async call that must be accepted, with exactly the call id as its body; the id."""
+    async with http.post(gateway.url(path), data=data, headers=headers or {}) as response:
+        payload = await response.json()
+        assert response.status == 202, payload
+        call_id = response.headers["X-Call-Id"]
+    assert payload == {"callId": call_id}
+    return call_id
+
+
+async def post_async(
+    http: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    path: str,
+    callback_url: str | None = None,
+    **kwargs: Any,
+) -> str:
+    """POST an async call (with ``callback_url``, if given) that must get a 202; the call id.
+    ``kwargs`` go to aiohttp (data, headers)."""
+    headers = dict(kwargs.pop("headers", {}))
+    if callback_url is not None:
+        headers["X-Callback-Url"] = callback_url
+    async with http.post(gateway.url(path), headers=headers, **kwargs) as response:
+        assert response.status == 202, await response.text()
+        return str((await response.json())["callId"])
 
 
 async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
@@ -363,10 +372,30 @@ async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
         return response.status, await response.json(content_type=None)
 
 
+async def final_record(http: aiohttp.ClientSession, gateway: RunningGateway, call_id: str) -> Any:
+    """The call's record once it succeeded, failed or was cancelled."""
+
+    async def final() -> Any:
+        status, record = await get_json(http, gateway.url(f"/system/activations/{call_id}"))
+        if status == 200 and record["status"] in ("succeeded", "failed", "cancelled"):
+            return record
+        return None
+
+    return await wait_until(final, DEADLINE_S, f"{call_id} to finish")
+
+
 async def stream_state(nats_client: NatsClient) -> StreamState:
     await wait_until(lambda: nats_client.is_connected, DEADLINE_S, "the test's NATS client")
     info = await nats_client.jetstream().stream_info(STREAM)
     return info.state
+
+
+def worker_url(worker: Worker, path: str) -> str:
+    return f"http://127.0.0.1:{worker.status_port}{path}"
+
+
+async def wait_completed(worker: Worker, count: int) -> None:
+    await wait_until(lambda: worker.completed >= count, DEADLINE_S, f"{count} completed calls")
 
 
 # metrics

@@ -1,9 +1,8 @@
 """What several of the gateway's test files share: for the synchronous proxy, the shape of a
 function handler, gateway limits that leave timeouts to the function, and checks of the gateway's
-JSON errors and call ids; for activation records, a function that holds calls, reading records
-and listings, and a function that answers the status it is asked for."""
+JSON errors and call ids; for activation records, reading records and listings, and a function
+that answers the status it is asked for."""
 
-import asyncio
 import json
 import uuid
 from collections.abc import Awaitable, Callable
@@ -44,19 +43,6 @@ async def assert_json_error(response: aiohttp.ClientResponse, status: int) -> di
     assert "X-Start-Time" in response.headers
     assert "X-Duration-Seconds" in response.headers
     return dict(body)
-
-
-class Gate:
-    """A function that holds every call until the test opens the gate."""
-
-    def __init__(self) -> None:
-        self.opened = asyncio.Event()
-        self.entered = asyncio.Event()
-
-    async def responder(self, request: web.Request, recorded: RecordedRequest) -> web.Response:
-        self.entered.set()
-        await self.opened.wait()
-        return web.Response(status=201, body=b"made: " + recorded.body, content_type="text/x-made")
 
 
 async def record_of(http: aiohttp.ClientSession, gateway: RunningGateway, call_id: str) -> Any:

@@ -2,28 +2,23 @@
 listing, expiry, and records surviving restarts. Real nats-server, gateway, worker."""
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, ready_gateway
-from tests.gateway.helpers import Gate, answer_with_status, listed, record_of, wait_for_status
+from tests.conftest import RunningGateway, StartGateway, StartRecorder, StartWorker, ready_gateway
+from tests.gateway.helpers import answer_with_status, listed, record_of, wait_for_status
 from tests.harness import (
     DEADLINE_S,
+    Gate,
     NatsServer,
     RecordedRequest,
-    Recorder,
     get_json,
+    post_async,
     registry_of,
     wait_until,
 )
-
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartWorker = Callable[..., Awaitable[Worker]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
 
 
 async def test_record_goes_queued_running_succeeded_and_the_result_follows(
@@ -33,7 +28,7 @@ async def test_record_goes_queued_running_succeeded_and_the_result_follows(
     http: aiohttp.ClientSession,
 ) -> None:
     gate = Gate()
-    function = await recorder(gate.responder)
+    function = await recorder(gate)
     callbacks = await recorder()
     registry = registry_of(held=function.url)
     gateway = await ready_gateway(start_gateway, http, registry)
@@ -104,14 +99,6 @@ async def record_delivered(
 ) -> Any:
     record = await record_of(http, gateway, call_id)
     return record if record["callback"]["state"] == "delivered" else None
-
-
-async def post_async(
-    http: aiohttp.ClientSession, gateway: RunningGateway, path: str, **kwargs: Any
-) -> str:
-    async with http.post(gateway.url(path), **kwargs) as response:
-        assert response.status == 202, await response.text()
-        return str((await response.json())["callId"])
 
 
 async def test_failed_call_keeps_its_status_error_and_result(

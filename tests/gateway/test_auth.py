@@ -2,7 +2,6 @@
 too with basic_auth_invocations=true, credentials from secret files or settings."""
 
 import base64
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -10,11 +9,8 @@ import pytest
 
 from gateway.app import create_app
 from gateway.auth import AuthSetupError, Credentials
-from tests.conftest import RunningGateway, gateway_settings, ready_gateway
-from tests.harness import Recorder, registry_of
-
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
+from tests.conftest import StartGateway, StartRecorder, gateway_settings, ready_gateway
+from tests.harness import registry_of
 
 SYSTEM_ROUTES = [
     ("GET", "/system/functions"),

@@ -2,27 +2,13 @@
 place and are bounded per gateway process. Real nats-server, gateway and functions."""
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import aiohttp
-from aiohttp import web
 
-from tests.conftest import RunningGateway, ready_gateway
-from tests.harness import RecordedRequest, Recorder, registry_of, wait_until
+from tests.conftest import RunningGateway, StartGateway, StartRecorder, ready_gateway
+from tests.harness import registry_of, wait_for, wait_until
 
 DEADLINE_S = 30.0
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
-
-
-def held_until(
-    release: asyncio.Event,
-) -> Callable[[web.Request, RecordedRequest], Awaitable[web.Response]]:
-    async def respond(request: web.Request, recorded: RecordedRequest) -> web.Response:
-        await release.wait()
-        return web.Response(body=b"done")
-
-    return respond
 
 
 async def statuses_of(
@@ -41,7 +27,7 @@ async def test_calls_that_turned_async_keep_their_place_in_max_inflight(
     recorder: StartRecorder, start_gateway: StartGateway, http: aiohttp.ClientSession
 ) -> None:
     release = asyncio.Event()
-    function = await recorder(held_until(release))
+    function = await recorder(wait_for(release))
     registry = registry_of(single={"url": function.url, "annotations": {"max_inflight": "1"}})
     gateway = await ready_gateway(start_gateway, http, registry)
     try:
@@ -64,7 +50,7 @@ async def test_calls_that_turned_async_are_bounded_per_gateway_process(
     recorder: StartRecorder, start_gateway: StartGateway, http: aiohttp.ClientSession
 ) -> None:
     release = asyncio.Event()
-    function = await recorder(held_until(release))
+    function = await recorder(wait_for(release))
     gateway = await ready_gateway(
         start_gateway, http, registry_of(slow=function.url), max_turned_async=3
     )

@@ -20,15 +20,19 @@ from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
 from gateway.request import new_call_id
-from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, ready_gateway, stream_message_count
-from tests.harness import RecordedRequest, Recorder, get_json, registry_of, wait_until
+from tests.conftest import (
+    RunningGateway,
+    StartGateway,
+    StartRecorder,
+    StartWorker,
+    ready_gateway,
+    stream_message_count,
+)
+from tests.gateway.helpers import record_of
+from tests.harness import RecordedRequest, get_json, registry_of, wait_until
 
 DEADLINE_S = 30.0
 ADMIN = {"Authorization": "Basic " + base64.b64encode(b"admin:pw").decode()}
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartWorker = Callable[..., Awaitable[Worker]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
 
 
 async def post(
@@ -41,12 +45,6 @@ async def post(
     named = {name.replace("_", "-"): value for name, value in headers.items()}
     async with http.post(gateway.url(path), data=data, headers=named) as response:
         return response.status, dict(response.headers), await response.read()
-
-
-async def record_of(http: aiohttp.ClientSession, gateway: RunningGateway, call_id: str) -> Any:
-    status, record = await get_json(http, gateway.url(f"/system/activations/{call_id}"))
-    assert status == 200, record
-    return record
 
 
 async def finished(http: aiohttp.ClientSession, gateway: RunningGateway, call_id: str) -> Any:

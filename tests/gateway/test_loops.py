@@ -7,7 +7,7 @@ gateway as a misconfigured proxy would."""
 import socket
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -16,18 +16,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.loops import MAX_GATEWAY_HOPS, gateway_url_problem_now
-from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, ready_gateway
-from tests.harness import RecordedRequest, Recorder, free_port, registry_of, subprocess_env
+from tests.conftest import RunningGateway, StartGateway, StartRecorder, StartWorker, ready_gateway
+from tests.harness import RecordedRequest, free_port, registry_of, subprocess_env
 
 DEADLINE_S = 30.0
 # Forwards beyond this are the unfixed gateway going round: the test function stops there,
 # so a loop the gateway misses fails the test instead of running away.
 MOST_FORWARDS = 5
-
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartWorker = Callable[..., Awaitable[Worker]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
 
 
 def this_machines_address() -> str | None:

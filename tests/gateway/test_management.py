@@ -5,7 +5,6 @@ Real NATS, gateways, worker and HTTP servers.
 """
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -15,13 +14,8 @@ from nats.aio.client import Client as NatsClient
 from nats.js.errors import NoKeysError
 
 from faas_gateway.nats import function_store
-from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, ready_gateway
-from tests.harness import NatsServer, RecordedRequest, Recorder, get_json, registry_of, wait_until
-
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartWorker = Callable[..., Awaitable[Worker]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
+from tests.conftest import StartGateway, StartRecorder, StartWorker, ready_gateway
+from tests.harness import NatsServer, RecordedRequest, get_json, registry_of, wait_until
 
 DEADLINE_S = 15.0
 

@@ -3,39 +3,18 @@ off, neither calls back), and hostile requests to the async and reliability rout
 4xx and none leaves a queued message. Real NATS, gateway, worker and HTTP servers."""
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import aiohttp
-from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
-from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, ready_gateway, stream_message_count
-from tests.harness import (
-    DEADLINE_S,
-    RecordedRequest,
-    Recorder,
-    final_record,
-    post_async,
-    registry_of,
+from tests.conftest import (
+    StartGateway,
+    StartRecorder,
+    StartWorker,
+    ready_gateway,
+    stream_message_count,
 )
-
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartWorker = Callable[..., Awaitable[Worker]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
-
-
-class Gate:
-    def __init__(self) -> None:
-        self.opened = asyncio.Event()
-        self.entered = asyncio.Event()
-        self.finished: list[str] = []
-
-    async def __call__(self, request: web.Request, recorded: RecordedRequest) -> web.Response:
-        self.entered.set()
-        await self.opened.wait()
-        self.finished.append(recorded.headers.get("X-Call-Id", ""))
-        return web.Response(text="done")
+from tests.harness import DEADLINE_S, Gate, final_record, post_async, registry_of
 
 
 async def test_cancelling_queued_and_running_calls(

@@ -20,8 +20,8 @@ from pydantic import ValidationError
 from yarl import URL
 
 from gateway.settings import GatewaySettings
-from tests.conftest import stream_message_count
-from tests.harness import Recorder, registry_of, wait_until
+from tests.conftest import StartRecorder, stream_message_count
+from tests.harness import registry_of, wait_until
 
 DEADLINE_S = 30.0
 # The gateway's request_body_timeout in these tests: the 408s come after it.
@@ -29,7 +29,6 @@ BODY_TIMEOUT_S = 0.3
 LARGE = 1024 * 1024  # over the 64 KiB up to which the sync proxy reads a body before sending
 
 StartGateway = Callable[..., Awaitable[str]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
 
 
 @contextlib.asynccontextmanager

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -20,7 +19,7 @@ from tests.gateway.helpers import (
     assert_uuid,
     echo_responder,
 )
-from tests.harness import DEADLINE_S, free_port, raw_url, registry_of, wait_until
+from tests.harness import DEADLINE_S, free_port, raw_url, registry_of, reset_connection, wait_until
 
 
 @contextlib.asynccontextmanager
@@ -35,13 +34,6 @@ async def raw_tcp_server(
     finally:
         server.close()
         await server.wait_closed()
-
-
-def reset_connection(writer: asyncio.StreamWriter) -> None:
-    """Close with SO_LINGER 0, so the peer gets a TCP RST rather than an orderly FIN."""
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 async def test_unknown_function_is_404_json(recorder, start_gateway, http):

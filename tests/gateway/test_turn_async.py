@@ -2,18 +2,11 @@
 would, a slow one turns into a 202 with a record that gets its result, and one still running
 when the gateway stops is recorded failed. Real nats-server, gateway, worker."""
 
-from collections.abc import Awaitable, Callable
-
 import aiohttp
 
-from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, ready_gateway
-from tests.gateway.helpers import Gate, answer_with_status, listed, record_of, wait_for_status
-from tests.harness import DEADLINE_S, Recorder, get_json, registry_of
-
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartWorker = Callable[..., Awaitable[Worker]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
+from tests.conftest import StartGateway, StartRecorder, StartWorker, ready_gateway
+from tests.gateway.helpers import answer_with_status, listed, record_of, wait_for_status
+from tests.harness import DEADLINE_S, Gate, get_json, registry_of
 
 
 async def test_prefer_wait_returns_the_result_when_the_call_finishes_in_time(
@@ -45,7 +38,7 @@ async def test_prefer_wait_turns_into_202_with_the_record_when_the_call_is_slow(
     http: aiohttp.ClientSession,
 ) -> None:
     gate = Gate()
-    function = await recorder(gate.responder)
+    function = await recorder(gate)
     registry = registry_of(held=function.url)
     gateway = await ready_gateway(start_gateway, http, registry)
     await start_worker(registry)
@@ -68,7 +61,7 @@ async def test_sync_call_with_prefer_respond_async_turns_async_and_records_its_r
     recorder: StartRecorder, start_gateway: StartGateway, http: aiohttp.ClientSession
 ) -> None:
     gate = Gate()
-    function = await recorder(gate.responder)
+    function = await recorder(gate)
     callbacks = await recorder()
     registry = registry_of(held=function.url)
     gateway = await ready_gateway(start_gateway, http, registry)
@@ -124,7 +117,7 @@ async def test_gateway_setting_turns_every_slow_sync_call_async(
     recorder: StartRecorder, start_gateway: StartGateway, http: aiohttp.ClientSession
 ) -> None:
     gate = Gate()
-    function = await recorder(gate.responder)
+    function = await recorder(gate)
     registry = registry_of(held=function.url)
     gateway = await ready_gateway(start_gateway, http, registry, sync_async_after_s=0.3)
     async with http.get(gateway.url("/function/held")) as response:
@@ -140,7 +133,7 @@ async def test_a_call_turned_async_still_running_when_the_gateway_stops_is_recor
     recorder: StartRecorder, start_gateway: StartGateway, http: aiohttp.ClientSession
 ) -> None:
     gate = Gate()
-    function = await recorder(gate.responder)
+    function = await recorder(gate)
     registry = registry_of(held=function.url)
     gateway = await ready_gateway(
         start_gateway, http, registry, sync_async_after_s=0.2, shutdown_grace_s=0.5

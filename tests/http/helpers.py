@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import functools
 import random
-import socket
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -205,13 +203,6 @@ def answer_each(
 
 
 OK_ANSWER = http_response(200, b"fine")
-
-
-def reset_connection(writer: asyncio.StreamWriter) -> None:
-    """Close with SO_LINGER 0, so the peer gets a TCP RST rather than an orderly FIN."""
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 # --- aiohttp servers ------------------------------------------------------------------------------

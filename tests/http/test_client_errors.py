@@ -20,7 +20,7 @@ from faas_gateway.http.client import (
     UpstreamInvalidResponseError,
     UpstreamTimeoutError,
 )
-from tests.harness import wait_until
+from tests.harness import reset_connection, wait_until
 from tests.http.helpers import (
     DEADLINE_S,
     LONG,
@@ -34,7 +34,6 @@ from tests.http.helpers import (
     http_response,
     large_body,
     misbehave_once,
-    reset_connection,
 )
 
 

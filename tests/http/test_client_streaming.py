@@ -20,7 +20,7 @@ from faas_gateway.http.client import (
     UpstreamResponse,
     UpstreamTimeoutError,
 )
-from tests.harness import wait_until
+from tests.harness import reset_connection, wait_until
 from tests.http.helpers import (
     DEADLINE_S,
     LONG,
@@ -37,7 +37,6 @@ from tests.http.helpers import (
     idle_connections,
     large_body,
     misbehave_once,
-    reset_connection,
 )
 
 

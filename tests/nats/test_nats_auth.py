@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +42,19 @@ from faas_gateway.nats.provision import Plan, ensure_all
 from faas_gateway.runtime.settings import CommonSettings
 from queue_worker.consumer import ensure_consumer
 from queue_worker.settings import WorkerSettings
-from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, ready_gateway
+from tests.conftest import StartGateway, StartRecorder, StartWorker, ready_gateway
 from tests.harness import (
+    Gate,
     NatsServer,
     RecordedRequest,
-    Recorder,
     connect_once,
+    final_record,
     get_json,
+    post_async,
     registry_of,
     subprocess_env,
     wait_until,
 )
-
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartWorker = Callable[..., Awaitable[Worker]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
 
 DEADLINE_S = 30.0
 LARGE_RESULT = bytes(range(256)) * 2600  # 650 KiB: past the inline limit, into the object store
@@ -159,19 +156,6 @@ async def test_a_connect_given_up_while_nats_refuses_ends_and_leaves_no_socket_o
     # An open socket would fail this test at teardown (ResourceWarning, as an error).
 
 
-class Gate:
-    """A function that holds every call until the test opens the gate."""
-
-    def __init__(self) -> None:
-        self.opened = asyncio.Event()
-        self.entered = asyncio.Event()
-
-    async def __call__(self, request: web.Request, recorded: RecordedRequest) -> web.Response:
-        self.entered.set()
-        await self.opened.wait()
-        return web.Response(body=b"let through")
-
-
 async def echo(request: web.Request, recorded: RecordedRequest) -> web.Response:
     return web.Response(body=recorded.body, content_type="text/plain")
 
@@ -182,24 +166,6 @@ async def large(request: web.Request, recorded: RecordedRequest) -> web.Response
 
 async def broken(request: web.Request, recorded: RecordedRequest) -> web.Response:
     return web.Response(status=500, body=b"broken")
-
-
-async def post_async(
-    http: aiohttp.ClientSession, gateway: RunningGateway, path: str, **kwargs: Any
-) -> str:
-    async with http.post(gateway.url(path), **kwargs) as response:
-        assert response.status == 202, await response.text()
-        return str((await response.json())["callId"])
-
-
-async def final_record(http: aiohttp.ClientSession, gateway: RunningGateway, call_id: str) -> Any:
-    async def final() -> Any:
-        status, record = await get_json(http, gateway.url(f"/system/activations/{call_id}"))
-        if status == 200 and record["status"] in ("succeeded", "failed", "cancelled"):
-            return record
-        return None
-
-    return await wait_until(final, DEADLINE_S, f"{call_id} to finish")
 
 
 async def test_gateway_and_worker_signed_in_as_their_users_do_all_they_do(

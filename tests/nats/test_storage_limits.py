@@ -5,7 +5,6 @@ forever; a queue that no worker serves is visible. Real NATS, gateway, worker an
 """
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,37 +13,22 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
-from nats.js.api import (
-    DiscardPolicy,
-    KeyValueConfig,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-)
+from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 
 from faas_gateway.nats.provision import StorageLimitError
 from gateway.app import create_app
 from queue_worker.worker import Worker
 from tests.conftest import (
     RunningGateway,
+    StartGateway,
+    StartRecorder,
+    StartWorker,
     gateway_settings,
     ready_gateway,
     stream_message_count,
     worker_settings,
 )
-from tests.harness import (
-    NatsServer,
-    RecordedRequest,
-    Recorder,
-    registry_of,
-    sample,
-    scrape,
-    wait_until,
-)
-
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartWorker = Callable[..., Awaitable[Worker]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
+from tests.harness import NatsServer, RecordedRequest, registry_of, sample, scrape, wait_until
 
 DEADLINE_S = 20.0
 KIB = 1024

@@ -5,7 +5,6 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 from nats.aio.client import Client as NatsClient
@@ -14,13 +13,11 @@ from faas_gateway.core.functions import Registry
 from gateway.metrics import GatewayMetrics
 from queue_worker.metrics import WorkerMetrics
 from queue_worker.pending import by_function
-from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, ready_gateway
+from tests.conftest import RunningGateway, StartGateway, StartRecorder, StartWorker, ready_gateway
 from tests.harness import (
     DEADLINE_S,
     ROOT,
     NatsServer,
-    Recorder,
     answer_in_turn,
     post_accepted,
     registry_of,
@@ -33,10 +30,6 @@ from tests.harness import (
     wait_until,
     worker_url,
 )
-
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartWorker = Callable[..., Awaitable[Worker]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
 
 PENDING = "queue_worker_pending_messages"
 INFLIGHT = "queue_worker_function_invocation_inflight"

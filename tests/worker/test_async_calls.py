@@ -10,19 +10,18 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from nats.aio.client import Client as NatsClient
 
 from faas_gateway.core.call import QueuedCall
-from tests.conftest import ready_gateway, stream_message_count
+from tests.conftest import StartRecorder, ready_gateway, stream_message_count
 from tests.harness import (
     DEADLINE_S,
     STREAM,
     RecordedRequest,
-    Recorder,
     answer_in_turn,
     post_accepted,
     raw_url,
@@ -39,7 +38,6 @@ from tests.harness import (
 )
 
 SUBJECT_PREFIX = "faas.async"
-StartRecorder = Callable[..., Awaitable[Recorder]]
 
 
 def json_body(recorded: RecordedRequest) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,8 +20,13 @@ from nats.aio.client import Client as NatsClient
 from standardwebhooks import Webhook, WebhookVerificationError
 from yarl import URL
 
-from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, ready_gateway, stream_message_count
+from tests.conftest import (
+    StartGateway,
+    StartRecorder,
+    StartWorker,
+    ready_gateway,
+    stream_message_count,
+)
 from tests.harness import (
     DEADLINE_S,
     ROOT,
@@ -34,10 +39,6 @@ from tests.harness import (
     registry_of,
     wait_until,
 )
-
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartWorker = Callable[..., Awaitable[Worker]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
 
 # Short waits so that retries happen within a test's patience.
 FAST_RETRIES: dict[str, Any] = {
