@@ -1,7 +1,6 @@
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,25 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from queue_worker.settings import WorkerSettings
 from queue_worker.worker import Worker
-from tests.harness import NatsServer, Recorder, Responder, default_responder, wait_until
+from tests.harness import (
+    NatsServer,
+    Recorder,
+    Responder,
+    RunningGateway,
+    default_responder,
+    wait_until,
+)
+
+# The fixtures that start things, as types for annotating tests.
+StartGateway = Callable[..., Awaitable[RunningGateway]]
+StartWorker = Callable[..., Awaitable[Worker]]
+StartRecorder = Callable[..., Awaitable[Recorder]]
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """Tests run on uvloop, the loop both processes use in production; the HTTP client's own
-    tests run on both loops, since its transports must work with either."""
-    if item.module is not None and item.module.__name__.endswith("test_upstream_client"):
+    tests (tests/http) run on both loops, since its transports must work with either."""
+    if item.module is not None and item.module.__name__.startswith("tests.http."):
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     if os.environ.get("FAAS_TEST_LOOP") == "asyncio":  # for debugging with asyncio's tools
         return {"asyncio": asyncio.new_event_loop}
@@ -99,16 +110,6 @@ async def recorder() -> AsyncIterator[Callable[..., Awaitable[Recorder]]]:
         await server.close()
 
 
-@dataclass
-class RunningGateway:
-    server: TestServer
-    app: web.Application
-    settings: GatewaySettings
-
-    def url(self, path: str) -> str:
-        return str(self.server.make_url(path))
-
-
 def gateway_settings(nats_url: str, **overrides: Any) -> GatewaySettings:
     """Settings for a gateway under test; ``overrides`` win, ``nats_url`` included."""
     values: dict[str, Any] = {
@@ -131,7 +132,7 @@ def worker_settings(nats_url: str, **overrides: Any) -> WorkerSettings:
         "fetch_wait_s": 0.5,
         "callback_initial_wait_s": 0.05,
         "callback_max_wait_s": 0.2,
-        # One attempt per call unless a test asks for retries (tests/test_reliability.py).
+        # One attempt per call unless a test asks for retries (tests/worker/test_reliability.py).
         "max_retry_attempts": 1,
         "initial_retry_wait_s": 0.05,
         "max_retry_wait_s": 0.2,
@@ -229,8 +230,3 @@ async def ready_gateway(
 
     await wait_until(healthy, 30.0, "the gateway to reach NATS")
     return gateway
-
-
-async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
-    async with http.get(url) as response:
-        return response.status, await response.json(content_type=None)

@@ -1,5 +1,6 @@
 """Real parts for tests: a nats-server subprocess, aiohttp servers as functions and callback
-receivers, the gateway and workers in-process, and deadline-bound waiting."""
+receivers, the gateway and workers in-process, and deadline-bound waiting; and the helpers
+that tests in several directories use to make calls and read what came of them."""
 
 import asyncio
 import contextlib
@@ -8,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -16,15 +18,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import nats.errors
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from nats.aio.client import Client as NatsClient
+from nats.js.api import StreamState
+from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
 
 from faas_gateway.core.functions import FunctionSpec, Registry
+from gateway.settings import GatewaySettings
+from queue_worker.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
+# Generous: other test runs share this small machine.
+DEADLINE_S = 30.0
+STREAM = "faas-async"  # the queue's stream, under the default settings
 
 
 def nats_server_binary() -> str:
@@ -209,6 +220,23 @@ class Recorder:
         return calls
 
 
+@dataclass
+class RunningGateway:
+    server: TestServer
+    app: web.Application
+    settings: GatewaySettings
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+
+def reset_connection(writer: asyncio.StreamWriter) -> None:
+    """Close with SO_LINGER 0, so the peer gets a TCP RST rather than an orderly FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
 def registry_of(**functions: str | dict[str, Any]) -> Registry:
     """registry_of(echo="http://...", slow={"url": "http://...", "exec_timeout": "1s"})."""
     specs = {}
@@ -245,3 +273,154 @@ async def connect_once(url: str, **options: Any) -> str:
             transport.close()
     await client.close()
     return ""
+
+
+# functions that hold or shape their answers (responders for a Recorder)
+
+
+class Gate:
+    """A function that holds every call until the test opens the gate, then answers 201 with
+    "made: " and the request's body."""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def __call__(self, request: web.Request, recorded: RecordedRequest) -> web.Response:
+        self.entered.set()
+        await self.opened.wait()
+        return web.Response(status=201, body=b"made: " + recorded.body, content_type="text/x-made")
+
+
+def respond(
+    status: int = 200,
+    body: bytes = b"ok",
+    content_type: str = "text/plain",
+    headers: dict[str, str] | None = None,
+) -> Responder:
+    async def responder(request: web.Request, recorded: RecordedRequest) -> web.StreamResponse:
+        response = web.Response(status=status, body=body, headers=headers)
+        response.content_type = content_type
+        return response
+
+    return responder
+
+
+def answer_in_turn(*statuses: int) -> Responder:
+    """Answer the statuses in order, then the last one forever."""
+    remaining = list(statuses)
+
+    async def responder(request: web.Request, recorded: RecordedRequest) -> web.StreamResponse:
+        status = remaining.pop(0) if len(remaining) > 1 else remaining[0]
+        return web.Response(status=status, body=b"receiver says %d" % status)
+
+    return responder
+
+
+def wait_for(gate: asyncio.Event) -> Responder:
+    async def responder(request: web.Request, recorded: RecordedRequest) -> web.StreamResponse:
+        await gate.wait()
+        return web.Response(status=200, body=b"released")
+
+    return responder
+
+
+# calls, and what came of them
+
+
+def raw_url(gateway: RunningGateway, path_and_query: str) -> URL:
+    """A URL sent exactly as written: yarl would otherwise normalize %2F, %7E and the like."""
+    return URL(str(gateway.server.make_url("/")).rstrip("/") + path_and_query, encoded=True)
+
+
+async def post_accepted(
+    http: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    path: str = "/async-function/echo",
+    *,
+    data: Any = b"",
+    headers: Any = None,
+) -> str:
+    """POST an async call that must be accepted, with exactly the call id as its body; the id."""
+    async with http.post(gateway.url(path), data=data, headers=headers or {}) as response:
+        payload = await response.json()
+        assert response.status == 202, payload
+        call_id = response.headers["X-Call-Id"]
+    assert payload == {"callId": call_id}
+    return call_id
+
+
+async def post_async(
+    http: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    path: str,
+    callback_url: str | None = None,
+    **kwargs: Any,
+) -> str:
+    """POST an async call (with ``callback_url``, if given) that must get a 202; the call id.
+    ``kwargs`` go to aiohttp (data, headers)."""
+    headers = dict(kwargs.pop("headers", {}))
+    if callback_url is not None:
+        headers["X-Callback-Url"] = callback_url
+    async with http.post(gateway.url(path), headers=headers, **kwargs) as response:
+        assert response.status == 202, await response.text()
+        return str((await response.json())["callId"])
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with http.get(url) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def final_record(http: aiohttp.ClientSession, gateway: RunningGateway, call_id: str) -> Any:
+    """The call's record once it succeeded, failed or was cancelled."""
+
+    async def final() -> Any:
+        status, record = await get_json(http, gateway.url(f"/system/activations/{call_id}"))
+        if status == 200 and record["status"] in ("succeeded", "failed", "cancelled"):
+            return record
+        return None
+
+    return await wait_until(final, DEADLINE_S, f"{call_id} to finish")
+
+
+async def stream_state(nats_client: NatsClient) -> StreamState:
+    await wait_until(lambda: nats_client.is_connected, DEADLINE_S, "the test's NATS client")
+    info = await nats_client.jetstream().stream_info(STREAM)
+    return info.state
+
+
+def worker_url(worker: Worker, path: str) -> str:
+    return f"http://127.0.0.1:{worker.status_port}{path}"
+
+
+async def wait_completed(worker: Worker, count: int) -> None:
+    await wait_until(lambda: worker.completed >= count, DEADLINE_S, f"{count} completed calls")
+
+
+# metrics
+
+
+async def scrape(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.get(url) as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        return await response.text()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample ``name`` with exactly ``labels``, None when absent."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return float(found.value)
+    return None
+
+
+def samples_named(text: str, name: str) -> list[dict[str, str]]:
+    return [
+        found.labels
+        for family in text_string_to_metric_families(text)
+        for found in family.samples
+        if found.name == name
+    ]

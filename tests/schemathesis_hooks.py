@@ -1,4 +1,4 @@
-"""schemathesis hooks for tests/test_openapi.py (SCHEMATHESIS_HOOKS names this file).
+"""schemathesis hooks for tests/system/test_openapi.py (SCHEMATHESIS_HOOKS names this file).
 
 schemathesis deploys functions of its own (POST and PUT /system/functions) and then calls
 them. A generated deployment names a generated URL, so those calls would go to whatever host

@@ -1,6 +1,6 @@
 """Retrying a function call: which outcome leads to done, retry after N seconds, or give up.
 
-Pure: no I/O and no clock, so that tests/test_retries.py covers every case with a table. The
+Pure: no I/O and no clock, so that tests/core/test_retries.py covers every case with a table. The
 worker acts on the verdict: a retry goes back to the queue with a delay (``nak(delay)``), so
 waiting holds no worker slot.
 """
