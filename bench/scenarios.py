@@ -556,6 +556,62 @@ async def activations(ctx: Context) -> Result:
     )
 
 
+# OpenWhisk's API (/api/v1): the same 1 KiB, as the JSON object an invoke's params must be.
+PARAMS = '{"payload": "' + "x" * (1024 - 15) + '"}'
+JSON_HEADERS = {"Content-Type": "application/json"}
+WHISK_ECHO = "/api/v1/namespaces/_/actions/echo"
+
+
+async def openwhisk_blocking_latency(ctx: Context) -> Result:
+    """A blocking ``result=true`` invoke of the echo function (the route APISIX's openwhisk
+    plugin takes) against the same call through /function/echo, one connection."""
+    targets = {
+        "/function/echo": ctx.gateway_url("/function/echo"),
+        "blocking invoke": ctx.gateway_url(f"{WHISK_ECHO}?blocking=true&result=true"),
+    }
+    runs = await measure_interleaved(ctx, targets, connections=1, body=PARAMS, headers=JSON_HEADERS)
+    sync = median_p50(runs["/function/echo"])
+    whisk = median_p50(runs["blocking invoke"])
+    added = whisk - sync
+    return Result(
+        9,
+        "OpenWhisk blocking invoke with result=true, 1 connection: added p50 over /function/echo",
+        f"/function/echo p50 {sync:.3f} ms; blocking invoke p50 {whisk:.3f} ms (+{added:.3f} ms)",
+        added,
+        "<= 0.3 ms added over /function/echo",
+        added <= 0.3,
+        {"added_ms": added, "function_p50_ms": sync, "invoke_p50_ms": whisk, "runs": _dump(runs)},
+    )
+
+
+async def openwhisk_accept(ctx: Context) -> Result:
+    """Non-blocking invokes against /async-function/echo, 50 connections, same body: both
+    record the call and wait for JetStream's ack before answering 202."""
+    targets = {
+        "/async-function/echo": ctx.gateway_url("/async-function/echo"),
+        "non-blocking invoke": ctx.gateway_url(WHISK_ECHO),
+    }
+    try:
+        runs = await measure_interleaved(
+            ctx, targets, connections=50, body=PARAMS, headers=JSON_HEADERS
+        )
+    finally:
+        await purge(ctx, "faas-async")
+    rates = {name: median_rate(results) for name, results in runs.items()}
+    ratio = rates["non-blocking invoke"] / rates["/async-function/echo"]
+    errors = sum(result.errors for results in runs.values() for result in results)
+    return Result(
+        10,
+        "OpenWhisk non-blocking invoke accept rate, 50 connections",
+        f"/async-function/echo {rates['/async-function/echo']:,.0f} req/s; non-blocking "
+        f"invoke {rates['non-blocking invoke']:,.0f} req/s ({ratio:.2f}); {errors} errors",
+        ratio,
+        ">= 0.9 x /async-function",
+        ratio >= 0.9 and errors == 0,
+        {"rates": rates, "ratio": ratio, "runs": _dump(runs)},
+    )
+
+
 SCENARIOS = {
     1: sync_throughput,
     2: sync_latency,
@@ -565,6 +621,8 @@ SCENARIOS = {
     6: async_instant_function,
     7: capacity,
     8: activations,
+    9: openwhisk_blocking_latency,
+    10: openwhisk_accept,
 }
 
 

@@ -75,7 +75,10 @@ class GatewaySettings(CommonSettings):
         )
     )
     basic_auth: bool = setting(
-        False, "basic_auth", "HTTP Basic auth on every /system/* route (as OpenFaaS)."
+        False,
+        "basic_auth",
+        "HTTP Basic auth on every /system/* route (as OpenFaaS) and on the OpenWhisk API "
+        "(/api/v1, whose API key is user:password).",
     )
     basic_auth_invocations: bool = setting(
         False,

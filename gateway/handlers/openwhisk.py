@@ -81,6 +81,8 @@ log = logging.getLogger("faas.gateway")
 ACTIVATION_ID_HEADER = "x-openwhisk-activation-id"
 # OpenWhisk's max-wait-for-blocking-activation, and the most ?timeout= may ask for.
 MAX_BLOCKING_WAIT_MS = 60_000
+# A blocking call's 202 goes out this much before its timeout (answer_within_s).
+EARLY_ANSWER_MS = 100
 DEFAULT_LIST_LIMIT = 30
 MAX_LIST_LIMIT = 200
 MAX_ACTION_BYTES = 64 * 1024
@@ -254,7 +256,7 @@ class OpenWhisk:
         )
         if not blocking:
             return await self._enqueue(queued, function)
-        return await self._blocking(queued, function, call, result_only, wait_ms / 1000)
+        return await self._blocking(queued, function, call, result_only, answer_within_s(wait_ms))
 
     async def _params(self, request: web.Request) -> bytes:
         """The invoke's body, a JSON object, as the function gets it: ``{}`` when empty."""
@@ -681,6 +683,13 @@ def parse_name_filter(raw: str | None) -> str | None:
             f"Parameter may be a 'simple' name or 'package-name/simple' name: {raw}"
         )
     return name
+
+
+def answer_within_s(wait_ms: int) -> float:
+    """How long a blocking call waits before its 202: ``timeout`` less a tenth (at most
+    100 ms), so that a client whose own read timeout is that same ``timeout`` (APISIX's
+    openwhisk plugin sets both from one value) gets the 202 before it gives up on us."""
+    return (wait_ms - min(EARLY_ANSWER_MS, wait_ms / 10)) / 1000
 
 
 # answers
