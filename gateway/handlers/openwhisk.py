@@ -18,6 +18,7 @@ Invocations:
 """
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import Coroutine, Mapping
@@ -300,8 +301,7 @@ class OpenWhisk:
                 )
             )
             try:
-                done, _ = await asyncio.wait({pending}, timeout=wait_s)
-                if not done:
+                if not await ended_within(pending, wait_s):
                     taken = await self._turn_async.take_over(call, queued, function, pending, hold)
                     if taken is not None:
                         self._metrics.observe_sync(function.name, 202, call.elapsed_s())
@@ -313,7 +313,6 @@ class OpenWhisk:
         finally:
             hold.release()  # unless the call that turned async took it over
         self._metrics.observe_sync(function.name, outcome.status_code, call.elapsed_s())
-        activation = await self._record_ended(queued, call, outcome)
         response = activation_response(
             finished="succeeded" if outcome.succeeded else "failed",
             failed_by=outcome.failed_by,
@@ -325,9 +324,11 @@ class OpenWhisk:
             cut=outcome.spooled_size is not None,
             max_result_bytes=self._max_result_bytes,
         )
+        activation = None
         if result_only:
             body = result_bytes(response["result"])
         else:
+            activation = ended_activation(queued, call, outcome)
             document = activation_document(
                 activation.to_json(),
                 response,
@@ -336,6 +337,10 @@ class OpenWhisk:
                 timeout_ms=self._timeout_ms(function),
             )
             body = orjson.dumps(document)
+        if self._record_calls:
+            # After the answer: the task first runs once this one has handed its response
+            # to the connection.
+            self._in_background(self._record_ended(queued, call, outcome, activation))
         answer = web.Response(
             status=HTTP_STATUS[response["status"]], body=body, content_type="application/json"
         )
@@ -356,35 +361,26 @@ class OpenWhisk:
         )
 
     async def _record_ended(
-        self, queued: QueuedCall, call: CallContext, outcome: Outcome
-    ) -> Activation:
-        """The record of a blocking call that ended in time, written without delaying the
-        answer: published without waiting for the ack when the body sits in the record
-        (nearly every call: the NATS client buffers it, nothing waits for a round trip),
-        else in a task, after the answer (a large body goes to the object store first)."""
-        activation = Activation.queued(queued)
-        activation.start(attempts=1, started_at_ns=call.start_ns)
-        if outcome.spooled_size is None and outcome.body_size > INLINE_RESULT_BYTES:
-            activation.finish(outcome)
-            if self._record_calls:
-                self._in_background(self._record_large(activation, outcome))
-            return activation
-        kept = outcome.body[: self._max_result_bytes]
-        stored: dict[str, Any] = {"truncated": len(kept) < outcome.body_size}
-        if outcome.spooled_size is not None:
-            kept, stored = b"", {"truncated": outcome.spooled_size > self._max_result_bytes}
-            stored["storedIn"] = "objectStore"  # spooled there as it arrived
-        activation.finish(outcome, stored)
-        if self._record_calls:
-            await self._records.create_nowait(activation, kept)
-        return activation
-
-    async def _record_large(self, activation: Activation, outcome: Outcome) -> None:
+        self,
+        queued: QueuedCall,
+        call: CallContext,
+        outcome: Outcome,
+        activation: Activation | None,
+    ) -> None:
+        """The record of a blocking call that ended in time, written after the answer and,
+        when its body sits in the record (nearly every call), without waiting for the ack:
+        the caller has its answer already, and the record is only for later reads. A large
+        body goes to the object store first (store_result), and that write is awaited."""
+        if activation is None:
+            activation = ended_activation(queued, call, outcome)
         context = call_context(activation.call_id, activation.function)
         try:
             kept, stored = await self._records.store_result(activation.call_id, outcome)
             activation.note_stored(stored)
-            await self._records.create(activation, kept)
+            if outcome.spooled_size is None and outcome.body_size > INLINE_RESULT_BYTES:
+                await self._records.create(activation, kept)
+            else:
+                await self._records.create_nowait(activation, kept)
         except ActivationStoreError as exc:
             log.warning("record of a blocking call not written: %s", exc, extra=context)
 
@@ -609,6 +605,34 @@ def _timeout_ms(limits: Any) -> int | None:
     if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1:
         raise InvalidRequestError("limits.timeout must be a whole number of milliseconds")
     return timeout
+
+
+async def ended_within(pending: "asyncio.Task[Any]", wait_s: float) -> bool:
+    """Whether ``pending`` ends within ``wait_s``; it runs on either way. (asyncio.wait does
+    the same with a third more work: this is on every blocking call.)"""
+    if pending.done():
+        return True
+    waiter = asyncio.get_running_loop().create_future()
+    timer = waiter.get_loop().call_later(wait_s, _wake, waiter)
+    pending.add_done_callback(functools.partial(_wake, waiter))
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+    return pending.done()
+
+
+def _wake(waiter: "asyncio.Future[None]", *_: object) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def ended_activation(queued: QueuedCall, call: CallContext, outcome: Outcome) -> Activation:
+    """The record of a call made here that ended (its body's place is noted when stored)."""
+    activation = Activation.queued(queued)
+    activation.start(attempts=1, started_at_ns=call.start_ns)
+    activation.finish(outcome)
+    return activation
 
 
 # query parameters
