@@ -1,5 +1,6 @@
 """OpenWhisk's shapes, as tables: a function's answer as a result, an ended call's status,
-action names with packages, and the query parameters of invokes and listings."""
+action names with packages, the query parameters of invokes and listings, and the record
+fields added for them."""
 
 import base64
 
@@ -18,7 +19,14 @@ from faas_gateway.core.openwhisk import (
     result_bytes,
     result_of,
 )
-from faas_gateway.core.outcome import FAILED_BY_FUNCTION, FAILED_BY_GATEWAY, FAILED_BY_TIMEOUT
+from faas_gateway.core.outcome import (
+    FAILED_BY_FUNCTION,
+    FAILED_BY_GATEWAY,
+    FAILED_BY_TIMEOUT,
+    Outcome,
+    failure,
+)
+from faas_gateway.nats.activations import Activation, StoredActivation
 from gateway.errors import InvalidRequestError
 from gateway.handlers.openwhisk import (
     answer_within_s,
@@ -42,7 +50,12 @@ JSON = [("Content-Type", "application/json")]
             b"[1, 2]",
             {"statusCode": 200, "headers": {"Content-Type": "application/json"}, "body": "[1, 2]"},
         ),
-        (201, JSON, b"42", {"statusCode": 201, "headers": {"Content-Type": "application/json"}, "body": "42"}),
+        (
+            201,
+            JSON,
+            b"42",
+            {"statusCode": 201, "headers": {"Content-Type": "application/json"}, "body": "42"},
+        ),
         (204, [], b"", {"statusCode": 204, "headers": {}, "body": ""}),
         (
             200,
@@ -117,8 +130,7 @@ def test_results_of_failures_and_of_answers_over_the_limit() -> None:
         "result": {"error": "too slow"},
     }
     assert response(finished="succeeded", failed_by=None, body_size=150)["result"] == {
-        "error": "The action produced a response that exceeded the allowed length: "
-        "150 > 100 bytes."
+        "error": "The action produced a response that exceeded the allowed length: 150 > 100 bytes."
     }
 
 
@@ -179,3 +191,21 @@ def test_name_filters_name_actions_and_packaged_actions() -> None:
     for bad in ("a/b/c", "pkg/", "has space"):
         with pytest.raises(InvalidRequestError):
             parse_name_filter(bad)
+
+
+def test_records_keep_failed_by_and_logs_and_older_records_read_as_before() -> None:
+    older = StoredActivation.decode(
+        b'{"callId": "c1", "function": "f", "status": "failed", "queuedAt": '
+        b'"2026-11-23T08:00:00.000Z", "request": {}, "statusCode": 500}\nbody'
+    )
+    activation = Activation.from_stored(older)
+    assert (activation.failed_by, activation.logs) == (None, [])
+    assert "failedBy" not in activation.to_json() and "logs" not in activation.to_json()
+
+    activation.finish(failure(504, "too slow", 1.0, timed_out=True))
+    activation.logs.append("a line")
+    again = Activation.from_stored(StoredActivation.decode(activation.encode()))
+    assert again.failed_by == FAILED_BY_TIMEOUT
+    assert again.logs == ["a line"]
+    again.finish(Outcome(200, [], b"{}", 0.1))
+    assert "failedBy" not in again.to_json()  # a success has no one who failed it
