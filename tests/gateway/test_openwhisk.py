@@ -30,6 +30,7 @@ API_KEY = f"{USER}:{PASSWORD}"
 AUTH = {"Authorization": "Basic " + base64.b64encode(API_KEY.encode()).decode()}
 ACTIVATION_ID = re.compile(r"[0-9a-f]{32}")
 NOT_FOUND = "The requested resource does not exist."
+ACTIVATION_ID_HEADER = "x-openwhisk-activation-id"
 
 StartGateway = Callable[..., Awaitable[RunningGateway]]
 StartWorker = Callable[..., Awaitable[Worker]]
@@ -513,6 +514,9 @@ async def test_every_invoke_answer_is_json_for_apisix(whisk: Whisk) -> None:
         )
         assert reply.headers["Content-Type"] == "application/json", action
         assert isinstance(json.loads(reply.raw), dict), action
+        # Each call that reached a function names its activation, a failed one too.
+        called = action != "nosuch"
+        assert (ACTIVATION_ID_HEADER in reply.headers) == called, action
 
 
 # --- actions ------------------------------------------------------------------------------------
