@@ -42,13 +42,18 @@ async def run_load(
     method: str = "POST",
     body_bytes: int = 1024,
     headers: dict[str, str] | None = None,
+    body: str | None = None,
 ) -> LoadResult:
+    """``body``: the request body as text (a JSON document, say) instead of ``body_bytes``
+    of "x"."""
     headers = dict(headers or {})
-    if body_bytes:
+    if body is None:
+        body = "x" * body_bytes
+    if body:
         headers.setdefault("Content-Type", "application/octet-stream")
     if tool == "wrk":
-        return await _wrk(url, connections, seconds, method, body_bytes, headers)
-    return await _builtin(url, connections, seconds, method, body_bytes, headers)
+        return await _wrk(url, connections, seconds, method, body, headers)
+    return await _builtin(url, connections, seconds, method, body, headers)
 
 
 def _lua_string(text: str) -> str:
@@ -60,12 +65,12 @@ async def _wrk(
     connections: int,
     seconds: float,
     method: str,
-    body_bytes: int,
+    body: str,
     headers: dict[str, str],
 ) -> LoadResult:
     lines = [f"wrk.method = {_lua_string(method)}"]
-    if body_bytes:
-        lines.append(f'wrk.body = string.rep("x", {body_bytes})')
+    if body:
+        lines.append(f"wrk.body = {_lua_string(body)}")
     for name, value in headers.items():
         lines.append(f"wrk.headers[{_lua_string(name)}] = {_lua_string(value)}")
     with tempfile.TemporaryDirectory(prefix="faas-bench-wrk-") as scratch:
@@ -135,7 +140,7 @@ async def _builtin(
     connections: int,
     seconds: float,
     method: str,
-    body_bytes: int,
+    body: str,
     headers: dict[str, str],
 ) -> LoadResult:
     process = await asyncio.create_subprocess_exec(
@@ -150,8 +155,8 @@ async def _builtin(
         str(seconds),
         "--method",
         method,
-        "--body-bytes",
-        str(body_bytes),
+        "--body",
+        body,
         "--headers",
         json.dumps(headers),
         stdout=asyncio.subprocess.PIPE,

@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--method", default="POST")
     parser.add_argument("--body-bytes", type=int, default=1024)
+    parser.add_argument("--body", help="the request body as text, instead of --body-bytes of x")
     parser.add_argument("--headers", default="{}", help="JSON object of extra headers")
     args = parser.parse_args()
     loop = new_event_loop("auto")
@@ -71,7 +72,7 @@ def main() -> None:
             args.connections,
             args.seconds,
             args.method,
-            b"x" * args.body_bytes,
+            b"x" * args.body_bytes if args.body is None else args.body.encode(),
             json.loads(args.headers),
         )
     )

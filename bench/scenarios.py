@@ -17,6 +17,7 @@ import nats
 from bench.activations import SEED_FUNCTIONS, seed_activations, time_listing
 from bench.load import LoadResult, run_load
 from bench.stack import BenchStack, Proc
+from faas_gateway.nats.names import Names
 from faas_gateway.runtime.settings import CommonSettings
 
 MIB = 1024 * 1024
@@ -556,6 +557,95 @@ async def activations(ctx: Context) -> Result:
     )
 
 
+# OpenWhisk's API (/api/v1): the same 1 KiB, as the JSON object an invoke's params must be.
+PARAMS = '{"payload": "' + "x" * (1024 - 15) + '"}'
+JSON_HEADERS = {"Content-Type": "application/json"}
+WHISK_ECHO = "/api/v1/namespaces/_/actions/echo"
+
+
+async def openwhisk_blocking_latency(ctx: Context) -> Result:
+    """A blocking ``result=true`` invoke of the echo function (the route APISIX's openwhisk
+    plugin takes) against the same call through /function/echo, one connection."""
+    targets = {
+        "/function/echo": ctx.gateway_url("/function/echo"),
+        "blocking invoke": ctx.gateway_url(f"{WHISK_ECHO}?blocking=true&result=true"),
+    }
+    runs = await measure_interleaved(ctx, targets, connections=1, body=PARAMS, headers=JSON_HEADERS)
+    sync = median_p50(runs["/function/echo"])
+    whisk = median_p50(runs["blocking invoke"])
+    added = whisk - sync
+    return Result(
+        9,
+        "OpenWhisk blocking invoke with result=true, 1 connection: added p50 over /function/echo",
+        f"/function/echo p50 {sync:.3f} ms; blocking invoke p50 {whisk:.3f} ms (+{added:.3f} ms)",
+        added,
+        "<= 0.3 ms added over /function/echo",
+        added <= 0.3,
+        {"added_ms": added, "function_p50_ms": sync, "invoke_p50_ms": whisk, "runs": _dump(runs)},
+    )
+
+
+async def openwhisk_accept(ctx: Context) -> Result:
+    """Non-blocking invokes against /async-function/echo, 50 connections, same body: both
+    record the call and wait for JetStream's ack before answering 202.
+
+    Each run starts from empty streams (the queue, the records and their index purged), and
+    the order alternates round by round: a run after another one into the same streams is
+    slower, whichever route it measures, which would favour the one measured first.
+    """
+    targets = {
+        "/async-function/echo": ctx.gateway_url("/async-function/echo"),
+        "non-blocking invoke": ctx.gateway_url(WHISK_ECHO),
+    }
+    names = Names.of(CommonSettings())
+    streams = ("faas-async", names.activation_stream, names.index_stream)
+    for url in targets.values():  # warm-up
+        await run_load(ctx.tool, url, connections=50, seconds=1, body=PARAMS, headers=JSON_HEADERS)
+    await purge(ctx, *streams)
+    runs: dict[str, list[LoadResult]] = {name: [] for name in targets}
+    cpu_us: dict[str, list[float]] = {name: [] for name in targets}
+    try:
+        for round_number in range(ctx.rounds):
+            order = list(targets) if round_number % 2 == 0 else list(reversed(targets))
+            for name in order:
+                cpu_before = ctx.gateway.cpu_seconds()
+                result = await run_load(
+                    ctx.tool,
+                    targets[name],
+                    connections=50,
+                    seconds=ctx.seconds,
+                    body=PARAMS,
+                    headers=JSON_HEADERS,
+                )
+                if result.requests:
+                    spent_s = ctx.gateway.cpu_seconds() - cpu_before
+                    cpu_us[name].append(spent_s * 1e6 / result.requests)
+                runs[name].append(result)
+                await purge(ctx, *streams)
+                ctx.log(
+                    f"  round {round_number + 1}/{ctx.rounds} {name}: "
+                    f"{result.requests_per_s:,.0f} req/s, errors {result.errors}"
+                )
+    finally:
+        await purge(ctx, *streams)
+    rates = {name: median_rate(results) for name, results in runs.items()}
+    ratio = rates["non-blocking invoke"] / rates["/async-function/echo"]
+    cpu = {name: statistics.median(values) for name, values in cpu_us.items() if values}
+    errors = sum(result.errors for results in runs.values() for result in results)
+    return Result(
+        10,
+        "OpenWhisk non-blocking invoke accept rate, 50 connections",
+        f"/async-function/echo {rates['/async-function/echo']:,.0f} req/s; non-blocking "
+        f"invoke {rates['non-blocking invoke']:,.0f} req/s ({ratio:.2f}); gateway CPU per "
+        + ", ".join(f"{name} {value:.0f} µs" for name, value in cpu.items())
+        + f"; {errors} errors",
+        ratio,
+        ">= 0.9 x /async-function",
+        ratio >= 0.9 and errors == 0,
+        {"rates": rates, "ratio": ratio, "cpu_us_per_request": cpu, "runs": _dump(runs)},
+    )
+
+
 SCENARIOS = {
     1: sync_throughput,
     2: sync_latency,
@@ -565,6 +655,8 @@ SCENARIOS = {
     6: async_instant_function,
     7: capacity,
     8: activations,
+    9: openwhisk_blocking_latency,
+    10: openwhisk_accept,
 }
 
 

@@ -19,11 +19,12 @@ from faas_gateway.nats.function_store import FunctionStore, FunctionWatch
 from faas_gateway.nats.link import NatsLink
 from faas_gateway.nats.names import Names
 from faas_gateway.nats.provision import Plan
-from gateway.auth import Handler, load_credentials, require_auth
+from gateway.auth import Credentials, Handler, load_credentials, require_auth
 from gateway.callback_urls import CallbackUrls
 from gateway.handlers.activations import Activations
 from gateway.handlers.enqueue import Enqueue
 from gateway.handlers.functions import Functions
+from gateway.handlers.openwhisk import OpenWhisk
 from gateway.handlers.reliability import Reliability
 from gateway.handlers.sync import SyncProxy
 from gateway.handlers.system import System
@@ -32,7 +33,15 @@ from gateway.loops import Hops
 from gateway.metrics import GatewayMetrics
 from gateway.queue import GatewayQueue
 from gateway.queues import ServedQueues
-from gateway.routes import by_method, invocation, json_errors, no_such_route, read_only, system
+from gateway.routes import (
+    by_method,
+    invocation,
+    json_errors,
+    no_such_route,
+    openwhisk,
+    read_only,
+    system,
+)
 from gateway.settings import GatewaySettings
 
 
@@ -133,19 +142,37 @@ def create_app(
         gateway_port=settings.gateway_port,
     )
     status = System(queue, metrics, served_queues)
+    whisk = OpenWhisk(
+        registry,
+        functions,
+        queue,
+        records,
+        sync_proxy,
+        turn_async,
+        client,
+        metrics,
+        hops,
+        namespace=settings.openwhisk_namespace,
+        max_result_bytes=settings.activation_max_result_bytes,
+        max_held_bytes=settings.max_held_response_bytes,
+        body_timeout_s=settings.request_body_timeout_s,
+        record_calls=settings.record_activations,
+    )
 
     # Request bodies pass through as sent: a gzip upload reaches the function still gzipped.
     app = web.Application(handler_args={"auto_decompress": False})
-    app.cleanup_ctx.append(_lifetime(queue, client, turn_async))
+    app.cleanup_ctx.append(_lifetime(queue, client, turn_async, whisk))
 
     # Without basic_auth the handlers are registered as they are: no per-request check.
     guard_system: Callable[[Handler], Handler] = _as_is
     guard_calls: Callable[[Handler], Handler] = _as_is
+    credentials: Credentials | None = None
     if settings.basic_auth:
         credentials = load_credentials(settings)  # AuthSetupError stops start-up
+        known = credentials
 
         def guard_system(handle: Handler) -> Handler:
-            return require_auth(handle, credentials)
+            return require_auth(handle, known)
 
         if settings.basic_auth_invocations:
             guard_calls = guard_system
@@ -185,6 +212,23 @@ def create_app(
     route("*", "/healthz", read_only(status.healthz))
     route("*", "/metrics", read_only(status.metrics))
     route("*", "/openapi.json", read_only(status.openapi))
+
+    # OpenWhisk's API: the /system credentials are the API key (user:password); its info
+    # document is open, as OpenWhisk's is.
+    route("*", "/api/v1", openwhisk({"GET": whisk.info}, None))
+    route("*", "/api/v1/namespaces", openwhisk({"GET": whisk.namespaces}, credentials))
+    namespace = "/api/v1/namespaces/{namespace}"
+    actions = {"GET": whisk.get_action, "PUT": whisk.put_action, "POST": whisk.invoke}
+    actions["DELETE"] = whisk.delete_action
+    action = openwhisk(actions, credentials)
+    route("*", f"{namespace}/actions", openwhisk({"GET": whisk.list_actions}, credentials))
+    route("*", f"{namespace}/actions/{{name}}", action)
+    route("*", f"{namespace}/actions/{{package}}/{{name}}", action)
+    activation = f"{namespace}/activations/{{activation_id}}"
+    route("*", f"{namespace}/activations", openwhisk({"GET": whisk.list_activations}, credentials))
+    route("*", activation, openwhisk({"GET": whisk.activation}, credentials))
+    route("*", f"{activation}/result", openwhisk({"GET": whisk.activation_result}, credentials))
+    route("*", f"{activation}/logs", openwhisk({"GET": whisk.activation_logs}, credentials))
     route("*", "/{tail:(?s:.*)}", no_such_route)
     return app
 
@@ -194,7 +238,7 @@ def _as_is(handle: Handler) -> Handler:
 
 
 def _lifetime(
-    queue: GatewayQueue, client: UpstreamClient, turn_async: TurnAsync
+    queue: GatewayQueue, client: UpstreamClient, turn_async: TurnAsync, whisk: OpenWhisk
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         try:
@@ -208,6 +252,7 @@ def _lifetime(
         finally:
             # Calls that turned async finish first, while NATS and the client still live.
             await turn_async.close()
+            await whisk.close()
             await queue.close()
             await client.close()
 

@@ -2,22 +2,36 @@
 
 No aiohttp middleware: middlewares wrap every request in extra coroutines, and the proxy route
 is the gateway's hot path. Invocation handlers are wrapped here instead.
+
+Two error shapes: the gateway's own ``{"error", "callId"}``, and under /api/v1 OpenWhisk's
+``{"error", "code"}`` with the request id in X-Request-ID (``openwhisk``). Both take their
+status from gateway/errors.py ``http_error``.
 """
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
+import orjson
 from aiohttp import web
 
 from faas_gateway.core.headers import CALL_ID
+from gateway.auth import CHALLENGE, Credentials
 from gateway.errors import (
     MAPPED_ERRORS,
     GatewayError,
     InvalidRequestError,
     MethodNotAllowedError,
+    NotFoundError,
+    UnauthorizedError,
     error_response,
     http_error,
 )
-from gateway.request import CallContext, InvalidCallIdError, new_call_id, resolve_call_id
+from gateway.request import (
+    CALL_ID_PATTERN,
+    CallContext,
+    InvalidCallIdError,
+    new_call_id,
+    resolve_call_id,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 InvocationHandler = Callable[[web.Request, CallContext], Awaitable[web.StreamResponse]]
@@ -106,4 +120,66 @@ def json_errors(handle: Handler) -> Handler:
 
 
 async def no_such_route(request: web.Request) -> web.Response:
+    if request.path == OPENWHISK_PREFIX or request.path.startswith(OPENWHISK_PREFIX + "/"):
+        return openwhisk_error(NotFoundError(f"no route {request.path}"), request_id_of(request))
     return error_response(404, f"no route {request.path}", None)
+
+
+# OpenWhisk's API (gateway/handlers/openwhisk.py)
+
+OPENWHISK_PREFIX = "/api/v1"
+REQUEST_ID = "X-Request-ID"
+# OpenWhisk's words (its Messages and ErrorResponse).
+RESOURCE_DOES_NOT_EXIST = "The requested resource does not exist."
+AUTHENTICATION_INVALID = "The supplied authentication is invalid"
+
+
+def openwhisk(handlers: Mapping[str, Handler], credentials: Credentials | None) -> Handler:
+    """A route under /api/v1, one handler per method: Basic auth when ``credentials`` are
+    given, any error as OpenWhisk's ``{"error", "code"}`` (``code`` the request id), and the
+    request id in X-Request-ID on every answer, successes too."""
+    allowed = ", ".join(handlers)
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        request_id = request_id_of(request)
+        try:
+            if credentials is not None and not credentials.accept(
+                request.headers.get("Authorization")
+            ):
+                raise UnauthorizedError(AUTHENTICATION_INVALID, dict(CHALLENGE))
+            handle = handlers.get(request.method)
+            if handle is None:
+                raise MethodNotAllowedError(
+                    f"{request.path} accepts {allowed} only", {"Allow": allowed}
+                )
+            response = await handle(request)
+        except MAPPED_ERRORS as exc:
+            return openwhisk_error(http_error(exc), request_id)
+        response.headers[REQUEST_ID] = request_id
+        return response
+
+    return route
+
+
+def request_id_of(request: web.Request) -> str:
+    """The client's X-Request-ID when it is a plain token (OpenWhisk takes the caller's, so a
+    transaction can be followed across calls), else a new one."""
+    given = request.headers.get(REQUEST_ID)
+    if given and CALL_ID_PATTERN.fullmatch(given):
+        return given
+    return new_call_id()
+
+
+def openwhisk_error(error: GatewayError, request_id: str) -> web.Response:
+    # OpenWhisk answers every 404 with the same words, whatever was not found.
+    message = RESOURCE_DOES_NOT_EXIST if error.status == 404 else error.message
+    response = web.Response(
+        status=error.status,
+        body=orjson.dumps({"error": message, "code": request_id}),
+        content_type="application/json",
+        headers=error.headers,
+    )
+    response.headers[REQUEST_ID] = request_id
+    if error.closes_connection:
+        response.force_close()
+    return response

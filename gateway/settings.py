@@ -67,8 +67,18 @@ class GatewaySettings(CommonSettings):
         "Sync calls that turned async and still run, per gateway process, at most; a sync "
         "call that could turn async beyond it gets 429 before it is sent.",
     )
+    openwhisk_namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_@.-]{0,255}$")] = (
+        setting(
+            "guest",
+            "openwhisk_namespace",
+            "The one namespace of the OpenWhisk API (/api/v1); its paths take it or _.",
+        )
+    )
     basic_auth: bool = setting(
-        False, "basic_auth", "HTTP Basic auth on every /system/* route (as OpenFaaS)."
+        False,
+        "basic_auth",
+        "HTTP Basic auth on every /system/* route (as OpenFaaS) and on the OpenWhisk API "
+        "(/api/v1, whose API key is user:password).",
     )
     basic_auth_invocations: bool = setting(
         False,

@@ -7,6 +7,11 @@ from typing import Protocol
 
 from faas_gateway.core.headers import header
 
+# Who ended a call that failed (Outcome.failed_by, kept in its record as failedBy).
+FAILED_BY_FUNCTION = "function"
+FAILED_BY_TIMEOUT = "timeout"
+FAILED_BY_GATEWAY = "gateway"
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -21,6 +26,8 @@ class Outcome:
     # A body too large to hold (max_held_response_bytes) is not in ``body``: it went into the
     # results store under the call id as it arrived, and this is its size.
     spooled_size: int | None = None
+    # The function ran over its timeout (a 504 the gateway or worker made, not the function).
+    timed_out: bool = False
 
     @property
     def body_size(self) -> int:
@@ -32,6 +39,18 @@ class Outcome:
     @property
     def succeeded(self) -> bool:
         return 200 <= self.status_code < 300
+
+    @property
+    def failed_by(self) -> str | None:
+        """Who ended a call that failed: None if it succeeded, FAILED_BY_FUNCTION when the
+        function answered with a failure status, FAILED_BY_TIMEOUT when it ran over its
+        timeout, FAILED_BY_GATEWAY when it could not be reached or the gateway or worker
+        failed (only outcomes made by ``failure`` carry an ``error``)."""
+        if self.succeeded:
+            return None
+        if self.error is None:
+            return FAILED_BY_FUNCTION
+        return FAILED_BY_TIMEOUT if self.timed_out else FAILED_BY_GATEWAY
 
     def content_type(self) -> str | None:
         return self.header("content-type")
@@ -46,6 +65,7 @@ def failure(
     duration_s: float,
     unreachable_or_timed_out: bool = False,
     detail: str | None = None,
+    timed_out: bool = False,
 ) -> Outcome:
     body = json.dumps({"error": error}).encode()
     return Outcome(
@@ -56,6 +76,7 @@ def failure(
         error=error,
         unreachable_or_timed_out=unreachable_or_timed_out,
         detail=detail,
+        timed_out=timed_out,
     )
 
 

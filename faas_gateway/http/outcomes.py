@@ -54,7 +54,11 @@ async def outcome_of(
         )
     except UpstreamTimeoutError:
         return failure(
-            504, timeout_error, time.monotonic() - started_monotonic, unreachable_or_timed_out=True
+            504,
+            timeout_error,
+            time.monotonic() - started_monotonic,
+            unreachable_or_timed_out=True,
+            timed_out=True,
         )
     except (UpstreamError, ValueError) as exc:
         # ValueError: the request cannot be framed (a header with a line break); raising

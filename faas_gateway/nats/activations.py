@@ -15,7 +15,7 @@ Three JetStream parts, created idempotently by whichever process starts first:
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
@@ -92,6 +92,11 @@ class ListQuery:
     status: str | None = None
     limit: int = 30
     since_ns: int | None = None
+    # Accepted at or before this time (OpenWhisk's upto); the newest matches skipped first.
+    upto_ns: int | None = None
+    skip: int = 0
+    # Finished calls only (OpenWhisk lists an activation once it has ended).
+    finished_only: bool = False
 
 
 # Listing: index windows grow from the first to the largest; a filter that matches nothing
@@ -133,6 +138,12 @@ class Activation:
     # What the call was asked to do (QueuedCall.request_digest): a re-post of the same call id
     # is the same call only if it asks the same.
     request_digest: str | None = None
+    # Who ended a failed call (Outcome.failed_by): the function's own failure status, its
+    # timeout, or the gateway (unreachable, stopped). None for records written before it was
+    # kept, and for calls that did not fail.
+    failed_by: str | None = None
+    # Lines about the call, oldest first (OpenWhisk's activation logs); most records have none.
+    logs: list[str] = field(default_factory=list)
     # Not part of the record: the revision of the entry this process last read or wrote, on
     # which its next write is conditional. 0: no entry yet.
     revision: int = 0
@@ -180,6 +191,8 @@ class Activation:
             next_attempt_at_ns=_ns_or_none(record.get("nextAttemptAt")),
             retry_of=record.get("retryOf"),
             request_digest=record.get("requestDigest"),
+            failed_by=record.get("failedBy"),
+            logs=[str(line) for line in record.get("logs") or ()],
             revision=stored.revision,
         )
 
@@ -242,6 +255,7 @@ class Activation:
             **(stored or {}),
         }
         self.next_attempt_at_ns = None
+        self.failed_by = outcome.failed_by
         self.error = outcome.error if outcome.error else None
         if self.error is None and not outcome.succeeded:
             self.error = f"the function answered {outcome.status_code}"
@@ -260,7 +274,7 @@ class Activation:
             }
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        document: dict[str, Any] = {
             "callId": self.call_id,
             "function": self.function,
             "status": self.status,
@@ -278,6 +292,12 @@ class Activation:
             "retryOf": self.retry_of,
             "requestDigest": self.request_digest,
         }
+        # Only when there is something to say: records without them read as before.
+        if self.failed_by is not None:
+            document["failedBy"] = self.failed_by
+        if self.logs:
+            document["logs"] = self.logs
+        return document
 
     def encode(self, body: bytes = b"") -> bytes:
         # orjson: a record is encoded once or twice per call, and the standard library's
@@ -378,6 +398,27 @@ class ActivationStore:
                 self.subject(activation.call_id),
                 activation.encode(body),
                 headers={EXPECTED_LAST_SUBJECT_SEQUENCE: str(activation.revision)},
+            )
+        except (NatsUnavailableError, nats.errors.Error) as exc:
+            log.debug(
+                "record %s not written: %s",
+                activation.call_id,
+                exc,
+                extra=call_context(activation.call_id, activation.function),
+            )
+
+    async def create_nowait(self, activation: Activation, body: bytes = b"") -> None:
+        """Index and record a call that is new for certain (its id was just generated, so the
+        create cannot meet a record) without waiting for the acks: for a finished call whose
+        caller has its answer already. NATS away: the record is lost, logged at debug."""
+        try:
+            await self._link.nc.publish(
+                self._names.index_subject(activation.function), activation.call_id.encode()
+            )
+            await self._link.nc.publish(
+                self.subject(activation.call_id),
+                activation.encode(body),
+                headers={EXPECTED_LAST_SUBJECT_SEQUENCE: "0"},
             )
         except (NatsUnavailableError, nats.errors.Error) as exc:
             log.debug(
@@ -542,7 +583,25 @@ class ActivationStore:
                 log.debug("unsubscribing: %s", exc)
 
     async def newest(self, query: ListQuery) -> list[bytes]:
-        """Record JSON documents, newest first.
+        """Record JSON documents, newest first (see ``newest_stored``)."""
+        return [stored.record_json for stored in await self.newest_stored(query)]
+
+    async def count(self, query: ListQuery) -> int:
+        """How many records match ``query`` (its limit aside), looking as far back as a
+        listing does (MAX_SCANNED index entries)."""
+        unbounded = ListQuery(
+            function=query.function,
+            status=query.status,
+            limit=0,
+            since_ns=query.since_ns,
+            upto_ns=query.upto_ns,
+            skip=query.skip,
+            finished_only=query.finished_only,
+        )
+        return len(await self.newest_stored(unbounded))
+
+    async def newest_stored(self, query: ListQuery) -> list[StoredActivation]:
+        """Records, newest first; ``query.limit`` 0: all that match.
 
         Reads the index stream backwards in windows of sequence numbers (a batched direct get
         per window), then fetches the records of those call ids in one more batched get. The
@@ -555,14 +614,15 @@ class ActivationStore:
         except (TimeoutError, NatsUnavailableError, nats.errors.Error) as exc:
             raise ActivationStoreError(f"listing records failed: {exc}") from exc
 
-    async def _newest(self, query: ListQuery) -> list[bytes]:
-        found: list[bytes] = []
+    async def _newest(self, query: ListQuery) -> list[StoredActivation]:
+        found: list[StoredActivation] = []
+        to_skip = query.skip
         windows = read_backwards(
             self._link.nc,
             self._link.js,
             self._names.index_stream,
             self._names.index_subject(query.function) if query.function else None,
-            first_window=max(FIRST_WINDOW, 2 * query.limit),
+            first_window=max(FIRST_WINDOW, 2 * (query.limit + query.skip)),
             largest_window=LARGEST_WINDOW,
             max_scanned=MAX_SCANNED,
             timeout_s=self._timeout_s,
@@ -576,11 +636,19 @@ class ActivationStore:
                     stored = records.get(call_id)
                     if stored is None:  # expired, or its record never got written
                         continue
-                    if query.since_ns is not None and queued_at_ns(stored) < query.since_ns:
+                    accepted_ns = queued_at_ns(stored)
+                    if query.since_ns is not None and accepted_ns < query.since_ns:
                         return found  # the index is in the order accepted: the rest are older
+                    if query.upto_ns is not None and accepted_ns > query.upto_ns:
+                        continue
                     if query.status is not None and stored.record.get("status") != query.status:
                         continue
-                    found.append(stored.record_json)
+                    if query.finished_only and not stored.is_final:
+                        continue
+                    if to_skip:
+                        to_skip -= 1
+                        continue
+                    found.append(stored)
                     if len(found) == query.limit:
                         return found
         return found

@@ -10,7 +10,6 @@ import functools
 import logging
 import platform
 import subprocess
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from faas_gateway.nats.function_store import (
     FunctionDeployment,
     FunctionStore,
     FunctionWatch,
-    StoredFunction,
 )
 from gateway.errors import (
     ClientGoneError,
@@ -125,10 +123,10 @@ class Functions:
     # changes
 
     async def deploy(self, request: web.Request) -> web.Response:
-        return await self._write(request, self._store.create)
+        return await self._write(request, create=True)
 
     async def update(self, request: web.Request) -> web.Response:
-        return await self._write(request, self._store.update)
+        return await self._write(request, create=False)
 
     async def delete(self, request: web.Request) -> web.Response:
         document = await _read_json(request, self._body_timeout_s)
@@ -140,49 +138,14 @@ class Functions:
         name = target.function_name
         if not is_valid_function_name(name):
             raise InvalidRequestError(f"invalid function name {name!r}")
-        self._refuse_file_function(name)
-        revision = await self._store.delete(name)
-        self._watch.apply(name, revision, None)
-        log.info("function %s deleted", name)
+        await self.remove(name)
         return web.Response(status=202)
 
-    # helpers
+    # What the OpenWhisk API's actions share with this API: one deploy path.
 
-    async def _write(
-        self,
-        request: web.Request,
-        change: Callable[[FunctionDeployment], Awaitable[tuple[int, StoredFunction]]],
-    ) -> web.Response:
-        deployment = await self._read_deployment(request)
-        self._refuse_file_function(deployment.service)
-        revision, stored = await change(deployment)
-        response = self._changed(deployment.service, revision, stored)
-        queue = deployment.to_spec().queue
-        if await self._queues.is_served(queue) is False:
-            warning = self._queues.warning(queue)
-            log.warning("function %s: %s", deployment.service, warning)
-            # A header, as Kubernetes' API warns (RFC 7234's Warning with code 299), so the
-            # FunctionStatus body stays as OpenFaaS clients know it.
-            response.headers["Warning"] = f'299 - "{warning}"'
-        return response
-
-    def _changed(self, name: str, revision: int, stored: StoredFunction) -> web.Response:
-        # Applied here at once, so this gateway's next request sees the change; the others
-        # get it from their watch.
-        self._watch.apply(name, revision, stored)
-        log.info("function %s deployed (revision %d)", name, revision)
-        function = self._registry.get(name)
-        assert function is not None  # just applied, and not shadowed by the file
-        response = _json(202, self._status(function, self._metrics.invocation_counts()))
-        response.headers["Location"] = f"/system/function/{name}"
-        return response
-
-    async def _read_deployment(self, request: web.Request) -> FunctionDeployment:
-        document = await _read_json(request, self._body_timeout_s)
-        try:
-            deployment = FunctionDeployment.model_validate(document)
-        except ValidationError as exc:
-            raise InvalidRequestError(f"invalid function deployment: {describe(exc)}") from exc
+    async def check(self, deployment: FunctionDeployment) -> None:
+        """InvalidRequestError for a deployment that cannot be served: another namespace, an
+        unusable spec, or a URL that is the gateway itself."""
         self._check_namespace(deployment.namespace or None)
         try:
             deployment.to_spec()
@@ -191,6 +154,72 @@ class Functions:
         problem = await gateway_url_problem(deployment.url, self._gateway_host, self._gateway_port)
         if problem is not None:
             raise InvalidRequestError(f"invalid function deployment: url: {problem}")
+
+    async def save(self, deployment: FunctionDeployment, *, create: bool) -> str | None:
+        """Deploy (``create``) or update a checked deployment: a conditional write to the
+        bucket, applied here at once. FunctionExistsError or FunctionNotDeployedError when
+        the function is, or is not, there already. Returns a warning when no worker serves
+        the function's queue."""
+        name = deployment.service
+        self._refuse_file_function(name)
+        change = self._store.create if create else self._store.update
+        revision, stored = await change(deployment)
+        # Applied here at once, so this gateway's next request sees the change; the others
+        # get it from their watch.
+        self._watch.apply(name, revision, stored)
+        log.info("function %s deployed (revision %d)", name, revision)
+        queue = deployment.to_spec().queue
+        if await self._queues.is_served(queue) is False:
+            warning = self._queues.warning(queue)
+            log.warning("function %s: %s", name, warning)
+            return warning
+        return None
+
+    async def remove(self, name: str) -> None:
+        """Delete a function deployed through the API (FunctionNotDeployedError if none)."""
+        self._refuse_file_function(name)
+        revision = await self._store.delete(name)
+        self._watch.apply(name, revision, None)
+        log.info("function %s deleted", name)
+
+    def deployment_of(self, function: FunctionSpec) -> tuple[FunctionDeployment, str, str]:
+        """A registered function as a deployment (not validated: file names may hold dots,
+        which API names may not), when it was deployed, and its source: "api" or "file"."""
+        stored = (
+            None
+            if self._registry.in_file(function.name)
+            else self._watch.deployed.get(function.name)
+        )
+        if stored is not None:
+            return stored.deployment, stored.created_at, "api"
+        deployment = FunctionDeployment.model_construct(
+            service=function.name, url=function.url, annotations=dict(function.annotations)
+        )
+        return deployment, self._file_loaded_at, "file"
+
+    # helpers
+
+    async def _write(self, request: web.Request, *, create: bool) -> web.Response:
+        deployment = await self._read_deployment(request)
+        warning = await self.save(deployment, create=create)
+        name = deployment.service
+        function = self._registry.get(name)
+        assert function is not None  # just applied, and not shadowed by the file
+        response = _json(202, self._status(function, self._metrics.invocation_counts()))
+        response.headers["Location"] = f"/system/function/{name}"
+        if warning is not None:
+            # A header, as Kubernetes' API warns (RFC 7234's Warning with code 299), so the
+            # FunctionStatus body stays as OpenFaaS clients know it.
+            response.headers["Warning"] = f'299 - "{warning}"'
+        return response
+
+    async def _read_deployment(self, request: web.Request) -> FunctionDeployment:
+        document = await _read_json(request, self._body_timeout_s)
+        try:
+            deployment = FunctionDeployment.model_validate(document)
+        except ValidationError as exc:
+            raise InvalidRequestError(f"invalid function deployment: {describe(exc)}") from exc
+        await self.check(deployment)
         return deployment
 
     def _refuse_file_function(self, name: str) -> None:
@@ -207,22 +236,9 @@ class Functions:
             )
 
     def _status(self, function: FunctionSpec, counts: dict[str, float]) -> dict[str, Any]:
-        stored = (
-            None
-            if self._registry.in_file(function.name)
-            else self._watch.deployed.get(function.name)
-        )
-        if stored is not None:
-            deployment: dict[str, Any] = stored.deployment.model_dump(by_alias=True)
-            del deployment["service"]
-            created_at, source = stored.created_at, "api"
-        else:
-            # Not validated: file names may hold dots, which API names may not.
-            deployment = FunctionDeployment.model_construct(
-                service=function.name, url=function.url, annotations=dict(function.annotations)
-            ).model_dump(by_alias=True)
-            del deployment["service"]
-            created_at, source = self._file_loaded_at, "file"
+        deployed, created_at, source = self.deployment_of(function)
+        deployment: dict[str, Any] = deployed.model_dump(by_alias=True)
+        del deployment["service"]
         deployment["namespace"] = self._namespace
         return {
             "name": function.name,

@@ -89,7 +89,7 @@ class SyncProxy:
         except GatewayError as exc:
             self._metrics.observe_sync(function.name, exc.status, call.elapsed_s())
             raise
-        hold = self._hold(function, call)
+        hold = self.hold(function, call)
         self._metrics.started(function.name)
         try:
             response = await self._forward(request, function, call, subpath, via, hold)
@@ -113,7 +113,7 @@ class SyncProxy:
             hold.release()  # unless a call that turned async took it over
         return response
 
-    def _hold(self, function: FunctionSpec, call: CallContext) -> Hold:
+    def hold(self, function: FunctionSpec, call: CallContext) -> Hold:
         """Count the call against its function's max_inflight on this process, or 429."""
         limit = function.max_inflight
         if limit is None:
@@ -160,7 +160,7 @@ class SyncProxy:
             body = await request_body(request, self._body_timeout_s)
             try:
                 upstream = await self._client.request(
-                    request.method, url, headers.items(), body, self._timeouts(function)
+                    request.method, url, headers.items(), body, self.timeouts(function)
                 )
             except (UpstreamError, ValueError) as exc:
                 # A body the client stalled or abandoned breaks the upload too: its fault.
@@ -219,7 +219,7 @@ class SyncProxy:
                 return same_call
         pending = asyncio.create_task(
             self._client.request(
-                request.method, url, headers.items(), body or None, self._timeouts(function)
+                request.method, url, headers.items(), body or None, self.timeouts(function)
             )
         )
         try:
@@ -293,7 +293,7 @@ class SyncProxy:
         else:
             log.info("sync call cut short: %s", error.message, extra=context)
 
-    def _timeouts(self, function: FunctionSpec) -> Timeouts:
+    def timeouts(self, function: FunctionSpec) -> Timeouts:
         """The whole call, body included, within the function's exec_timeout (else
         upstream_timeout), as OpenFaaS's gateway limits it; connecting within write_timeout;
         each wait for bytes within read_timeout."""

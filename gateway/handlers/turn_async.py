@@ -137,6 +137,29 @@ class TurnAsync:
         """Record the call as running and answer 202; None if it cannot be recorded (or its
         call id was taken meanwhile), in which case the caller keeps waiting as for any sync
         call. The call keeps its place in the function's max_inflight until it ends."""
+        activation = await self.take_over(call, queued, function, pending, hold)
+        if activation is None:
+            return None
+        response = web.Response(
+            status=202, body=activation.encode().rstrip(b"\n"), content_type="application/json"
+        )
+        response.headers["Location"] = location_of(call.call_id)
+        if after.preference_applied is not None:
+            response.headers[PREFERENCE_APPLIED] = after.preference_applied
+        return response
+
+    async def take_over(
+        self,
+        call: CallContext,
+        queued: QueuedCall,
+        function: FunctionSpec,
+        pending: "asyncio.Task[UpstreamResponse]",
+        hold: "Hold",
+    ) -> Activation | None:
+        """Record the call as running and let it run on in this process, its outcome
+        recorded when it ends; the caller answers 202 its own way (``demote``, or OpenWhisk's
+        ``{"activationId"}``). None if it cannot be recorded, or its call id was taken
+        meanwhile: then the caller keeps waiting as for any sync call."""
         if len(self._tasks) >= self._max_turned_async:
             return None
         activation = Activation.queued(queued)
@@ -155,13 +178,7 @@ class TurnAsync:
         task.add_done_callback(self._tasks.discard)
         kept = hold.hand_over()
         task.add_done_callback(lambda _: kept.release())
-        response = web.Response(
-            status=202, body=activation.encode().rstrip(b"\n"), content_type="application/json"
-        )
-        response.headers["Location"] = location_of(call.call_id)
-        if after.preference_applied is not None:
-            response.headers[PREFERENCE_APPLIED] = after.preference_applied
-        return response
+        return activation
 
     async def _finish(
         self,

@@ -29,7 +29,9 @@ async def echo_responder(request: web.Request, recorded: RecordedRequest) -> web
 
 
 def assert_uuid(value: str) -> None:
-    assert str(uuid.UUID(value)) == value
+    """A generated call id: a version 4 UUID as 32 lower-case hex characters."""
+    assert uuid.UUID(value).hex == value
+    assert uuid.UUID(value).version == 4
 
 
 async def assert_json_error(response: aiohttp.ClientResponse, status: int) -> dict[str, Any]:

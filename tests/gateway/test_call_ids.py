@@ -334,9 +334,10 @@ async def test_the_gateways_credentials_never_travel_with_a_call(
     assert letter.data is not None and secret not in letter.data
 
 
-def test_generated_call_ids_are_random_version_4_uuids() -> None:
-    """122 random bits each: the UUID's version and variant bits are the only fixed ones."""
+def test_generated_call_ids_are_32_hex_characters_of_a_random_version_4_uuid() -> None:
+    """122 random bits each: the UUID's version and variant bits are the only fixed ones;
+    written without dashes, which is OpenWhisk's form of an activation id."""
     ids = {new_call_id() for _ in range(5000)}
     assert len(ids) == 5000
-    uuid4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
-    assert all(uuid4.fullmatch(call_id) for call_id in ids)
+    uuid4_hex = re.compile(r"[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}")
+    assert all(uuid4_hex.fullmatch(call_id) for call_id in ids)
