@@ -136,6 +136,7 @@ def create_app(
         metrics,
         served_queues,
         namespace=settings.function_namespace,
+        url_template=settings.function_url_template,
         functions_file=settings.functions_file,
         body_timeout_s=settings.request_body_timeout_s,
         gateway_host=settings.gateway_host,
@@ -202,6 +203,13 @@ def create_app(
     route("*", "/system/function/{name}", guard_system(system(functions.get_function)))
     route("*", "/system/info", guard_system(system(functions.info)))
     route("*", "/system/namespaces", guard_system(system(functions.namespaces)))
+    route("*", "/system/namespace/{namespace}", guard_system(system(functions.namespace)))
+    # faas-cli logs, secret and scale: a JSON 501 that says why and what to do instead.
+    route("*", "/system/logs", guard_system(system(functions.logs)))
+    secrets: dict[str, Handler] = {m: functions.secrets for m in ("GET", "POST", "PUT", "DELETE")}
+    route("*", "/system/secrets", guard_system(by_method(secrets)))
+    scale = by_method({"POST": functions.scale})
+    route("*", "/system/scale-function/{name}", guard_system(scale))
     route("*", "/system/activations", guard_system(system(activations.newest)))
     route("*", "/system/activations/{call_id}", guard_system(system(activations.record)))
     route("*", "/system/activations/{call_id}/result", guard_system(system(activations.result)))

@@ -112,6 +112,13 @@ class UpstreamTimeoutError(GatewayError):
     status = 504
 
 
+class NotOfferedError(GatewayError):
+    """A route of OpenFaaS's API for what this gateway does not do: it runs no containers,
+    so it has no logs, secrets or replicas to hand out (docs/api.md)."""
+
+    status = 501
+
+
 class LoopDetectedError(GatewayError):
     """The request came back through this gateway (gateway/loops.py)."""
 

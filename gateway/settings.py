@@ -1,7 +1,7 @@
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from faas_gateway.runtime.settings import CommonSettings, Seconds, setting
 
@@ -61,6 +61,14 @@ class GatewaySettings(CommonSettings):
         "Every sync call the function has not answered after this long turns async (202 "
         "and an activation record); 0: off.",
     )
+    function_url_template: str = setting(
+        "",
+        "function_url_template",
+        "The URL of a function deployed without one (faas-cli sends an image, not a URL), "
+        "e.g. http://{name}:8080 where function containers are reached by service name; "
+        "{name} and {namespace} are filled in. Empty: a deployment needs a url or the "
+        "annotation com.openfaas.url.",
+    )
     max_turned_async: int = setting(
         1000,
         "max_turned_async",
@@ -98,3 +106,13 @@ class GatewaySettings(CommonSettings):
         "basic_auth_password",
         "Basic auth password when secret_mount_path has no credential files (local use).",
     )
+
+    @field_validator("function_url_template")
+    @classmethod
+    def _template_fills_in(cls, template: str) -> str:
+        # A typo such as {nme} is found at start-up, not as a 500 on the first deploy.
+        try:
+            template.format(name="f", namespace="n")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only {{name}} and {{namespace}} can be filled in: {exc}") from exc
+        return template

@@ -11,12 +11,20 @@ import contextlib
 import logging
 import re
 import time
+from typing import Any
 
 import nats.errors
 from nats.js.api import Header
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from faas_gateway.core.functions import (
@@ -63,10 +71,14 @@ class FunctionStoreUnavailableError(FunctionStoreError):
 
 
 class Resources(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     memory: str | None = None
     cpu: str | None = None
+    # faas-provider's GPU requests: kept and shown, as the other resources are.
+    nvidia_gpu: str | None = Field(default=None, alias="nvidia.com/gpu")
+    amd_gpu: str | None = Field(default=None, alias="amd.com/gpu")
+    intel_gpu: str | None = Field(default=None, alias="intel.com/gpu")
 
 
 class FunctionDeployment(BaseModel):
@@ -94,6 +106,14 @@ class FunctionDeployment(BaseModel):
     # work, and dropped: registryAuth is a credential, nothing here uses either.
     network: str = Field(default="", exclude=True)
     registry_auth: str = Field(default="", exclude=True)
+
+    @field_validator("env_vars", "constraints", "secrets", "labels", "annotations", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any, info: ValidationInfo) -> Any:
+        # Go clients encode a nil map or slice behind a pointer as null: the same as none.
+        if value is None:
+            return [] if info.field_name in ("constraints", "secrets") else {}
+        return value
 
     @field_validator("service")
     @classmethod

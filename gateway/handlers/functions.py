@@ -32,6 +32,8 @@ from gateway.errors import (
     ConflictError,
     FunctionNotFoundError,
     InvalidRequestError,
+    NotFoundError,
+    NotOfferedError,
     PayloadTooLargeError,
 )
 from gateway.loops import gateway_url_problem
@@ -42,6 +44,7 @@ from gateway.request_bodies import read_body
 log = logging.getLogger("faas.gateway")
 
 MAX_DEPLOYMENT_BYTES = 64 * 1024
+URL_ANNOTATION = "com.openfaas.url"
 PROVIDER = "faas-gateway"
 ORCHESTRATION = "nats"
 
@@ -63,6 +66,7 @@ class Functions:
         queues: ServedQueues,
         *,
         namespace: str,
+        url_template: str,
         functions_file: Path,
         body_timeout_s: float,
         gateway_host: str,
@@ -74,6 +78,7 @@ class Functions:
         self._metrics = metrics
         self._queues = queues
         self._namespace = namespace
+        self._url_template = url_template
         self._functions_file = functions_file
         self._body_timeout_s = body_timeout_s
         self._gateway_host = gateway_host
@@ -128,6 +133,37 @@ class Functions:
     async def update(self, request: web.Request) -> web.Response:
         return await self._write(request, create=False)
 
+    async def namespace(self, request: web.Request) -> web.Response:
+        """GET /system/namespace/{namespace}: the one namespace (faas-cli namespace get)."""
+        name = request.match_info["namespace"]
+        if name != self._namespace:
+            raise NotFoundError(
+                f"namespace {name!r} not found; the one namespace is {self._namespace!r}"
+            )
+        return _json(200, {"name": name, "annotations": {}, "labels": {}})
+
+    async def logs(self, request: web.Request) -> web.Response:
+        """GET /system/logs (faas-cli logs): functions here are HTTP services run elsewhere."""
+        raise NotOfferedError(
+            "this gateway runs no containers and holds no function logs: read them where the "
+            "function runs (e.g. docker compose logs <service>); a call's outcome is in its "
+            "activation record, GET /system/activations/<call id>"
+        )
+
+    async def secrets(self, request: web.Request) -> web.Response:
+        """/system/secrets (faas-cli secret): nothing here would mount a secret."""
+        raise NotOfferedError(
+            "this gateway runs no containers and has no secrets to mount: give secrets to the "
+            "function where it runs (e.g. docker compose secrets)"
+        )
+
+    async def scale(self, request: web.Request) -> web.Response:
+        """POST /system/scale-function/{name} (faas-cli scale): there are no replicas."""
+        raise NotOfferedError(
+            "this gateway starts no replicas: scale the function where it runs; to limit "
+            "concurrent calls, set the annotation max_inflight and redeploy"
+        )
+
     async def delete(self, request: web.Request) -> web.Response:
         document = await _read_json(request, self._body_timeout_s)
         try:
@@ -139,7 +175,7 @@ class Functions:
         if not is_valid_function_name(name):
             raise InvalidRequestError(f"invalid function name {name!r}")
         await self.remove(name)
-        return web.Response(status=202)
+        return web.Response(status=200)
 
     # What the OpenWhisk API's actions share with this API: one deploy path.
 
@@ -200,12 +236,19 @@ class Functions:
     # helpers
 
     async def _write(self, request: web.Request, *, create: bool) -> web.Response:
-        deployment = await self._read_deployment(request)
+        document = await _read_json(request, self._body_timeout_s)
+        if not create:
+            # faas-cli updates first and deploys on a 404: an unknown function is a 404
+            # whatever its body is like (it may lack what only a deploy would fill in).
+            self._refuse_unknown(document)
+        deployment = await self._deployment(document)
         warning = await self.save(deployment, create=create)
         name = deployment.service
         function = self._registry.get(name)
         assert function is not None  # just applied, and not shadowed by the file
-        response = _json(202, self._status(function, self._metrics.invocation_counts()))
+        # OpenFaaS's API document: 202 for a deploy, 200 for an update.
+        status = 202 if create else 200
+        response = _json(status, self._status(function, self._metrics.invocation_counts()))
         response.headers["Location"] = f"/system/function/{name}"
         if warning is not None:
             # A header, as Kubernetes' API warns (RFC 7234's Warning with code 299), so the
@@ -213,14 +256,41 @@ class Functions:
             response.headers["Warning"] = f'299 - "{warning}"'
         return response
 
-    async def _read_deployment(self, request: web.Request) -> FunctionDeployment:
-        document = await _read_json(request, self._body_timeout_s)
+    def _refuse_unknown(self, document: Any) -> None:
+        service = document.get("service") if isinstance(document, dict) else None
+        if (
+            isinstance(service, str)
+            and is_valid_function_name(service)
+            and self._registry.get(service) is None
+        ):
+            raise FunctionNotFoundError(f"function {service!r} not found")
+
+    async def _deployment(self, document: Any) -> FunctionDeployment:
+        if isinstance(document, dict) and not document.get("url"):
+            document = {**document, "url": self._url_of(document)}
         try:
             deployment = FunctionDeployment.model_validate(document)
         except ValidationError as exc:
             raise InvalidRequestError(f"invalid function deployment: {describe(exc)}") from exc
         await self.check(deployment)
         return deployment
+
+    def _url_of(self, document: dict[str, Any]) -> str:
+        """Where a deployment without ``url`` is: its annotation com.openfaas.url (faas-cli
+        passes annotations through; its stack.yml drops a ``url:`` key), else
+        function_url_template; neither is a 400 that says how to give it."""
+        annotations = document.get("annotations")
+        if isinstance(annotations, dict) and isinstance(annotations.get(URL_ANNOTATION), str):
+            return str(annotations[URL_ANNOTATION])
+        service = document.get("service")
+        if self._url_template and isinstance(service, str):
+            return self._url_template.format(name=service, namespace=self._namespace)
+        raise InvalidRequestError(
+            "the deployment has no url: this gateway calls functions over HTTP and runs no "
+            f"images. Give the function's URL as the annotation {URL_ANNOTATION} (in faas-cli's "
+            f"stack.yml: annotations: {{{URL_ANNOTATION}: http://host:port}}), as 'url' in the "
+            "body, or set function_url_template (e.g. http://{name}:8080) on the gateway"
+        )
 
     def _refuse_file_function(self, name: str) -> None:
         if self._registry.in_file(name):
@@ -239,6 +309,13 @@ class Functions:
         deployed, created_at, source = self.deployment_of(function)
         deployment: dict[str, Any] = deployed.model_dump(by_alias=True)
         del deployment["service"]
+        # faas-cli list -v and describe show the image: here, where the function is.
+        deployment["image"] = deployment.get("image") or function.url
+        for resources in ("limits", "requests"):
+            if deployment.get(resources):  # as faas-provider: unset amounts left out
+                deployment[resources] = {
+                    k: v for k, v in deployment[resources].items() if v is not None
+                }
         deployment["namespace"] = self._namespace
         return {
             "name": function.name,
