@@ -47,7 +47,7 @@ def failure(
     unreachable_or_timed_out: bool = False,
     detail: str | None = None,
 ) -> Outcome:
-    body = json.dumps({"error": error}).encode()
+    body = (json.dumps({"error": error}) + "\n").encode()
     return Outcome(
         status_code=status_code,
         headers=[("Content-Type", "application/json")],

@@ -312,7 +312,8 @@ def describe_default(info: FieldInfo) -> str:
 
 
 def settings_table(settings_cls: type[BaseSettings]) -> list[tuple[str, str, str]]:
-    """(environment variable, default, description) for every field, for --help and docs/operations.md."""
+    """(environment variable, default, description) for every field, for --help and
+    docs/operations.md."""
     rows = []
     for name, info in settings_cls.model_fields.items():
         rows.append((env_name(name, info), describe_default(info), info.description or ""))

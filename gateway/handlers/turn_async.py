@@ -156,7 +156,7 @@ class TurnAsync:
         kept = hold.hand_over()
         task.add_done_callback(lambda _: kept.release())
         response = web.Response(
-            status=202, body=activation.encode().rstrip(b"\n"), content_type="application/json"
+            status=202, body=activation.encode(), content_type="application/json"
         )
         response.headers["Location"] = location_of(call.call_id)
         if after.preference_applied is not None:
