@@ -14,7 +14,8 @@ $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@echo "installing faas-gateway, its dependencies and the development tools into $(VENV) (a minute or two the first time)"
+	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	touch $@
 
 install: $(INSTALLED)
