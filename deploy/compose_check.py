@@ -49,8 +49,19 @@ class Stack:
     profile: str  # "" for none
     targets: tuple[str, ...]  # services named to `up` (with their dependencies); () for all
     services: frozenset[str]  # every service that must run
-    gateways: tuple[str, ...]  # their URLs on this host
+    # The variables that place the stack's ports on this host, with their defaults; the
+    # gateways' first. A default in use (another program on 8080, say) is moved.
+    ports: dict[str, int]
     nats_nodes: tuple[str, ...] = ()  # a cluster's NATS servers, with the replicas expected
+
+    @property
+    def gateways(self) -> tuple[str, ...]:
+        """The gateways' URLs on this host, as placed by ``place_ports``."""
+        return tuple(
+            f"http://127.0.0.1:{os.environ[name]}"
+            for name in self.ports
+            if name.startswith("FAAS_GATEWAY")
+        )
 
     @property
     def project(self) -> str:
@@ -68,7 +79,7 @@ STACKS = {
         "",
         (),
         FUNCTIONS | {"nats", "gateway", "queue-worker"},
-        ("http://127.0.0.1:8080",),
+        {"FAAS_GATEWAY_PORT": 8080, "FAAS_WORKER_PORT": 8081},
     ),
     "cluster": Stack(
         "cluster",
@@ -77,7 +88,12 @@ STACKS = {
         FUNCTIONS
         | {"nats-1", "nats-2", "nats-3", "gateway-1", "gateway-2"}
         | {"queue-worker-1", "queue-worker-2"},
-        ("http://127.0.0.1:8180", "http://127.0.0.1:8280"),
+        {
+            "FAAS_GATEWAY_1_PORT": 8180,
+            "FAAS_GATEWAY_2_PORT": 8280,
+            "FAAS_WORKER_1_PORT": 8181,
+            "FAAS_WORKER_2_PORT": 8281,
+        },
         ("nats-1", "nats-2", "nats-3"),
     ),
 }
@@ -230,18 +246,29 @@ def logs(stack: Stack, service: str) -> str:
     return run(stack.compose("logs", "--no-color", "--no-log-prefix", service))
 
 
-def published_ports(stack: Stack) -> list[int]:
-    config = json.loads(run(stack.compose("config", "--format", "json")))
-    ports = []
-    for name in stack.services:
-        for port in config["services"][name].get("ports", []):
-            ports.append(int(port["published"]))
-    return sorted(ports)
+def place_ports(stack: Stack) -> None:
+    """Each port variable of the stack in the environment of the compose commands: its
+    default when that is free on 127.0.0.1, else a free port."""
+    for name, default in stack.ports.items():
+        port = default if port_free(default) else free_port()
+        os.environ[name] = str(port)
+        if port != default:
+            say(stack.name, f"{default} is in use on 127.0.0.1: {name}={port}")
 
 
-def port_in_use(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 # the checks
@@ -477,9 +504,7 @@ def start(stack: Stack) -> None:
 
 
 def check_stack(stack: Stack) -> None:
-    busy = [port for port in published_ports(stack) if port_in_use(port)]
-    if busy:
-        raise CheckFailed(f"ports in use on 127.0.0.1: {busy} (a stack running already?)")
+    place_ports(stack)
     started = time.monotonic()
     run(
         stack.compose(
