@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test api-check lint format install clean bench bench-quick compose-secrets
+.PHONY: run test api-check lint format install clean bench bench-quick compose-secrets compose-check
 
 # Options for make run, make test and make api-check, passed on as they are:
 # make run ARGS="--port-offset 100", make test ARGS="-k openapi".
@@ -14,7 +14,8 @@ $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@echo "installing faas-gateway, its dependencies and the development tools into $(VENV) (a minute or two the first time)"
+	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	touch $@
 
 install: $(INSTALLED)
@@ -48,12 +49,14 @@ format: $(INSTALLED)
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
 
-# Basic auth credentials for deploy/docker-compose.yml's gateway, NATS passwords for its
-# gateway and worker (all kept if they exist), and the nats-server config with their users.
+# Basic auth credentials for deploy/docker-compose.yml's gateways, NATS passwords for its
+# gateways and workers and for its cluster's routes (all kept if they exist), and the
+# nats-server configs with their users: in deploy/secrets, which only its owner may enter.
 compose-secrets: $(INSTALLED)
-	@mkdir -p deploy/secrets
-	@test -s deploy/secrets/basic-auth-user || echo admin > deploy/secrets/basic-auth-user
-	@test -s deploy/secrets/basic-auth-password || $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(24))' > deploy/secrets/basic-auth-password
-	@chmod 600 deploy/secrets/basic-auth-password
-	@echo "gateway credentials: user $$(cat deploy/secrets/basic-auth-user), password in deploy/secrets/basic-auth-password"
-	@$(PY) -m faas_gateway.nats.auth deploy/secrets
+	@$(PY) deploy/compose_secrets.py deploy/secrets
+
+# deploy/docker-compose.yml for real, on the local Docker engine: `docker compose config` for
+# every profile, then the stack and the cluster profile's stack, each built, called, stopped
+# with a call in flight and removed (down -v). Options in ARGS: make compose-check ARGS="--help".
+compose-check: compose-secrets
+	$(PY) deploy/compose_check.py $(ARGS)

@@ -5,8 +5,10 @@ python deploy/sample_functions.py echo --port 9001
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -26,8 +28,13 @@ async def echo(request: web.Request) -> web.StreamResponse:
     return response
 
 
+STOPPING: web.AppKey[asyncio.Event] = web.AppKey("stopping", asyncio.Event)
+
+
 async def sleep(request: web.Request) -> web.Response:
-    """Sleeps ?seconds= (default 1, fractions allowed), then 200 {"slept": seconds}."""
+    """Sleeps ?seconds= (default 1, fractions allowed), then 200 {"slept": seconds}. A stop
+    (SIGTERM) ends every sleep at once with 503 and how long it slept, rather than holding the
+    process for the rest: the caller may try again (the worker retries a 503)."""
     raw = request.query.get("seconds", "1")
     try:
         seconds = float(raw)
@@ -38,7 +45,15 @@ async def sleep(request: web.Request) -> web.Response:
             {"error": f"seconds must be a number >= 0, got {raw!r}"}, status=400
         )
     await request.read()
-    await asyncio.sleep(seconds)
+    print(f"sleeping {seconds:g}s", flush=True)  # the request's own line comes at its end
+    started = time.monotonic()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(request.app[STOPPING].wait(), seconds)
+        slept = round(time.monotonic() - started, 3)
+        return web.json_response(
+            {"error": f"stopping: slept {slept} of {seconds} seconds", "slept": slept},
+            status=503,
+        )
     return web.json_response({"slept": seconds})
 
 
@@ -74,7 +89,14 @@ def build_app(name: str) -> web.Application:
     # Large uploads are streamed by echo; the others accept up to 64 MiB.
     app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[log_requests])
     app.router.add_route("*", "/{tail:(?s:.*)}", FUNCTIONS[name])  # any path, %0A too
+    app[STOPPING] = asyncio.Event()
+    app.on_shutdown.append(stop_sleeping)
     return app
+
+
+async def stop_sleeping(app: web.Application) -> None:
+    """On SIGTERM aiohttp stops listening, runs this, then waits for running handlers."""
+    app[STOPPING].set()
 
 
 def main() -> None:

@@ -130,7 +130,7 @@ def error_response(
 ) -> web.Response:
     response = web.Response(
         status=status,
-        body=json.dumps({"error": message, "callId": call_id}).encode(),
+        body=(json.dumps({"error": message, "callId": call_id}) + "\n").encode(),
         content_type="application/json",
         headers=headers,
     )

@@ -1,4 +1,10 @@
-"""Answers that more than one route gives: a call accepted, a record, a finished call's result."""
+"""Answers that more than one route gives: a call accepted, a record, a finished call's result.
+
+Every JSON body the gateway makes ends with a newline, so that curl's output of one call does
+not run into the next prompt; a finished call's result is the function's, as it sent it.
+"""
+
+import json
 
 from aiohttp import web
 
@@ -17,13 +23,19 @@ def location_of(call_id: str) -> str:
 
 def accepted(call_id: str) -> web.Response:
     """202: the call is queued (or runs on); ``{"callId"}`` and where to follow it."""
-    response = web.json_response({"callId": call_id}, status=202)
+    response = web.Response(
+        status=202,
+        body=(json.dumps({"callId": call_id}) + "\n").encode(),
+        content_type="application/json",
+    )
     response.headers["Location"] = location_of(call_id)
     return response
 
 
 def record_response(stored: StoredActivation, status: int = 200) -> web.Response:
-    response = web.Response(status=status, body=stored.record_json, content_type="application/json")
+    response = web.Response(
+        status=status, body=stored.record_json + b"\n", content_type="application/json"
+    )
     response.headers[CALL_ID] = str(stored.record.get("callId"))
     return response
 

@@ -30,6 +30,7 @@ class Admission:
         self._slots = asyncio.Semaphore(max_inflight)
         self._by_function: dict[str, int] = {}
         self._waiting: set[asyncio.Task[object]] = set()
+        self._closed = False
 
     def free(self) -> int:
         """How many more messages to take now."""
@@ -60,7 +61,10 @@ class Admission:
             self._by_function[function.name] -= 1
 
     async def take_slot(self) -> None:
-        """Wait for one of the max_inflight slots; ``cancel_waiting`` ends the wait (a stop)."""
+        """Wait for one of the max_inflight slots. After ``close`` (a stop) no call gets one:
+        the wait ends with CancelledError, and the message goes back to the queue."""
+        if self._closed:
+            raise asyncio.CancelledError
         task = asyncio.current_task()
         assert task is not None
         self._waiting.add(task)
@@ -74,8 +78,10 @@ class Admission:
         self.running -= 1
         self._slots.release()
 
-    def cancel_waiting(self) -> None:
-        """Messages fetched ahead and still waiting for a slot go back (see Worker._drain)."""
+    def close(self) -> None:
+        """A stop: no call starts from now on. Messages fetched ahead and waiting for a slot go
+        back now, and so does one still on its way to the wait (see Worker._drain)."""
+        self._closed = True
         for task in list(self._waiting):
             task.cancel()
 

@@ -1,7 +1,11 @@
 """The durable pull consumer that all workers share, so that N workers split the queue."""
 
+import contextlib
 import logging
 
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -46,3 +50,33 @@ async def ensure_consumer(js: JetStreamContext, settings: WorkerSettings) -> Non
             settings.max_ack_pending,
         )
         await js.add_consumer(settings.nats_stream, desired)
+
+
+async def end_deliveries(
+    subscription: JetStreamContext.PullSubscription, client: NatsClient, timeout_s: float
+) -> list[Msg]:
+    """End the worker's pull subscription; return the calls JetStream delivered to it that no
+    fetch took.
+
+    A pull request outlives the fetch that sent it: the server keeps it until its expiry (one
+    that nats-py buffered while disconnected goes out on reconnect, later still), and what it
+    delivers then waits in the subscription for the next fetch, which a stopping worker never
+    makes. These are the steps of nats-py's ``Subscription.drain``, which has no form for a
+    pull subscription (it waits on a queue that fetch reads without marking): the server drops
+    our interest, and with it our open pull requests; a round trip brings in whatever it sent
+    before; the rest is taken from the subscription's queue.
+    """
+    inner = subscription._sub
+    if client.is_connected:
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await client._send_unsubscribe(inner._id)
+            await client.flush(timeout=max(1, round(timeout_s)))
+    messages = []
+    while not inner._pending_queue.empty():
+        msg = inner._pending_queue.get_nowait()
+        inner._pending_size -= len(msg.data)
+        if not JetStreamContext.is_status_msg(msg):  # the end of a pull request, not a call
+            messages.append(msg)
+    with contextlib.suppress(nats.errors.Error):
+        await subscription.unsubscribe()
+    return messages

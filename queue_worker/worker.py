@@ -34,7 +34,7 @@ from faas_gateway.nats.results import ResultStore
 from faas_gateway.runtime.logs import call_context
 from faas_gateway.runtime.loops import new_event_loop
 from queue_worker.admission import Admission, Claim, RecentIds
-from queue_worker.consumer import ensure_consumer
+from queue_worker.consumer import end_deliveries, ensure_consumer
 from queue_worker.decisions import Ending, Settle, settle
 from queue_worker.handling import CallHandler, Lease
 from queue_worker.invoker import FunctionInvoker
@@ -292,9 +292,6 @@ class Worker:
         record or is handled here already is never run again."""
         calls: list[tuple[QueuedCall, Delivery]] = []
         for delivery in deliveries:
-            if self._stopping.is_set():
-                await self._settle(delivery, Settle.NAK)
-                continue
             try:
                 calls.append((QueuedCall.decode(delivery.msg.data), delivery))
             except MalformedMessageError as exc:
@@ -302,7 +299,7 @@ class Worker:
                 self.metrics.function("").processed(Ending.MALFORMED.value)
                 await self._settle(delivery, settle(Ending.MALFORMED))
         records: dict[str, StoredActivation] | None = None
-        if self._activations is not None and calls:
+        if self._activations is not None and calls and not self._stopping.is_set():
             try:
                 records = await self._activations.get_many([call.call_id for call, _ in calls])
             except ActivationStoreError as exc:
@@ -323,6 +320,13 @@ class Worker:
                     extra=call_context(call.call_id, call.function),
                 )
                 await self._settle(delivery, Settle.ACK)
+                continue
+            if self._stopping.is_set():
+                # Taken as the stop came (in this batch's fetch or its records' read), or
+                # delivered after the last fetch: back at once, for another worker to run now
+                # rather than after ack_wait. Only a redelivery of a call running here (above)
+                # stays, or it would run twice at once.
+                await self._settle(delivery, Settle.NAK)
                 continue
             lease = Lease(delivery, self.settings.ack_wait_s)
             self._handling[call.call_id] = lease
@@ -411,9 +415,11 @@ class Worker:
     # stopping
 
     async def _drain(self) -> None:
-        # Messages fetched ahead and still waiting for a slot go back at once; only calls
-        # already running get the grace period.
-        self.admission.cancel_waiting()
+        # Messages fetched ahead and still waiting for a slot go back at once, and so do those
+        # that reached the subscription after the last fetch; only calls already running get
+        # the grace period.
+        self.admission.close()
+        await self._hand_back_unfetched()
         if self._tasks:
             log.info("waiting for %d running calls", len(self._tasks))
             deadline = time.monotonic() + self.settings.shutdown_grace_s
@@ -435,6 +441,14 @@ class Worker:
             self.completed,
             self.interrupted,
         )
+
+    async def _hand_back_unfetched(self) -> None:
+        if self._sub is None:
+            return
+        messages = await end_deliveries(self._sub, self._link.nc, timeout_s=2.0)
+        if messages:
+            log.info("%d calls delivered after the last fetch go back to the queue", len(messages))
+            await self._dispatch([Delivery.from_msg(msg) for msg in messages])
 
     async def _release(self) -> None:
         await self._functions.close()

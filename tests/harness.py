@@ -154,6 +154,74 @@ class NatsServer:
                 self.process.wait(timeout=10)
 
 
+class NatsCluster:
+    """nats-servers on loopback routed to each other, JetStream clustered: each node a
+    NatsServer with a server_name (JetStream clustering needs one), a cluster port with routes
+    to every node (a route to itself is skipped by nats-server), its own store and a monitoring
+    port, so that a node's own view of its streams can be read."""
+
+    def __init__(self, root: Path, size: int = 3, name: str = "faas-test") -> None:
+        client_ports = [free_port() for _ in range(size)]
+        route_ports = [free_port() for _ in range(size)]
+        self.http_ports = [free_port() for _ in range(size)]
+        routes = ", ".join(f'"nats-route://127.0.0.1:{port}"' for port in route_ports)
+        self.names = [f"n{index + 1}" for index in range(size)]
+        self.nodes = {
+            node_name: NatsServer(
+                root / node_name / "store",
+                port=client_ports[index],
+                config=(
+                    f"server_name: {node_name}\n"
+                    f"http_port: {self.http_ports[index]}\n"
+                    f"cluster {{\n  name: {name}\n  listen: 127.0.0.1:{route_ports[index]}\n"
+                    f"  routes: [{routes}]\n}}\n"
+                ),
+            )
+            for index, node_name in enumerate(self.names)
+        }
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes.values()]
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated, as nats_url takes a cluster."""
+        return ",".join(self.urls)
+
+    def monitoring_url(self, node_name: str, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_ports[self.names.index(node_name)]}{path}"
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        """Start every node, then wait until JetStream has a meta leader (it answers)."""
+        try:
+            await asyncio.gather(*(node.start() for node in self.nodes.values()))
+            await self.wait_for_jetstream(timeout_s)
+        except BaseException:
+            self.kill_all()
+            raise
+
+    async def wait_for_jetstream(self, timeout_s: float) -> None:
+        client = NatsClient()
+        await client.connect(servers=self.urls, allow_reconnect=False, connect_timeout=2)
+        try:
+
+            async def answers() -> bool:
+                try:
+                    await client.jetstream(timeout=1).account_info()
+                except (nats.errors.Error, TimeoutError):
+                    return False
+                return True
+
+            await wait_until(answers, timeout_s, "the cluster's JetStream", interval_s=0.2)
+        finally:
+            await client.close()
+
+    def kill_all(self) -> None:
+        for node in self.nodes.values():
+            node.kill()
+
+
 @dataclass
 class RecordedRequest:
     method: str

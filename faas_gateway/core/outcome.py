@@ -67,7 +67,7 @@ def failure(
     detail: str | None = None,
     timed_out: bool = False,
 ) -> Outcome:
-    body = json.dumps({"error": error}).encode()
+    body = (json.dumps({"error": error}) + "\n").encode()
     return Outcome(
         status_code=status_code,
         headers=[("Content-Type", "application/json")],

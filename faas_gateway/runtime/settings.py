@@ -92,7 +92,10 @@ class CommonSettings(BaseSettings):
         "faas-queue-worker", "nats_consumer", "Durable pull consumer shared by all queue-workers."
     )
     nats_stream_replicas: int = setting(
-        1, "nats_stream_replicas", "Stream replicas when created on a NATS cluster (1-5)."
+        1,
+        "nats_stream_replicas",
+        "Replicas of every stream, bucket and object store when created, on a NATS cluster "
+        "(1-5); 3 keep working when one server is lost.",
     )
     duplicate_window_s: Seconds = setting(
         120.0,

@@ -13,7 +13,7 @@ def health_response(healthy: bool, details: dict[str, Any]) -> web.Response:
     details["status"] = "ok" if healthy else "unavailable"
     return web.Response(
         status=200 if healthy else 503,
-        body=orjson.dumps(details),
+        body=orjson.dumps(details, option=orjson.OPT_APPEND_NEWLINE),
         content_type="application/json",
     )
 

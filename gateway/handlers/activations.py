@@ -33,7 +33,7 @@ class Activations:
 
     async def newest(self, request: web.Request) -> web.StreamResponse:
         records = await self._records.newest(parse_list_query(request.rel_url.query))
-        body = b"[" + b",".join(records) + b"]"
+        body = b"[" + b",".join(records) + b"]\n"
         return web.Response(body=body, content_type="application/json")
 
 

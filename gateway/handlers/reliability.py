@@ -49,7 +49,9 @@ class Reliability:
         await self._cancellations.cancel(call_id)  # stops it where it runs
         response = web.Response(
             status=202,
-            body=orjson.dumps({"callId": call_id, "status": CANCELLED}),
+            body=orjson.dumps(
+                {"callId": call_id, "status": CANCELLED}, option=orjson.OPT_APPEND_NEWLINE
+            ),
             content_type="application/json",
         )
         response.headers[CALL_ID] = call_id
@@ -78,7 +80,10 @@ class Reliability:
         """GET /system/dead-letters?function=&limit=: newest first."""
         function, limit = parse_dead_letter_query(request.rel_url.query)
         found = await self._dead_letters.newest(function, limit)
-        return web.Response(body=orjson.dumps(found), content_type="application/json")
+        return web.Response(
+            body=orjson.dumps(found, option=orjson.OPT_APPEND_NEWLINE),
+            content_type="application/json",
+        )
 
     async def retry(self, request: web.Request) -> web.StreamResponse:
         """POST /system/activations/{callId}/retry: a failed call queued again under a new id."""
@@ -108,7 +113,9 @@ class Reliability:
         await self._queue.enqueue(again, function.queue)
         response = web.Response(
             status=202,
-            body=orjson.dumps({"callId": again.call_id, "retryOf": call_id}),
+            body=orjson.dumps(
+                {"callId": again.call_id, "retryOf": call_id}, option=orjson.OPT_APPEND_NEWLINE
+            ),
             content_type="application/json",
         )
         response.headers[CALL_ID] = again.call_id

@@ -141,7 +141,7 @@ class TurnAsync:
         if activation is None:
             return None
         response = web.Response(
-            status=202, body=activation.encode().rstrip(b"\n"), content_type="application/json"
+            status=202, body=activation.encode(), content_type="application/json"
         )
         response.headers["Location"] = location_of(call.call_id)
         if after.preference_applied is not None:
