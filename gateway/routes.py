@@ -175,7 +175,7 @@ def openwhisk_error(error: GatewayError, request_id: str) -> web.Response:
     message = RESOURCE_DOES_NOT_EXIST if error.status == 404 else error.message
     response = web.Response(
         status=error.status,
-        body=orjson.dumps({"error": message, "code": request_id}),
+        body=orjson.dumps({"error": message, "code": request_id}, option=orjson.OPT_APPEND_NEWLINE),
         content_type="application/json",
         headers=error.headers,
     )

@@ -349,7 +349,11 @@ def describe(error: ValidationError) -> str:
 
 
 def _json(status: int, document: Any) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(document), content_type="application/json")
+    return web.Response(
+        status=status,
+        body=orjson.dumps(document, option=orjson.OPT_APPEND_NEWLINE),
+        content_type="application/json",
+    )
 
 
 @functools.cache

@@ -336,7 +336,7 @@ class OpenWhisk:
                 subject=self.namespace,
                 timeout_ms=self._timeout_ms(function),
             )
-            body = orjson.dumps(document)
+            body = orjson.dumps(document, option=orjson.OPT_APPEND_NEWLINE)
         if self._record_calls:
             # After the answer: the task first runs once this one has handed its response
             # to the connection.
@@ -727,7 +727,11 @@ def accepted(activation_id: str) -> web.Response:
 
 
 def _json(status: int, document: Any) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(document), content_type="application/json")
+    return web.Response(
+        status=status,
+        body=orjson.dumps(document, option=orjson.OPT_APPEND_NEWLINE),
+        content_type="application/json",
+    )
 
 
 def _parsed(body: bytes) -> Any:

@@ -99,6 +99,17 @@ async def test_json_bodies_of_the_gateway_and_the_worker_end_with_a_newline(
     status, bodies["worker health"] = await body_of(http, "GET", f"{worker_url}/healthz")
     assert status == 200
     status, bodies["openapi"] = await body_of(http, "GET", gateway.url("/openapi.json"))
+    # The management API (faas-cli's) and the OpenWhisk API, errors included.
+    status, bodies["functions"] = await body_of(http, "GET", gateway.url("/system/functions"))
+    status, bodies["info"] = await body_of(http, "GET", gateway.url("/system/info"))
+    status, bodies["501 logs"] = await body_of(http, "GET", gateway.url("/system/logs"))
+    assert status == 501
+    whisk = "/api/v1/namespaces/_/actions"
+    status, bodies["whisk actions"] = await body_of(http, "GET", gateway.url(whisk))
+    status, bodies["whisk 404"] = await body_of(http, "GET", gateway.url(f"{whisk}/nope"))
+    assert status == 404
+    status, bodies["whisk invoke"] = await body_of(http, "POST", gateway.url(f"{whisk}/fn"))
+    assert status == 202
 
     without_newline = [name for name, body in bodies.items() if not body.endswith(b"\n")]
     assert not without_newline, {name: bodies[name][-80:] for name in without_newline}
