@@ -120,7 +120,7 @@ async def test_a_faas_cli_session_gets_what_faas_cli_took(
     assert (sync_status, sync_body) == (200, b"ok")
     _, _, async_headers = answers["invoke hello --async"][0]
     call_id = async_headers["X-Call-Id"]
-    await wait_until(lambda: call_id in function.by_call_id(), 10.0, "the async call")
+    await wait_until(lambda: call_id in function.by_call_id(), 30.0, "the async call")
     bodies = [r.body for r in function.requests]
     assert bodies[:2] == [b"world", b"later"]
 
