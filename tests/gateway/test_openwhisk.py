@@ -21,8 +21,8 @@ from multidict import CIMultiDictProxy
 
 from faas_gateway.core.functions import Registry
 from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, get_json, ready_gateway
-from tests.harness import RecordedRequest, Recorder, free_port, registry_of, wait_until
+from tests.conftest import RunningGateway, ready_gateway
+from tests.harness import RecordedRequest, Recorder, free_port, get_json, registry_of, wait_until
 
 DEADLINE_S = 30.0
 USER, PASSWORD = "whisk", "s3cret"
