@@ -23,7 +23,12 @@ from typing import Any
 
 from faas_gateway.core.events import SOURCE_ALARM, SOURCE_CRON, tick_fire_id, tick_message_id
 from faas_gateway.core.feeds import ONCE, FeedError, FeedState, Schedule, parse_cron
-from faas_gateway.core.functions import Registry
+from faas_gateway.core.functions import (
+    CRON_TOPIC,
+    SCHEDULE_ANNOTATION,
+    TOPIC_ANNOTATION,
+    Registry,
+)
 from faas_gateway.core.retry import Backoff
 from faas_gateway.nats.events import EventWatch
 from gateway.events.fires import Fires
@@ -32,10 +37,6 @@ from gateway.queue import GatewayQueue, MessageTooLargeError, QueueError
 
 log = logging.getLogger("faas.events")
 
-# OpenFaaS's cron-connector: a function with topic cron-function runs on its schedule.
-TOPIC_ANNOTATION = "topic"
-SCHEDULE_ANNOTATION = "schedule"
-CRON_TOPIC = "cron-function"
 # A tick that cannot be published (NATS away) is tried again for this long, then dropped.
 PUBLISH_FOR_S = 60.0
 # The longest sleep between two looks at the clock, in case the clock jumps.

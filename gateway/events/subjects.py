@@ -29,11 +29,10 @@ from faas_gateway.core.events import (
     subject_within,
 )
 from faas_gateway.core.feeds import SUBJECT
-from faas_gateway.core.functions import Registry
+from faas_gateway.core.functions import CRON_TOPIC, TOPIC_ANNOTATION, Registry
 from faas_gateway.nats.events import EventWatch
 from faas_gateway.nats.link import NatsLink, NatsUnavailableError
 from gateway.events.fires import Fires
-from gateway.events.scheduler import CRON_TOPIC, TOPIC_ANNOTATION
 from gateway.queue import GatewayQueue, QueueError
 
 log = logging.getLogger("faas.events")
