@@ -32,7 +32,7 @@ from faas_gateway.core.events import (
 from faas_gateway.core.feeds import CREATE, DELETE, UPDATE
 from faas_gateway.core.functions import Registry
 from faas_gateway.core.openwhisk import action_name, action_namespace
-from faas_gateway.nats.buckets import DocumentChangedError
+from faas_gateway.nats.buckets import DocumentChangedError, DocumentExistsError
 from faas_gateway.nats.events import EventStore, EventWatch
 from gateway.errors import (
     MAPPED_ERRORS,
@@ -122,7 +122,12 @@ class Triggers:
                 feed_params = {str(pair["key"]): pair.get("value") for pair in put.parameters}
                 made = replace(made, parameters=before.parameters if before else ())
         if before is None:
-            await self._create_trigger(made)
+            try:
+                await self._create_trigger(made)
+            except DocumentExistsError:  # made meanwhile, through another gateway
+                if not overwrite:
+                    raise
+                await self._update_trigger(made)
             if feed is not None and feed_params is not None:
                 await self._configure_new_feed(request, made, feed, feed_params)
         else:
@@ -248,15 +253,14 @@ class Triggers:
             action = action_name(put.action)[1]
             path = action_namespace(self._namespace, put.action)
             raise InvalidRequestError(f"action /{path}/{action} does not exist")
+        stored = None if before is None and not overwrite else await self._store.rules.get(name)
+        if stored is not None and before is None:  # made through another gateway meanwhile
+            before = Rule.from_json(stored[0])
         rule = put.made(name, _now_ms(), before)
-        if before is None:
+        if stored is None:
             revision = await self._store.rules.create(name, rule.to_json())
         else:
-            stored = await self._store.rules.get(name)
-            if stored is None:
-                revision = await self._store.rules.create(name, rule.to_json())
-            else:
-                revision = await self._store.rules.update(name, rule.to_json(), stored[1])
+            revision = await self._store.rules.update(name, rule.to_json(), stored[1])
         self._watch.rules.apply(name, revision, rule)
         return _json(200, rule_document(rule, self._namespace))
 
