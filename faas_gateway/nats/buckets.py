@@ -23,6 +23,7 @@ from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 from faas_gateway.core.retry import Backoff
 from faas_gateway.nats.jetstream import WRONG_LAST_SEQUENCE_CODES, key_value
 from faas_gateway.nats.link import NatsLink, NatsUnavailableError
+from faas_gateway.runtime.loops import stop_task
 
 log = logging.getLogger("faas.nats")
 
@@ -72,9 +73,7 @@ class BucketWatch(Generic[T]):
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
 
     def get(self, key: str) -> T | None:
         return self.entries.get(key)

@@ -51,6 +51,7 @@ from faas_gateway.nats.jetstream import Delivery
 from faas_gateway.nats.link import NatsLink, NatsUnavailableError
 from faas_gateway.nats.names import Names
 from faas_gateway.runtime.logs import call_context
+from faas_gateway.runtime.loops import stop_task
 from gateway.errors import TooManyRequestsError
 from gateway.handlers.openwhisk import OpenWhisk
 from gateway.metrics import GatewayMetrics
@@ -105,6 +106,7 @@ class FanOut:
         self._metrics = metrics
         self._namespace = namespace
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._handling: set[asyncio.Task[None]] = set()
         self._room = asyncio.Semaphore(MAX_FIRES_HANDLED)
 
@@ -115,10 +117,9 @@ class FanOut:
     async def close(self) -> None:
         """Stop taking fires; those being handled get a moment to finish, the rest are
         handed back (a nak) for another process."""
+        self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
         if self._handling:
             await asyncio.wait(set(self._handling), timeout=2.0)
         for task in list(self._handling):
@@ -130,7 +131,7 @@ class FanOut:
 
     async def _run(self) -> None:
         backoff = Backoff(max_s=5.0)
-        while True:
+        while not self._closing:
             await self._queue.wait_until_ready()
             try:
                 subscription = await self._subscribe(self._link.js)
@@ -169,7 +170,7 @@ class FanOut:
         return await js.pull_subscribe_bind(durable=durable, stream=stream)
 
     async def _consume(self, subscription: JetStreamContext.PullSubscription) -> None:
-        while True:
+        while not self._closing:
             free = MAX_FIRES_HANDLED - len(self._handling)
             if free <= 0:
                 await asyncio.wait(set(self._handling), return_when=asyncio.FIRST_COMPLETED)

@@ -31,6 +31,7 @@ from faas_gateway.core.functions import (
 )
 from faas_gateway.core.retry import Backoff
 from faas_gateway.nats.events import EventWatch
+from faas_gateway.runtime.loops import stop_task
 from gateway.events.fires import Fires
 from gateway.metrics import GatewayMetrics
 from gateway.queue import GatewayQueue, MessageTooLargeError, QueueError
@@ -112,9 +113,7 @@ class Scheduler:
     async def close(self) -> None:
         for task in [self._task, *self._publishing]:
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await stop_task(task)
 
     def _changed(self) -> None:
         self._stale = True

@@ -32,6 +32,7 @@ from faas_gateway.core.feeds import SUBJECT
 from faas_gateway.core.functions import CRON_TOPIC, TOPIC_ANNOTATION, Registry
 from faas_gateway.nats.events import EventWatch
 from faas_gateway.nats.link import NatsLink, NatsUnavailableError
+from faas_gateway.runtime.loops import stop_task
 from gateway.events.fires import Fires
 from gateway.queue import GatewayQueue, QueueError
 
@@ -92,9 +93,7 @@ class SubjectFeeds:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
         for subscription in self.subscriptions.values():
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
