@@ -109,6 +109,10 @@ class Triggers:
         before = self._watch.triggers.get(name)
         if before is not None and not overwrite:
             raise ConflictError("resource already exists")
+        if before is None and overwrite:
+            stored = await self._store.triggers.get(name)
+            if stored is not None:  # made through another gateway, not seen here yet
+                before = Trigger.from_json(stored[0])
         feed_params = None
         made = put.made(name, _now_ms(), before)
         feed = made.feed

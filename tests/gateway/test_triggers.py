@@ -4,6 +4,7 @@ rules' actions queued from it, 204 with no active rule, 404 for no trigger), the
 activation with a log line per rule, the fan-out's exactly-once under redelivery, and what a
 demanding client sends that must be refused (docs/events.md)."""
 
+import inspect
 import io
 import json
 import time
@@ -490,3 +491,36 @@ async def test_other_namespaces_and_methods(whisk: Whisk) -> None:
     assert patched.headers["Allow"] == "GET, PUT, POST, DELETE"
     unauthorized = await whisk.call("POST", "/namespaces/_/triggers/t", auth=False)
     assert_whisk_error(unauthorized, 401)
+
+
+def handler_of(gateway: RunningGateway, path: str, method: str) -> Any:
+    """The object whose bound method serves ``method`` on ``path`` (a route of gateway/app.py:
+    the handlers sit in the route wrapper's closure)."""
+    for route in gateway.app.router.routes():
+        if route.resource is not None and route.resource.canonical == path:
+            handlers = inspect.getclosurevars(route.handler).nonlocals["handlers"]
+            return handlers[method].__self__
+    raise AssertionError(f"no route {path}")
+
+
+async def test_an_overwrite_meeting_one_made_through_another_gateway_updates_it(
+    whisk: Whisk,
+) -> None:
+    """A PUT with overwrite=true on a gateway whose copy has not caught up yet with one just
+    made through another gateway: an update of that one, not a 409."""
+    await made(whisk, "triggers/t", {"parameters": [{"key": "a", "value": 1}]})
+    await made(whisk, "rules/r", {"trigger": "t", "action": "hello"})
+    await whisk.call("POST", "/namespaces/_/rules/r", json={"status": "inactive"})
+    handler = handler_of(whisk.gateway, "/api/v1/namespaces/{namespace}/triggers/{name}", "PUT")
+    # As if this gateway's watch had not delivered them yet.
+    handler._watch.triggers.drop("t")
+    handler._watch.rules.drop("r")
+
+    trigger = await made(whisk, "triggers/t?overwrite=true", {"publish": True})
+    assert (trigger["version"], trigger["publish"]) == ("0.0.2", True)
+    rule = await made(whisk, "rules/r?overwrite=true", {"trigger": "t", "action": "other"})
+    assert (rule["version"], rule["status"], rule["action"]["name"]) == (
+        "0.0.2",
+        "inactive",
+        "other",
+    )
