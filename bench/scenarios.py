@@ -646,6 +646,171 @@ async def openwhisk_accept(ctx: Context) -> Result:
     )
 
 
+# Triggers (/api/v1/namespaces/_/triggers): one with one rule, one with ten, all to echo.
+TRIGGER_RULES = {"bench-one": 1, "bench-ten": 10}
+
+
+def fire_url(ctx: Context, trigger: str) -> str:
+    return ctx.gateway_url(f"/api/v1/namespaces/_/triggers/{trigger}")
+
+
+async def make_triggers(ctx: Context) -> None:
+    async with aiohttp.ClientSession() as session:
+        for trigger, rules in TRIGGER_RULES.items():
+            base = ctx.gateway_url("/api/v1/namespaces/_")
+            async with session.put(f"{base}/triggers/{trigger}?overwrite=true", json={}) as reply:
+                reply.raise_for_status()
+            for number in range(rules):
+                rule = {"trigger": trigger, "action": "echo"}
+                url = f"{base}/rules/{trigger}-{number}?overwrite=true"
+                async with session.put(url, json=rule) as reply:
+                    reply.raise_for_status()
+
+
+async def fanned_out(ctx: Context, timeout_s: float = 600.0) -> float:
+    """Until the fire stream is empty (every fire fanned out and acknowledged); how long."""
+    names = Names.of(CommonSettings())
+    client = await nats.connect(ctx.stack.nats_url)
+    started = time.monotonic()
+    try:
+        js = client.jetstream()
+        while time.monotonic() - started < timeout_s:
+            if (await js.stream_info(names.fire_stream)).state.messages == 0:
+                return time.monotonic() - started
+            await asyncio.sleep(0.05)
+    finally:
+        await client.close()
+    raise RuntimeError("the fan-out did not drain the fire stream")
+
+
+async def event_streams(ctx: Context) -> tuple[str, ...]:
+    names = Names.of(CommonSettings())
+    return ("faas-async", names.activation_stream, names.index_stream, names.fire_stream)
+
+
+async def alternate(
+    ctx: Context, targets: dict[str, str]
+) -> tuple[dict[str, list[LoadResult]], dict[str, list[float]], dict[str, list[float]]]:
+    """Each target once per round, the order alternating by round, each run from empty
+    streams; after a run, the fan-out is waited for (and the gateway CPU it took is counted:
+    ``cpu_all``), so no run pays for the one before."""
+    streams = await event_streams(ctx)
+    for url in targets.values():  # warm-up
+        await run_load(ctx.tool, url, connections=50, seconds=1, body=PARAMS, headers=JSON_HEADERS)
+        await fanned_out(ctx)
+    await purge(ctx, *streams)
+    runs: dict[str, list[LoadResult]] = {name: [] for name in targets}
+    cpu_accept: dict[str, list[float]] = {name: [] for name in targets}
+    cpu_all: dict[str, list[float]] = {name: [] for name in targets}
+    try:
+        for round_number in range(ctx.rounds):
+            order = list(targets) if round_number % 2 == 0 else list(reversed(targets))
+            for name in order:
+                cpu_before = ctx.gateway.cpu_seconds()
+                result = await run_load(
+                    ctx.tool,
+                    targets[name],
+                    connections=50,
+                    seconds=ctx.seconds,
+                    body=PARAMS,
+                    headers=JSON_HEADERS,
+                )
+                cpu_run = ctx.gateway.cpu_seconds()
+                drained_s = await fanned_out(ctx)
+                if result.requests:
+                    cpu_accept[name].append((cpu_run - cpu_before) * 1e6 / result.requests)
+                    spent_s = ctx.gateway.cpu_seconds() - cpu_before
+                    cpu_all[name].append(spent_s * 1e6 / result.requests)
+                runs[name].append(result)
+                await purge(ctx, *streams)
+                ctx.log(
+                    f"  round {round_number + 1}/{ctx.rounds} {name}: "
+                    f"{result.requests_per_s:,.0f} req/s, errors {result.errors}, "
+                    f"fan-out done {drained_s:.1f} s after the run"
+                )
+    finally:
+        await purge(ctx, *streams)
+    return runs, cpu_accept, cpu_all
+
+
+def _median(values: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(found) for name, found in values.items() if found}
+
+
+async def trigger_fire_accept(ctx: Context) -> Result:
+    """A trigger with one active rule fired, against /async-function/echo, 50 connections,
+    the same 1 KiB JSON body: both answer 202 after one durable write (the fire stream; the
+    record and the queue), and the fire's rule is queued afterwards by the fan-out, in the
+    same gateway process."""
+    await make_triggers(ctx)
+    targets = {
+        "/async-function/echo": ctx.gateway_url("/async-function/echo"),
+        "fire (1 rule)": fire_url(ctx, "bench-one"),
+    }
+    runs, cpu_accept, cpu_all = await alternate(ctx, targets)
+    rates = {name: median_rate(results) for name, results in runs.items()}
+    ratio = rates["fire (1 rule)"] / rates["/async-function/echo"]
+    accept, total = _median(cpu_accept), _median(cpu_all)
+    errors = sum(result.errors for results in runs.values() for result in results)
+    return Result(
+        11,
+        "Trigger fire with one active rule: accept rate, 50 connections",
+        f"/async-function/echo {rates['/async-function/echo']:,.0f} req/s; fire "
+        f"{rates['fire (1 rule)']:,.0f} req/s ({ratio:.2f}); gateway CPU per request during "
+        "the run "
+        + ", ".join(f"{name} {value:.0f} µs" for name, value in accept.items())
+        + ", with the fan-out "
+        + ", ".join(f"{name} {value:.0f} µs" for name, value in total.items())
+        + f"; {errors} errors",
+        ratio,
+        ">= 0.8 x /async-function",
+        ratio >= 0.8 and errors == 0,
+        {
+            "rates": rates,
+            "ratio": ratio,
+            "cpu_us_per_request_run": accept,
+            "cpu_us_per_request_with_fanout": total,
+            "runs": _dump(runs),
+        },
+    )
+
+
+async def trigger_fan_out(ctx: Context) -> Result:
+    """A trigger with ten active rules against one with one: the fire's cost as its client
+    sees it (the accept rate: one durable write either way), and as the gateway pays it
+    (CPU per fire, the fan-out to every rule's queued call included)."""
+    await make_triggers(ctx)
+    targets = {
+        "1 rule": fire_url(ctx, "bench-one"),
+        "10 rules": fire_url(ctx, "bench-ten"),
+    }
+    runs, cpu_accept, cpu_all = await alternate(ctx, targets)
+    rates = {name: median_rate(results) for name, results in runs.items()}
+    cost = rates["1 rule"] / rates["10 rules"]
+    total = _median(cpu_all)
+    cpu_ratio = total["10 rules"] / total["1 rule"] if len(total) == 2 else float("nan")
+    errors = sum(result.errors for results in runs.values() for result in results)
+    return Result(
+        12,
+        "Trigger fan-out: 10 active rules against 1, 50 connections",
+        f"fire accept 1 rule {rates['1 rule']:,.0f} req/s, 10 rules {rates['10 rules']:,.0f} "
+        f"req/s (cost {cost:.2f} x); gateway CPU per fire with its fan-out: "
+        + ", ".join(f"{name} {value:.0f} µs" for name, value in total.items())
+        + f" ({cpu_ratio:.2f} x, {cpu_ratio / 10:.2f} x per rule); {errors} errors",
+        cost,
+        "<= 2 x one rule (accept rate)",
+        cost <= 2.0 and errors == 0,
+        {
+            "rates": rates,
+            "cost": cost,
+            "cpu_us_per_fire_with_fanout": total,
+            "cpu_us_per_fire_run": _median(cpu_accept),
+            "cpu_ratio": cpu_ratio,
+            "runs": _dump(runs),
+        },
+    )
+
+
 SCENARIOS = {
     1: sync_throughput,
     2: sync_latency,
@@ -657,6 +822,8 @@ SCENARIOS = {
     8: activations,
     9: openwhisk_blocking_latency,
     10: openwhisk_accept,
+    11: trigger_fire_accept,
+    12: trigger_fan_out,
 }
 
 

@@ -9,25 +9,33 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from faas_gateway.core.events import subject_spaces
 from faas_gateway.core.functions import Registry
 from faas_gateway.http.callbacks import CallbackSender
 from faas_gateway.http.client import Timeouts, UpstreamClient
 from faas_gateway.nats.activations import ActivationStore
 from faas_gateway.nats.cancellations import Cancellations
 from faas_gateway.nats.dead_letters import DeadLetters
+from faas_gateway.nats.events import EventStore, EventWatch
 from faas_gateway.nats.function_store import FunctionStore, FunctionWatch
 from faas_gateway.nats.link import NatsLink
 from faas_gateway.nats.names import Names
 from faas_gateway.nats.provision import Plan
 from gateway.auth import Credentials, Handler, load_credentials, require_auth
 from gateway.callback_urls import CallbackUrls
+from gateway.events.fanout import FanOut
+from gateway.events.fires import Fires
+from gateway.events.scheduler import Scheduler
+from gateway.events.subjects import SubjectFeeds
 from gateway.handlers.activations import Activations
 from gateway.handlers.enqueue import Enqueue
+from gateway.handlers.feeds import Feeds
 from gateway.handlers.functions import Functions
 from gateway.handlers.openwhisk import OpenWhisk
 from gateway.handlers.reliability import Reliability
 from gateway.handlers.sync import SyncProxy
 from gateway.handlers.system import System
+from gateway.handlers.triggers import Triggers
 from gateway.handlers.turn_async import TurnAsync
 from gateway.loops import Hops
 from gateway.metrics import GatewayMetrics
@@ -65,9 +73,12 @@ def create_app(
         link, names, settings.activation_max_result_bytes, settings.activation_retention_s
     )
     watch = FunctionWatch(registry, link, names)
+    # The triggers, rules and built-in feeds, watched like the functions (docs/events.md).
+    event_watch = EventWatch(link, names)
+    plan = Plan.of(settings)
     queue = GatewayQueue(
         link,
-        Plan.of(settings),
+        plan,
         records if settings.record_activations else None,
         watch,
         publish_timeout_s=settings.publish_timeout_s,
@@ -75,6 +86,7 @@ def create_app(
         max_async_body_bytes=settings.max_async_body_bytes,
         duplicate_window_s=settings.duplicate_window_s,
         nats_url=settings.nats_url,
+        watches=event_watch.watches,
     )
     served_queues = ServedQueues(registry, link, names)
     metrics.count_services(registry)
@@ -160,9 +172,47 @@ def create_app(
         record_calls=settings.record_activations,
     )
 
+    # Events: triggers and rules, feeds, and what turns fires into queued calls.
+    event_store = EventStore(link, names)
+    spaces = subject_spaces(settings.event_subjects)
+    fires = Fires(queue, plan, event_watch, metrics)
+    feeds = Feeds(
+        event_store,
+        event_watch,
+        registry,
+        whisk,
+        namespace=settings.openwhisk_namespace,
+        spaces=spaces,
+        body_timeout_s=settings.request_body_timeout_s,
+    )
+    triggers = Triggers(
+        event_store,
+        event_watch,
+        registry,
+        feeds,
+        fires,
+        queue,
+        namespace=settings.openwhisk_namespace,
+        body_timeout_s=settings.request_body_timeout_s,
+    )
+    events = Events(
+        FanOut(
+            link,
+            names,
+            queue,
+            records if settings.record_activations else None,
+            registry,
+            whisk,
+            metrics,
+            namespace=settings.openwhisk_namespace,
+        ),
+        Scheduler(fires, event_watch, registry, queue, metrics, triggers.delete_after_fire),
+        SubjectFeeds(link, fires, event_watch, registry, queue, spaces),
+    )
+
     # Request bodies pass through as sent: a gzip upload reaches the function still gzipped.
     app = web.Application(handler_args={"auto_decompress": False})
-    app.cleanup_ctx.append(_lifetime(queue, client, turn_async, whisk))
+    app.cleanup_ctx.append(_lifetime(queue, client, turn_async, whisk, events))
 
     # Without basic_auth the handlers are registered as they are: no per-request check.
     guard_system: Callable[[Handler], Handler] = _as_is
@@ -226,6 +276,9 @@ def create_app(
     route("*", "/api/v1", openwhisk({"GET": whisk.info}, None))
     route("*", "/api/v1/namespaces", openwhisk({"GET": whisk.namespaces}, credentials))
     namespace = "/api/v1/namespaces/{namespace}"
+    # The built-in feed actions, before the actions of the caller's namespace.
+    builtin_feed = openwhisk({"GET": feeds.get_builtin, "POST": feeds.invoke_builtin}, credentials)
+    route("*", "/api/v1/namespaces/whisk.system/actions/{package}/{name}", builtin_feed)
     actions = {"GET": whisk.get_action, "PUT": whisk.put_action, "POST": whisk.invoke}
     actions["DELETE"] = whisk.delete_action
     action = openwhisk(actions, credentials)
@@ -237,6 +290,14 @@ def create_app(
     route("*", activation, openwhisk({"GET": whisk.activation}, credentials))
     route("*", f"{activation}/result", openwhisk({"GET": whisk.activation_result}, credentials))
     route("*", f"{activation}/logs", openwhisk({"GET": whisk.activation_logs}, credentials))
+    trigger = {"GET": triggers.get_trigger, "PUT": triggers.put_trigger, "POST": triggers.fire}
+    trigger["DELETE"] = triggers.delete_trigger
+    rule = {"GET": triggers.get_rule, "PUT": triggers.put_rule, "POST": triggers.set_rule_status}
+    rule["DELETE"] = triggers.delete_rule
+    route("*", f"{namespace}/triggers", openwhisk({"GET": triggers.list_triggers}, credentials))
+    route("*", f"{namespace}/triggers/{{name}}", openwhisk(trigger, credentials))
+    route("*", f"{namespace}/rules", openwhisk({"GET": triggers.list_rules}, credentials))
+    route("*", f"{namespace}/rules/{{name}}", openwhisk(rule, credentials))
     route("*", "/{tail:(?s:.*)}", no_such_route)
     return app
 
@@ -245,8 +306,33 @@ def _as_is(handle: Handler) -> Handler:
     return handle
 
 
+class Events:
+    """What runs in the background of every gateway process for events: the fan-out of fires,
+    the alarms' scheduler and the NATS subject feeds."""
+
+    def __init__(self, fanout: FanOut, scheduler: Scheduler, subjects: SubjectFeeds) -> None:
+        self.fanout = fanout
+        self.scheduler = scheduler
+        self.subjects = subjects
+
+    def start(self) -> None:
+        self.fanout.start()
+        self.scheduler.start()
+        self.subjects.start()
+
+    async def close(self) -> None:
+        # No new events first; then the fires being fanned out finish or go back.
+        await self.scheduler.close()
+        await self.subjects.close()
+        await self.fanout.close()
+
+
 def _lifetime(
-    queue: GatewayQueue, client: UpstreamClient, turn_async: TurnAsync, whisk: OpenWhisk
+    queue: GatewayQueue,
+    client: UpstreamClient,
+    turn_async: TurnAsync,
+    whisk: OpenWhisk,
+    events: Events,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         try:
@@ -255,9 +341,11 @@ def _lifetime(
             await queue.close()
             await client.close()
             raise
+        events.start()  # each waits for NATS itself
         try:
             yield
         finally:
+            await events.close()
             # Calls that turned async finish first, while NATS and the client still live.
             await turn_async.close()
             await whisk.close()

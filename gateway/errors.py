@@ -10,8 +10,15 @@ import json
 
 from aiohttp import web
 
+from faas_gateway.core.events import InvalidEntityError
 from faas_gateway.core.headers import CALL_ID
 from faas_gateway.nats.activations import ActivationNotFoundError, ActivationStoreError
+from faas_gateway.nats.buckets import (
+    DocumentChangedError,
+    DocumentExistsError,
+    DocumentNotFoundError,
+    DocumentStoreError,
+)
 from faas_gateway.nats.cancellations import CancellationError
 from faas_gateway.nats.dead_letters import DeadLetterError
 from faas_gateway.nats.function_store import (
@@ -149,6 +156,8 @@ LAYER_ERRORS = (
     CancellationError,
     FunctionStoreError,
     NatsUnavailableError,
+    DocumentStoreError,
+    InvalidEntityError,
 )
 MAPPED_ERRORS = (GatewayError, *LAYER_ERRORS)
 
@@ -161,6 +170,14 @@ def http_error(exc: Exception) -> GatewayError:
     match exc:
         case CallIdTakenError() | FunctionExistsError() | ConcurrentChangeError():
             return ConflictError(message)
+        case DocumentExistsError():
+            return ConflictError("resource already exists")
+        case DocumentChangedError():
+            return ConflictError(message)
+        case DocumentNotFoundError():
+            return NotFoundError(message)
+        case InvalidEntityError():
+            return InvalidRequestError(message)
         case ActivationNotFoundError() | FunctionNotDeployedError():
             return NotFoundError(message)
         case MessageTooLargeError():
@@ -183,4 +200,6 @@ def http_error(exc: Exception) -> GatewayError:
             return QueueUnavailableError(f"the function registry is unavailable: {message}")
         case NatsUnavailableError():
             return QueueUnavailableError(f"NATS is unavailable: {message}")
+        case DocumentStoreError():
+            return QueueUnavailableError(f"the events store is unavailable: {message}")
     raise TypeError(f"no HTTP answer for {type(exc).__name__}") from exc

@@ -67,6 +67,28 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        # Events (gateway/events/): fires by where they came from, the fan-out's invocations,
+        # and how late alarm ticks are published (the scheduler's jitter).
+        self.event_fires = Counter(
+            "gateway_event_fires_total",
+            "Events by source (api, alarm, subject, cron, topic) and outcome (accepted, "
+            "duplicate, no_rules, rejected).",
+            ["source", "outcome"],
+            registry=self.registry,
+        )
+        self.fanout_invocations = Counter(
+            "gateway_fanout_invocations_total",
+            "Invocations the fan-out of fires made, by outcome (queued, called, failed).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.alarm_lateness = Histogram(
+            "gateway_alarm_lateness_seconds",
+            "How long after its tick an alarm's fire was published by this gateway.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
+
     async def count_reconnect(self) -> None:
         """A NATS link hook: the connection was lost and made again."""
         self.nats_reconnects.inc()
@@ -93,6 +115,12 @@ class GatewayMetrics:
     def observe_async(self, function: str, code: int) -> None:
         outcome = "accepted" if code == 202 else "rejected"
         self.async_requests.labels(function, outcome, str(code)).inc()
+
+    def count_fire(self, source: str, outcome: str) -> None:
+        self.event_fires.labels(source, outcome).inc()
+
+    def count_fanout(self, outcome: str, count: int = 1) -> None:
+        self.fanout_invocations.labels(outcome).inc(count)
 
     def client_disconnected(self, function: str) -> None:
         self.client_disconnects.labels(function).inc()

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import nats.errors
@@ -32,9 +33,15 @@ from faas_gateway.nats.activations import (
     queued_at_ns,
 )
 from faas_gateway.nats.auth import redact_url
+from faas_gateway.nats.buckets import BucketWatch
 from faas_gateway.nats.function_store import FunctionWatch
 from faas_gateway.nats.link import NatsLink, NatsUnavailableError, retry_until_answers
-from faas_gateway.nats.provision import Plan, StreamConfigConflictError, ensure_all
+from faas_gateway.nats.provision import (
+    Plan,
+    StreamConfigConflictError,
+    StreamLimits,
+    ensure_all,
+)
 from faas_gateway.runtime.logs import call_context
 
 log = logging.getLogger("faas.gateway")
@@ -93,11 +100,15 @@ class GatewayQueue:
         max_async_body_bytes: int | None,
         duplicate_window_s: float,
         nats_url: str,
+        watches: Sequence[BucketWatch[Any]] = (),
     ) -> None:
         self._link = link
         self._plan = plan
         self._records = records  # None: record_activations off (benchmarks only)
         self._watch = watch
+        # Other buckets this process keeps a copy of (the triggers, rules and feeds), started
+        # and restarted with the functions' watch.
+        self._watches = tuple(watches)
         self._publish_timeout_s = publish_timeout_s
         self._startup_wait_s = startup_wait_s
         self._max_async_body_bytes = max_async_body_bytes
@@ -141,6 +152,8 @@ class GatewayQueue:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self._watch.close()
+        for watch in self._watches:
+            await watch.close()
         await self._link.close()
 
     async def _connect(self) -> None:
@@ -162,10 +175,16 @@ class GatewayQueue:
                 # Async calls for functions deployed through the API should not get 404
                 # just after start-up; bounded, so a broken bucket cannot keep the queue shut.
                 self._watch.start()
+                for watch in self._watches:
+                    watch.start()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._watch.synced.wait(), FUNCTIONS_SYNC_WAIT_S)
+                    await asyncio.wait_for(self._all_synced(), FUNCTIONS_SYNC_WAIT_S)
             self._problem = None
             self._ready.set()
+
+    async def _all_synced(self) -> None:
+        for watch in (self._watch, *self._watches):
+            await watch.synced.wait()
 
     async def _on_disconnected(self) -> None:
         self._ready.clear()
@@ -175,6 +194,8 @@ class GatewayQueue:
         # A server restarted on an empty store has no streams; make them again at once.
         self._provision_in_background()
         self._watch.restart()
+        for watch in self._watches:
+            watch.restart()
 
     def _provision_in_background(self) -> None:
         task = asyncio.create_task(self._provision_after_reconnect(), name="nats-provision")
@@ -193,6 +214,13 @@ class GatewayQueue:
     @property
     def is_ready(self) -> bool:
         return self._link.connected and self._ready.is_set()
+
+    async def wait_until_ready(self) -> None:
+        """Until connected, with every stream and bucket in place."""
+        while not self.is_ready:
+            await self._ready.wait()
+            if not self._link.connected:
+                await asyncio.sleep(0.1)
 
     def raise_unless_ready(self) -> None:
         if not self.is_ready:
@@ -272,9 +300,18 @@ class GatewayQueue:
             await self.publish(subject, queued.encode(), call_id)
         log.debug("posted again: the same call", extra=call_context(call_id, queued.function))
 
-    async def publish(self, subject: str, payload: bytes, msg_id: str) -> bool:
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        msg_id: str,
+        *,
+        stream: tuple[str, StreamLimits] | None = None,
+    ) -> bool:
         """Publish and wait for JetStream's ack; True when JetStream took it as a duplicate
-        of a message within the duplicate window. Anything short of an ack is a QueueError."""
+        of a message within the duplicate window. Anything short of an ack is a QueueError.
+        ``stream``: the name and limits of the stream ``subject`` goes to, for the messages
+        of errors, when it is not the queue (the fire stream)."""
         self.raise_unless_ready()
         try:
             ack = await self._link.acks.publish(
@@ -291,7 +328,7 @@ class GatewayQueue:
             raise QueueNotReadyError("the queue is unavailable: stream missing") from exc
         except jetstream.PublishRejectedError as exc:
             if jetstream.is_storage_full(exc.err_code):
-                raise QueueFullError(self._full_limit(exc)) from exc
+                raise QueueFullError(self._full_limit(exc, stream)) from exc
             raise QueueNotReadyError(f"the queue refused the request: {exc.description}") from exc
         except (TimeoutError, NatsUnavailableError, nats.errors.Error) as exc:
             raise EnqueueUncertainError(
@@ -300,10 +337,12 @@ class GatewayQueue:
             ) from exc
         return jetstream.ack_is_duplicate(ack)
 
-    def _full_limit(self, exc: jetstream.PublishRejectedError) -> str:
-        stream = self._plan.names.stream
+    def _full_limit(
+        self, exc: jetstream.PublishRejectedError, stream: tuple[str, StreamLimits] | None
+    ) -> str:
+        name, limits = stream or (self._plan.names.stream, self._plan.queue_limits)
         if exc.err_code == jetstream.INSUFFICIENT_RESOURCES:
-            return f"NATS has no storage left for stream {stream}"
+            return f"NATS has no storage left for stream {name}"
         if "bytes" in exc.description:
-            return f"max_bytes {self._plan.queue_limits.max_bytes} of stream {stream}"
-        return f"{exc.description} on stream {stream}"  # a limit set outside our settings
+            return f"max_bytes {limits.max_bytes} of stream {name}"
+        return f"{exc.description} on stream {name}"  # a limit set outside our settings

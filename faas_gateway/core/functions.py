@@ -31,6 +31,7 @@ from pydantic import (
 )
 from yarl import URL
 
+from faas_gateway.core.feeds import FeedError, parse_cron
 from faas_gateway.core.retry import InvalidRetryPolicyError, RetryPolicy
 from faas_gateway.core.timefmt import parse_duration_s
 from faas_gateway.core.validation import one_line
@@ -55,6 +56,11 @@ class FunctionsFileError(Exception):
 
 
 QUEUE_ANNOTATION = "com.openfaas.queue"
+# OpenFaaS's connectors: topic names the NATS subjects a function is invoked for, or
+# cron-function, which runs it on its schedule (gateway/events/).
+TOPIC_ANNOTATION = "topic"
+SCHEDULE_ANNOTATION = "schedule"
+CRON_TOPIC = "cron-function"
 MAX_INFLIGHT_ANNOTATION = "max_inflight"
 DEFAULT_QUEUE = "default"
 QUEUE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
@@ -141,6 +147,13 @@ class FunctionSpec(BaseModel):
             _ANY_RETRY_POLICY.overridden_by(annotations)
         except InvalidRetryPolicyError as exc:
             raise ValueError(f"retry annotations: {exc}") from exc
+        topics = (topic.strip() for topic in annotations.get(TOPIC_ANNOTATION, "").split(","))
+        if CRON_TOPIC in topics:
+            # OpenFaaS's cron-connector convention: refused at deploy, not found at the tick.
+            try:
+                parse_cron(annotations.get(SCHEDULE_ANNOTATION))
+            except FeedError as exc:
+                raise ValueError(f"{SCHEDULE_ANNOTATION} (topic {CRON_TOPIC}): {exc}") from exc
         return annotations
 
 

@@ -27,6 +27,8 @@ HTTP_STATUS = {SUCCESS: 200, APPLICATION_ERROR: 502, DEVELOPER_ERROR: 502, INTER
 # Actions have no versions here: every one is at OpenWhisk's first.
 VERSION = "0.0.1"
 KIND = "blackbox"
+# A record's kind when it is a trigger's activation (faas_gateway/nats/activations.py).
+TRIGGER_KIND = "trigger"
 # actions/{package}/{name} is the function named {package}__{name}: two underscores, which
 # function names (in the API and in files) and action names may both hold.
 PACKAGE_SEPARATOR = "__"
@@ -194,27 +196,32 @@ def activation_summary(
     record: Mapping[str, Any], status: str | None, *, namespace: str, timeout_ms: int | None
 ) -> dict[str, Any]:
     """The listing's entry for a finished record (OpenWhisk's view without ``docs``):
-    no response and no logs, its status as the number ``statusCode``."""
+    no response and no logs, its status as the number ``statusCode``. A trigger's activation
+    (``kind`` "trigger") is named after the trigger and has no end or duration, as
+    OpenWhisk's have none."""
     function = str(record.get("function"))
     queued_ms = epoch_ms(record.get("queuedAt")) or 0
     start_ms = epoch_ms(record.get("startedAt")) or queued_ms
-    annotations: list[dict[str, Any]] = [
-        {"key": "path", "value": action_path(namespace, function)},
-        {"key": "kind", "value": KIND},
-        {"key": "waitTime", "value": max(0, start_ms - queued_ms)},
-    ]
-    if timeout_ms is not None:
-        annotations.append({"key": "limits", "value": {"timeout": timeout_ms}})
+    of_trigger = record.get("kind") == TRIGGER_KIND
+    annotations: list[dict[str, Any]] = []
+    if not of_trigger:
+        annotations = [
+            {"key": "path", "value": action_path(namespace, function)},
+            {"key": "kind", "value": KIND},
+            {"key": "waitTime", "value": max(0, start_ms - queued_ms)},
+        ]
+        if timeout_ms is not None:
+            annotations.append({"key": "limits", "value": {"timeout": timeout_ms}})
     summary: dict[str, Any] = {
         "namespace": namespace,
-        "name": action_name(function)[1],
+        "name": function if of_trigger else action_name(function)[1],
         "version": VERSION,
         "publish": False,
         "annotations": annotations,
         "activationId": str(record.get("callId")),
         "start": start_ms,
     }
-    end_ms = epoch_ms(record.get("finishedAt"))
+    end_ms = None if of_trigger else epoch_ms(record.get("finishedAt"))
     if end_ms is not None:
         summary["end"] = end_ms
         duration_ms = record.get("durationMs")

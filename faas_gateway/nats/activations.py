@@ -144,6 +144,9 @@ class Activation:
     failed_by: str | None = None
     # Lines about the call, oldest first (OpenWhisk's activation logs); most records have none.
     logs: list[str] = field(default_factory=list)
+    # What the record is of when it is not a function's call: "trigger", a trigger's fire
+    # (its ``function`` is then the trigger's name, its logs one line per rule).
+    kind: str | None = None
     # Not part of the record: the revision of the entry this process last read or wrote, on
     # which its next write is conditional. 0: no entry yet.
     revision: int = 0
@@ -193,6 +196,7 @@ class Activation:
             request_digest=record.get("requestDigest"),
             failed_by=record.get("failedBy"),
             logs=[str(line) for line in record.get("logs") or ()],
+            kind=record.get("kind"),
             revision=stored.revision,
         )
 
@@ -297,6 +301,8 @@ class Activation:
             document["failedBy"] = self.failed_by
         if self.logs:
             document["logs"] = self.logs
+        if self.kind is not None:
+            document["kind"] = self.kind
         return document
 
     def encode(self, body: bytes = b"") -> bytes:

@@ -3,8 +3,9 @@
 ``connect_options`` turns the ``nats_*`` credential and TLS settings into nats-py's connect
 arguments; both processes connect through ``faas_gateway.nats.jetstream.connect``, which uses it.
 
-``server_config`` writes a nats-server config with one user for the gateway and one for the
-workers, each allowed to publish and subscribe only on the subjects its code uses. The subjects
+``server_config`` writes a nats-server config with one user for the gateway, one for the
+workers and one for systems that publish events, each allowed to publish and subscribe only on
+the subjects its code (or role) uses. The subjects
 are derived from the settings that name the streams and buckets, so they cannot drift apart.
 ``make run`` (deploy/local_stack.py) and ``make compose-secrets`` (``python -m
 faas_gateway.nats.auth``) both write theirs with it.
@@ -12,21 +13,27 @@ faas_gateway.nats.auth``) both write theirs with it.
 What each user may do, and why (the streams are named after the settings: queue =
 nats_stream, records = KV_<activation_bucket>, results = OBJ_<activation_bucket>-results,
 index = activation_index_stream, dead letters = dead_letter_stream, functions =
-KV_<functions_bucket>, cancellations = KV_<cancellation_bucket>):
+KV_<functions_bucket>, cancellations = KV_<cancellation_bucket>, triggers, rules and feeds =
+KV_<triggers_bucket>, KV_<rules_bucket>, KV_<feeds_bucket>, fires = fire_stream):
 
-- both: look up and create all seven streams, since whichever process starts first creates
-  them; write and read activation records and the results' object store (and purge its
-  stream: nats-py does, replacing an object); subscribe to their own inboxes only
+- gateway and worker: look up and create all the streams, since whichever process starts
+  first creates them; write and read activation records and the results' object store (and
+  purge its stream: nats-py does, replacing an object); subscribe to their own inboxes only
   (nats_inbox_prefix). Neither may delete a stream or purge any other.
 - gateway only: publish async calls to the queue's subjects (no other user can forge a
   queued call) and to the index; write the functions bucket (deploy, update, delete) and
   the cancellations bucket; read dead letters; watch records' subjects (a caller waiting
   for a result); update every stream (a changed retention is applied at start). It has no
-  consumer on the queue and may not fetch, acknowledge or drop queued calls.
+  consumer on the queue and may not fetch, acknowledge or drop queued calls. For events:
+  write and watch the triggers, rules and feeds buckets; publish fires and take them from
+  the fire stream's one consumer (the fan-out), acknowledging them; subscribe to
+  event_subjects (subject feeds, topic annotations).
 - worker only: create, look up and fetch from the queue's consumers and acknowledge their
   messages; write dead letters; watch the functions and cancellations buckets; update the
   streams it writes to and the queue's. It may create those two buckets (if it is first)
   but not write to them or change them: a worker cannot deploy a function or cancel a call.
+- events only: publish to event_subjects (and subscribe to its own inbox): a system given
+  these credentials can fire what listens there, and read or change nothing else.
 """
 
 import argparse
@@ -41,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from faas_gateway.core.events import subject_spaces
 from faas_gateway.nats.names import Names
 
 if TYPE_CHECKING:
@@ -48,6 +56,10 @@ if TYPE_CHECKING:
 
 GATEWAY_USER = "gateway"
 WORKER_USER = "worker"
+# Publishes events to the subjects the gateway's subject feeds listen on (event_subjects),
+# and may do nothing else: what a system that speaks NATS is given to fire triggers.
+EVENTS_USER = "events"
+USERS = (GATEWAY_USER, WORKER_USER, EVENTS_USER)
 # One subject token or more, no wildcards: the start of every reply subject of a process.
 INBOX_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*")
 
@@ -270,7 +282,8 @@ def gateway_permissions(settings: "CommonSettings") -> Permissions:
                 names.functions_stream,
             ]
         ),
-        *_watches([names.functions_stream, names.results_stream]),
+        *_reads(names.event_streams),
+        *_watches([names.functions_stream, names.results_stream, *names.event_streams]),
         # Whether a worker serves a queue (gateway_queue_unserved): reading its consumer's
         # state, which changes nothing.
         f"$JS.API.CONSUMER.INFO.{names.stream}.>",
@@ -278,11 +291,24 @@ def gateway_permissions(settings: "CommonSettings") -> Permissions:
         f"{settings.activation_index_stream}.>",
         f"$KV.{settings.functions_bucket}.>",
         f"$KV.{settings.cancellation_bucket}.>",
+        f"$KV.{settings.triggers_bucket}.>",
+        f"$KV.{settings.rules_bucket}.>",
+        f"$KV.{settings.feeds_bucket}.>",
+        # Fires: published (a fire, an alarm tick, a message on a subject), then taken from
+        # the one durable consumer the gateways share and acknowledged (the fan-out).
+        names.fire_subjects,
+        f"$JS.API.CONSUMER.INFO.{names.fire_stream}.>",
+        f"$JS.API.CONSUMER.CREATE.{names.fire_stream}.>",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{names.fire_stream}.>",
+        f"$JS.API.CONSUMER.MSG.NEXT.{names.fire_stream}.>",
+        f"$JS.ACK.{names.fire_stream}.>",
     ]
     subscribe = [
         f"{inbox_prefix(GATEWAY_USER)}.>",
         # A caller waiting for its result watches its record's subject.
         f"$KV.{settings.activation_bucket}.>",
+        # Subject feeds and functions' topic annotations.
+        *subject_spaces(settings.event_subjects),
     ]
     return Permissions(tuple(publish), tuple(subscribe))
 
@@ -316,12 +342,19 @@ def worker_permissions(settings: "CommonSettings") -> Permissions:
     return Permissions(tuple(publish), tuple(subscribe))
 
 
+def events_permissions(settings: "CommonSettings") -> Permissions:
+    return Permissions(
+        tuple(subject_spaces(settings.event_subjects)), (f"{inbox_prefix(EVENTS_USER)}.>",)
+    )
+
+
 def server_config(settings: "CommonSettings", passwords: Mapping[str, str]) -> str:
-    """A nats-server config (its authorization block) for the users ``gateway`` and
-    ``worker`` with ``passwords``; listen address, port and JetStream come from flags."""
+    """A nats-server config (its authorization block) for the users ``gateway``, ``worker``
+    and ``events`` with ``passwords``; listen address, port and JetStream come from flags."""
     users = [
         (GATEWAY_USER, gateway_permissions(settings)),
         (WORKER_USER, worker_permissions(settings)),
+        (EVENTS_USER, events_permissions(settings)),
     ]
     lines = [
         "# Made by faas_gateway.nats.auth from the faas-gateway settings; written anew at each",
@@ -372,7 +405,7 @@ def write_stack_files(settings: "CommonSettings", secrets_dir: Path, config: Pat
     """A password for each user, made once and kept (mode 600) in ``secrets_dir``, and the
     nats-server config naming them, written anew (mode 600) so it follows the settings."""
     secrets_dir.mkdir(parents=True, exist_ok=True)
-    files = {user: password_file(secrets_dir, user) for user in (GATEWAY_USER, WORKER_USER)}
+    files = {user: password_file(secrets_dir, user) for user in USERS}
     passwords = {}
     for user, path in files.items():
         existing = path.read_text().strip() if path.exists() else ""
@@ -401,8 +434,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(
         prog="python -m faas_gateway.nats.auth",
-        description="Write NATS passwords for the users gateway and worker (kept if they "
-        "exist) and a nats-server config giving each the permissions it needs.",
+        description="Write NATS passwords for the users gateway, worker and events (kept if "
+        "they exist) and a nats-server config giving each the permissions it needs.",
     )
     parser.add_argument("secrets_dir", type=Path, help="where the files go")
     args = parser.parse_args(argv)
@@ -412,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"invalid settings: {validation_problems(exc)}")
     files = write_stack_files(settings, args.secrets_dir, args.secrets_dir / "nats-server.conf")
     print(
-        f"NATS users {GATEWAY_USER} and {WORKER_USER}: passwords in "
+        f"NATS users {', '.join(USERS)}: passwords in "
         + ", ".join(str(path) for path in files.password_files.values())
         + f"; nats-server config {files.config}"
     )

@@ -6,17 +6,14 @@ Registry's API functions equal to it, so a function deployed through one gateway
 through all of them as soon as the change reaches them (milliseconds on one NATS server).
 """
 
-import asyncio
-import contextlib
 import logging
 import re
-import time
 from typing import Any
 
 import nats.errors
 from nats.js.api import Header
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
+from nats.js.kv import KV_DEL, KV_OP, KeyValue
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -33,8 +30,8 @@ from faas_gateway.core.functions import (
     FunctionSpec,
     Registry,
 )
-from faas_gateway.core.retry import Backoff
 from faas_gateway.core.timefmt import now_rfc3339
+from faas_gateway.nats.buckets import BucketWatch
 from faas_gateway.nats.jetstream import WRONG_LAST_SEQUENCE_CODES, key_value
 from faas_gateway.nats.link import NatsLink, NatsUnavailableError
 from faas_gateway.nats.names import Names
@@ -44,10 +41,6 @@ log = logging.getLogger("faas.functions")
 # Stricter than names in the functions file: no dots, because "name.namespace" selects a
 # namespace in OpenFaaS URLs, and a key-value key may not have empty dot-separated tokens.
 API_FUNCTION_NAME_PATTERN = re.compile(r"[a-zA-Z0-9][-a-zA-Z0-9_]{0,62}")
-# How often a watch starts over from a fresh read of the whole bucket, reconnects or not.
-RESYNC_EVERY_S = 300.0
-# How often a watch that has nothing to deliver looks whether it was asked to start over.
-RESTART_CHECK_S = 1.0
 
 
 class FunctionStoreError(Exception):
@@ -244,108 +237,43 @@ class FunctionStore:
         return entry
 
 
-class FunctionWatch:
-    """Keeps a Registry's API functions equal to the bucket: a snapshot, then each change.
-
-    Started again after each reconnect: a restarted server has lost the watch's ephemeral
-    consumer, and changes made meanwhile must not be missed. Changes this process made itself
-    are applied at once (``apply``) so that its own next request sees them; revisions keep a
-    late watch delivery from undoing a newer change.
-    """
+class FunctionWatch(BucketWatch[StoredFunction]):
+    """Keeps a Registry's API functions equal to the bucket: a snapshot, then each change
+    (faas_gateway/nats/buckets.py ``BucketWatch``). ``deployed`` holds the entries a process
+    can use; one that cannot be used is logged and left out of the registry."""
 
     def __init__(self, registry: Registry, link: NatsLink, names: Names) -> None:
+        super().__init__(link, names.functions_bucket, _decode_usable, "functions")
         self._registry = registry
-        self._link = link
-        self._bucket = names.functions_bucket
-        self.deployed: dict[str, StoredFunction] = {}
-        self._revisions: dict[str, int] = {}
-        self.synced = asyncio.Event()
-        self._restart = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="function-watch")
-
-    def restart(self) -> None:
-        self._restart.set()
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    @property
+    def deployed(self) -> dict[str, StoredFunction]:
+        return self.entries
 
     def apply(self, name: str, revision: int, stored: StoredFunction | None) -> None:
         """One change to one function: deployed or updated (``stored``), or deleted (None)."""
-        if revision <= self._revisions.get(name, 0):
-            return
-        self._revisions[name] = revision
-        spec = _usable_spec(name, stored)
-        if spec is None or stored is None:
-            self.deployed.pop(name, None)
+        usable = stored if _usable_spec(name, stored) is not None else None
+        super().apply(name, revision, usable)
+
+    def _changed(self, name: str, stored: StoredFunction | None) -> None:
+        if stored is None:
             self._registry.remove_api_function(name)
-            return
-        self.deployed[name] = stored
-        self._registry.put_api_function(spec)
+        else:
+            self._registry.put_api_function(stored.deployment.to_spec())
 
-    async def _run(self) -> None:
-        backoff = Backoff(max_s=5.0)
-        while True:
-            self._restart.clear()
-            try:
-                watcher = await key_value(self._link.js, self._bucket).watchall()
-            except (nats.errors.Error, NatsUnavailableError, TimeoutError) as exc:
-                log.warning("cannot watch the functions bucket yet: %s", exc)
-                await asyncio.sleep(backoff.next_s())
-                continue
-            backoff.reset()
-            try:
-                await self._follow(watcher)
-            except (nats.errors.Error, TimeoutError) as exc:
-                log.warning("function watch interrupted, starting it again: %s", exc)
-            finally:
-                with contextlib.suppress(Exception):
-                    await watcher.stop()  # type: ignore[no-untyped-call]  # untyped upstream
-
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
-        snapshot: dict[str, tuple[int, StoredFunction | None]] | None = {}
-        # A safety net for a watch that went quiet without a disconnect (nats-py does not
-        # notice a lost ordered consumer): read the whole bucket again now and then.
-        resync_at = time.monotonic() + RESYNC_EVERY_S
-        while not self._restart.is_set() and time.monotonic() < resync_at:
-            try:
-                entry = await watcher.updates(timeout=RESTART_CHECK_S)  # type: ignore[no-untyped-call]
-            except nats.errors.TimeoutError:
-                continue
-            if entry is None:  # the bucket's state when the watch started is all in
-                if snapshot is not None:
-                    self._replace(snapshot)
-                    snapshot = None
-                    self.synced.set()
-                continue
-            if not isinstance(entry, KeyValue.Entry) or not entry.key:
-                continue
-            stored = None
-            if entry.operation not in (KV_DEL, KV_PURGE):
-                stored = _decode(entry.key, entry.value)
-            revision = entry.revision or 0
-            if snapshot is not None:
-                snapshot[entry.key] = (revision, stored)
-            else:
-                self.apply(entry.key, revision, stored)
-
-    def _replace(self, snapshot: dict[str, tuple[int, StoredFunction | None]]) -> None:
-        self._revisions = {name: revision for name, (revision, _) in snapshot.items()}
-        self.deployed = {}
+    def _replaced(self) -> None:
         specs: dict[str, FunctionSpec] = {}
-        for name, (_, stored) in snapshot.items():
+        for name, stored in self.entries.items():
             spec = _usable_spec(name, stored)
-            if spec is not None and stored is not None:
-                self.deployed[name] = stored
+            if spec is not None:
                 specs[name] = spec
         self._registry.replace_api_functions(specs)
         log.info("%d functions deployed through the API", len(specs))
+
+
+def _decode_usable(name: str, value: bytes) -> StoredFunction | None:
+    stored = _decode(name, value)
+    return stored if _usable_spec(name, stored) is not None else None
 
 
 def _decode(name: str, value: bytes | None) -> StoredFunction | None:

@@ -165,7 +165,14 @@ def key_value(js: JetStreamContext, bucket: str) -> KeyValue:
 
 
 def ack_is_duplicate(ack: bytes) -> bool:
-    return b'"duplicate":true' in ack
+    """Whether JetStream took a publish as a duplicate of one within its duplicate window.
+    nats-server writes it ``"duplicate": true``, with a space; parsed only when present."""
+    if b'"duplicate"' not in ack:
+        return False
+    try:
+        return json.loads(ack).get("duplicate") is True
+    except (ValueError, AttributeError):
+        return False
 
 
 async def read_backwards(

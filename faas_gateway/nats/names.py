@@ -25,6 +25,10 @@ class Names:
     dead_letter_stream: str  # one message per call that failed for good
     cancellation_bucket: str  # one key per cancelled call id
     functions_bucket: str  # one key per function deployed through the API
+    triggers_bucket: str  # one key per trigger (OpenWhisk's API)
+    rules_bucket: str  # one key per rule
+    feeds_bucket: str  # one key per trigger with a built-in feed (alarms, NATS subjects)
+    fire_stream: str  # accepted fires, fanned out by the gateways (work-queue retention)
 
     @classmethod
     def of(cls, settings: "CommonSettings") -> "Names":
@@ -37,6 +41,10 @@ class Names:
             dead_letter_stream=settings.dead_letter_stream,
             cancellation_bucket=settings.cancellation_bucket,
             functions_bucket=settings.functions_bucket,
+            triggers_bucket=settings.triggers_bucket,
+            rules_bucket=settings.rules_bucket,
+            feeds_bucket=settings.feeds_bucket,
+            fire_stream=settings.fire_stream,
         )
 
     # the async queue
@@ -99,6 +107,38 @@ class Names:
     def function_subject(self, name: str) -> str:
         return f"$KV.{self.functions_bucket}.{name}"
 
+    # events: triggers, rules, built-in feeds, and the fires fanned out from one stream
+
+    @property
+    def triggers_stream(self) -> str:
+        return f"KV_{self.triggers_bucket}"
+
+    @property
+    def rules_stream(self) -> str:
+        return f"KV_{self.rules_bucket}"
+
+    @property
+    def feeds_stream(self) -> str:
+        return f"KV_{self.feeds_bucket}"
+
+    @property
+    def event_streams(self) -> tuple[str, ...]:
+        """The three buckets every gateway watches."""
+        return (self.triggers_stream, self.rules_stream, self.feeds_stream)
+
+    @property
+    def fire_subjects(self) -> str:
+        return f"{self.fire_stream}.>"
+
+    def fire_subject(self, kind: str, target: str) -> str:
+        """A fire of a trigger (``kind`` "trigger") or an event for a function ("function")."""
+        return f"{self.fire_stream}.{kind}.{target}"
+
+    @property
+    def fanout_consumer(self) -> str:
+        """The durable consumer of the fire stream that all gateway processes share."""
+        return f"{self.fire_stream}-fanout"
+
     @property
     def all_streams(self) -> tuple[str, ...]:
         return (
@@ -109,4 +149,6 @@ class Names:
             self.dead_letter_stream,
             self.cancellation_stream,
             self.functions_stream,
+            *self.event_streams,
+            self.fire_stream,
         )

@@ -145,6 +145,10 @@ class Plan:
     cancellations_limits: StreamLimits
     functions: KeyValueConfig
     functions_limits: StreamLimits
+    events: tuple[KeyValueConfig, ...]  # triggers, rules, built-in feeds
+    events_limits: StreamLimits
+    fires: StreamConfig
+    fires_limits: StreamLimits
 
     @classmethod
     def of(cls, settings: CommonSettings) -> "Plan":
@@ -269,6 +273,44 @@ class Plan:
             functions_limits=StreamLimits(
                 settings.functions_max_bytes, DiscardPolicy.NEW, 0.0, "functions_max_bytes"
             ),
+            events=tuple(
+                KeyValueConfig(
+                    bucket=bucket,
+                    description=description,
+                    history=1,
+                    max_bytes=settings.events_max_bytes,
+                    storage=StorageType.FILE,
+                    replicas=replicas,
+                )
+                for bucket, description in (
+                    (names.triggers_bucket, "OpenWhisk triggers (faas-gateway)"),
+                    (names.rules_bucket, "OpenWhisk rules (faas-gateway)"),
+                    (names.feeds_bucket, "Built-in feeds: alarms, NATS subjects (faas-gateway)"),
+                )
+            ),
+            # As the functions: a change refused, never an entity dropped.
+            events_limits=StreamLimits(
+                settings.events_max_bytes, DiscardPolicy.NEW, 0.0, "events_max_bytes"
+            ),
+            # The duplicate window is what keeps one fire per alarm tick when several gateways
+            # publish it (Nats-Msg-Id alarm-<trigger>-<tick>): the queue's, far longer than a
+            # scheduler is ever late.
+            fires=StreamConfig(
+                name=names.fire_stream,
+                description="Accepted trigger fires and connector events (faas-gateway)",
+                subjects=[names.fire_subjects],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+                num_replicas=replicas,
+                duplicate_window=window_s,
+            ),
+            # Discard new, as the queue: a fire refused (503), never an accepted one dropped.
+            fires_limits=StreamLimits(
+                settings.fire_max_bytes,
+                DiscardPolicy.NEW,
+                settings.async_retention_s,
+                "fire_max_bytes",
+            ),
         )
 
 
@@ -282,6 +324,9 @@ async def ensure_all(js: JetStreamContext, plan: Plan) -> None:
     await ensure_limited_stream(js, plan.dead_letters, plan.dead_letters_limits)
     await ensure_key_value(js, plan.cancellations, plan.cancellations_limits)
     await ensure_key_value(js, plan.functions, plan.functions_limits)
+    for bucket in plan.events:
+        await ensure_key_value(js, bucket, plan.events_limits)
+    await ensure_queue(js, plan.fires, plan.fires_limits, "fire_stream")
 
 
 async def ensure_key_value(
@@ -315,9 +360,15 @@ async def ensure_object_store(
         raise limits.refused(stream, exc) from exc
 
 
-async def ensure_queue(js: JetStreamContext, desired: StreamConfig, limits: StreamLimits) -> None:
-    """Create the queue if it is missing; refuse to run against one that differs in kind;
-    keep its limits and duplicate window current."""
+async def ensure_queue(
+    js: JetStreamContext,
+    desired: StreamConfig,
+    limits: StreamLimits,
+    name_setting: str = "nats_stream",
+) -> None:
+    """Create the queue (or another work-queue stream, named by ``name_setting``) if it is
+    missing; refuse to run against one that differs in kind; keep its limits and duplicate
+    window current."""
     name = desired.name
     assert name is not None
     desired = limits.apply(desired)
@@ -346,7 +397,7 @@ async def ensure_queue(js: JetStreamContext, desired: StreamConfig, limits: Stre
         raise StreamConfigConflictError(
             f"NATS stream {name!r} exists with a conflicting config: "
             + "; ".join(conflicts)
-            + ". Delete it (nats stream rm) or set nats_stream to another name."
+            + f". Delete it (nats stream rm) or set {name_setting} to another name."
         )
     # One update with the limits: a window longer than max_age is refused in between.
     window_s = desired.duplicate_window or 0

@@ -8,11 +8,19 @@ Go duration strings.
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from faas_gateway.core.callback_policy import signing_keys
+from faas_gateway.core.events import is_valid_subject, subject_spaces
 from faas_gateway.core.timefmt import format_duration_s, parse_duration_s
 from faas_gateway.nats import auth as nats_auth
 
@@ -256,6 +264,48 @@ class CommonSettings(BaseSettings):
         "Most bytes of the cancellation bucket; when full, a cancel gets 503 until older "
         "cancellations expire (none is forgotten early).",
     )
+    triggers_bucket: str = setting(
+        "faas-triggers",
+        "triggers_bucket",
+        "NATS key-value bucket of the OpenWhisk triggers (/api/v1/namespaces/_/triggers), "
+        "watched by every gateway.",
+    )
+    rules_bucket: str = setting(
+        "faas-rules",
+        "rules_bucket",
+        "NATS key-value bucket of the OpenWhisk rules, watched by every gateway.",
+    )
+    feeds_bucket: str = setting(
+        "faas-feeds",
+        "feeds_bucket",
+        "NATS key-value bucket of the built-in feeds (alarms, NATS subjects), watched by every "
+        "gateway.",
+    )
+    events_max_bytes: ByteLimit = setting(
+        64 * MIB,
+        "events_max_bytes",
+        "Most bytes of each of the triggers, rules and feeds buckets; when one is full, "
+        "creating or changing its entries gets 503.",
+    )
+    fire_stream: str = setting(
+        "faas-fires",
+        "fire_stream",
+        "JetStream stream of accepted trigger fires and connector events (work-queue "
+        "retention), which the gateways fan out to the async queue.",
+    )
+    fire_max_bytes: ByteLimit = setting(
+        256 * MIB,
+        "fire_max_bytes",
+        "Most bytes the fire stream holds; a fire that does not fit gets 503 with Retry-After, "
+        "and nothing accepted is dropped to make room.",
+    )
+    event_subjects: str = setting(
+        "events.>",
+        "event_subjects",
+        "NATS subjects that nats/subject feeds and functions' topic annotations may listen on: "
+        "subjects or wildcards, comma-separated. make run's gateway may subscribe there and its "
+        "user events publish there.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = setting(
         "info", "log_level", "Log level."
     )
@@ -264,6 +314,14 @@ class CommonSettings(BaseSettings):
         "log_format",
         "text: a line for people; json: one JSON object a line, for log collectors.",
     )
+
+    @field_validator("event_subjects")
+    @classmethod
+    def _event_subjects_are_subjects(cls, value: str) -> str:
+        for space in subject_spaces(value):
+            if not is_valid_subject(space):
+                raise ValueError(f"{space!r} is not a NATS subject or wildcard")
+        return value
 
     @model_validator(mode="after")
     def _nats_credentials_are_consistent(self) -> Self:

@@ -313,17 +313,7 @@ class OpenWhisk:
         finally:
             hold.release()  # unless the call that turned async took it over
         self._metrics.observe_sync(function.name, outcome.status_code, call.elapsed_s())
-        response = activation_response(
-            finished="succeeded" if outcome.succeeded else "failed",
-            failed_by=outcome.failed_by,
-            error=outcome.error,
-            status_code=outcome.status_code,
-            headers=outcome.headers,
-            body=outcome.body,
-            body_size=outcome.body_size,
-            cut=outcome.spooled_size is not None,
-            max_result_bytes=self._max_result_bytes,
-        )
+        response = self.result_of(outcome)
         activation = None
         if result_only:
             body = result_bytes(response["result"])
@@ -346,6 +336,53 @@ class OpenWhisk:
         )
         answer.headers[ACTIVATION_ID_HEADER] = call.call_id
         return answer
+
+    async def call_blocking(
+        self, queued: QueuedCall, function: FunctionSpec, call: CallContext, *, record: bool
+    ) -> Outcome:
+        """Call the function now, within its own timeouts, and wait for its outcome (it never
+        turns async): a feed action's lifecycle event, a connector's sync invocation. With
+        ``record``, its record is written after, as a blocking invoke's is. TooManyRequests
+        (429) when the function is at its max_inflight."""
+        hold = self._sync.hold(function, call)
+        try:
+            self._metrics.started(function.name)
+            headers = [*queued.headers, ("X-Call-Id", call.call_id)]
+            headers.append(("X-Start-Time", str(call.start_ns)))
+            pending = asyncio.create_task(
+                self._client.request(
+                    "POST",
+                    function.url_for("", ""),
+                    headers,
+                    queued.body,
+                    self._sync.timeouts(function),
+                )
+            )
+            try:
+                outcome = await self._outcome(pending, function, call)
+            except asyncio.CancelledError:
+                pending.cancel()
+                raise
+        finally:
+            hold.release()
+        self._metrics.observe_sync(function.name, outcome.status_code, call.elapsed_s())
+        if record and self._record_calls:
+            self._in_background(self._record_ended(queued, call, outcome, None))
+        return outcome
+
+    def result_of(self, outcome: Outcome) -> dict[str, Any]:
+        """An outcome as an activation's ``response``: ``{status, success, result}``."""
+        return activation_response(
+            finished="succeeded" if outcome.succeeded else "failed",
+            failed_by=outcome.failed_by,
+            error=outcome.error,
+            status_code=outcome.status_code,
+            headers=outcome.headers,
+            body=outcome.body,
+            body_size=outcome.body_size,
+            cut=outcome.spooled_size is not None,
+            max_result_bytes=self._max_result_bytes,
+        )
 
     async def _outcome(
         self, pending: "asyncio.Task[UpstreamResponse]", function: FunctionSpec, call: CallContext
@@ -454,7 +491,7 @@ class OpenWhisk:
             await self._response(stored),
             namespace=self.namespace,
             subject=self.namespace,
-            timeout_ms=self._timeout_ms(self._registry.get(str(stored.record.get("function")))),
+            timeout_ms=self._record_timeout_ms(stored.record),
         )
 
     async def _response(self, stored: StoredActivation) -> dict[str, Any]:
@@ -484,10 +521,15 @@ class OpenWhisk:
             bool(kept.get("storageFull")),
             self._max_result_bytes,
         )
-        function = self._registry.get(str(record.get("function")))
         return activation_summary(
-            record, status, namespace=self.namespace, timeout_ms=self._timeout_ms(function)
+            record, status, namespace=self.namespace, timeout_ms=self._record_timeout_ms(record)
         )
+
+    def _record_timeout_ms(self, record: Mapping[str, Any]) -> int | None:
+        """The timeout of the function a record is of (none for a trigger's)."""
+        if record.get("kind") is not None:
+            return None
+        return self._timeout_ms(self._registry.get(str(record.get("function"))))
 
     # helpers
 
@@ -510,13 +552,7 @@ class OpenWhisk:
         return None if total_s is None else round(total_s * 1000)
 
     async def _read_json(self, request: web.Request, limit: int, *, allow_empty: bool) -> Any:
-        body = await read_body(request, self._body_timeout_s, limit)
-        if allow_empty and not body.strip():
-            return {}
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRequestError(f"{MALFORMED}{exc}") from exc
+        return await read_json_body(request, limit, self._body_timeout_s, allow_empty=allow_empty)
 
 
 class ActionPut:
@@ -633,6 +669,20 @@ def ended_activation(queued: QueuedCall, call: CallContext, outcome: Outcome) ->
     activation.start(attempts=1, started_at_ns=call.start_ns)
     activation.finish(outcome)
     return activation
+
+
+async def read_json_body(
+    request: web.Request, limit: int, timeout_s: float, *, allow_empty: bool
+) -> Any:
+    """A request's JSON body (``{}`` when empty and ``allow_empty``); 400 in OpenWhisk's words
+    when it is not JSON, 413 beyond ``limit``."""
+    body = await read_body(request, timeout_s, limit)
+    if allow_empty and not body.strip():
+        return {}
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(f"{MALFORMED}{exc}") from exc
 
 
 # query parameters

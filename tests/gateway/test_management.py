@@ -13,7 +13,7 @@ from aiohttp import web
 from nats.aio.client import Client as NatsClient
 from nats.js.errors import NoKeysError
 
-from faas_gateway.nats import function_store
+from faas_gateway.nats import buckets
 from tests.conftest import StartGateway, StartRecorder, StartWorker, ready_gateway
 from tests.harness import NatsServer, RecordedRequest, get_json, registry_of, wait_until
 
@@ -374,7 +374,7 @@ async def test_a_watch_whose_consumer_vanished_catches_up_at_its_next_resync(
     nats_client: NatsClient,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(function_store, "RESYNC_EVERY_S", 0.5)
+    monkeypatch.setattr(buckets, "RESYNC_EVERY_S", 0.5)
     function = await recorder()
     one = await ready_gateway(start_gateway, http, registry_of())
     other = await ready_gateway(start_gateway, http, registry_of())

@@ -27,6 +27,7 @@ from nats.js.errors import NoKeysError
 from pydantic import ValidationError
 
 from faas_gateway.nats.auth import (
+    EVENTS_USER,
     GATEWAY_USER,
     WORKER_USER,
     NatsCredentialsError,
@@ -42,11 +43,12 @@ from faas_gateway.nats.provision import Plan, ensure_all
 from faas_gateway.runtime.settings import CommonSettings
 from queue_worker.consumer import ensure_consumer
 from queue_worker.settings import WorkerSettings
-from tests.conftest import StartGateway, StartRecorder, StartWorker, ready_gateway
+from tests.conftest import RunningGateway, StartGateway, StartRecorder, StartWorker, ready_gateway
 from tests.harness import (
     Gate,
     NatsServer,
     RecordedRequest,
+    Recorder,
     connect_once,
     final_record,
     get_json,
@@ -251,8 +253,105 @@ async def test_gateway_and_worker_signed_in_as_their_users_do_all_they_do(
     assert {called_back, large_call, deployed_call, running, failed, again} <= listed
     gate.opened.set()
 
+    # Events: a trigger and its rule (the buckets and their watches), fired (the fire stream
+    # and the fan-out's consumer), its activation read back.
+    await whisk(http, gateway, "PUT", "triggers/t", {})
+    await whisk(http, gateway, "PUT", "rules/r", {"trigger": "t", "action": "echo"})
+    fired = await whisk(http, gateway, "POST", "triggers/t", {"via": "fire"})
+    await wait_until(lambda: echoed(echo_function, "fire"), DEADLINE_S, "the fired rule")
+    await wait_until(
+        lambda: ended(http, gateway, fired["activationId"]), DEADLINE_S, "the trigger's record"
+    )
+    # A NATS subject feed, fed by a system signed in as the user events (the gateway's
+    # subscription in the queue group), and an alarm (the scheduler's deduplicated publish).
+    await whisk(
+        http,
+        gateway,
+        "POST",
+        "whisk.system/actions/nats/subject?blocking=true",
+        {"lifecycleEvent": "CREATE", "triggerName": "/_/t", "subject": "events.auth"},
+    )
+    publisher, _ = await connect_as(nats_server, stack_files, EVENTS_USER)
+    try:
+
+        async def fed() -> bool:
+            await publisher.publish("events.auth", b'{"via": "subject"}')
+            return echoed(echo_function, "subject")
+
+        await wait_until(fed, DEADLINE_S, "the subject feed", 0.2)
+    finally:
+        await publisher.close()
+    await whisk(http, gateway, "PUT", "triggers/a", {})
+    await whisk(http, gateway, "PUT", "rules/ra", {"trigger": "a", "action": "echo"})
+    await whisk(
+        http,
+        gateway,
+        "POST",
+        "whisk.system/actions/alarms/alarm?blocking=true",
+        {
+            "lifecycleEvent": "CREATE",
+            "triggerName": "/_/a",
+            "cron": "* * * * * *",
+            "trigger_payload": {"via": "alarm"},
+        },
+    )
+    await wait_until(lambda: echoed(echo_function, "alarm"), DEADLINE_S, "the alarm")
+
     # Not one subject either process used was outside its permissions.
     assert violations(nats_server) == []
+
+
+async def whisk(
+    http: aiohttp.ClientSession, gateway: RunningGateway, method: str, path: str, body: Any
+) -> Any:
+    namespace = "whisk.system" if path.startswith("whisk.system/") else "_"
+    path = path.removeprefix("whisk.system/")
+    url = gateway.url(f"/api/v1/namespaces/{namespace}/{path}")
+    async with http.request(method, url, json=body) as response:
+        assert response.status in (200, 202), await response.text()
+        return await response.json()
+
+
+def echoed(function: Recorder, via: str) -> bool:
+    return any(
+        request.body.startswith(b"{") and json.loads(request.body).get("via") == via
+        for request in function.requests
+    )
+
+
+async def ended(http: aiohttp.ClientSession, gateway: RunningGateway, activation_id: str) -> bool:
+    status, _ = await get_json(
+        http, gateway.url(f"/api/v1/namespaces/_/activations/{activation_id}")
+    )
+    return status == 200
+
+
+async def test_the_events_user_may_publish_events_and_nothing_else(
+    nats_server: NatsServer, stack_files: StackFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="faas.nats")
+    events, settings = await connect_as(nats_server, stack_files, EVENTS_USER)
+    try:
+        await events.publish("events.orders", b"an event")  # allowed: no denial logged
+        await events.publish(settings.subject_for("default", "echo"), b"forged call")
+        await events.publish(f"{settings.fire_stream}.trigger.t", b"forged fire")
+        await events.subscribe("events.>")
+
+        def all_denied() -> bool:
+            messages = " ".join(
+                r.getMessage() for r in caplog.records if "NATS denied" in r.getMessage()
+            )
+            return (
+                settings.subject_for("default", "echo") in messages
+                and f"{settings.fire_stream}.trigger.t" in messages
+                and 'subscription to "events.>"' in messages
+            )
+
+        await wait_until(all_denied, DEADLINE_S, "the three denials in the log")
+        denied = " ".join(r.getMessage() for r in caplog.records)
+        assert "events.orders" not in denied
+    finally:
+        await events.close()
 
 
 async def test_the_worker_user_cannot_deploy_functions_or_queue_calls(

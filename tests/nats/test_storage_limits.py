@@ -109,6 +109,10 @@ def expected_streams() -> dict[str, tuple[int, DiscardPolicy, float]]:
         "faas-dead-letters": (1024 * MIB, DiscardPolicy.OLD, 7 * DAY_S),
         "KV_faas-cancellations": (64 * MIB, DiscardPolicy.NEW, 3 * DAY_S),
         "KV_faas-functions": (64 * MIB, DiscardPolicy.NEW, 0.0),
+        "KV_faas-triggers": (64 * MIB, DiscardPolicy.NEW, 0.0),
+        "KV_faas-rules": (64 * MIB, DiscardPolicy.NEW, 0.0),
+        "KV_faas-feeds": (64 * MIB, DiscardPolicy.NEW, 0.0),
+        "faas-fires": (256 * MIB, DiscardPolicy.NEW, 7 * DAY_S),
     }
 
 
