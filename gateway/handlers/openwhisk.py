@@ -288,18 +288,7 @@ class OpenWhisk:
         hold = self._sync.hold(function, call)  # 429 at the function's max_inflight
         try:
             self._turn_async.raise_if_full()  # it may turn async: 429 before it is sent
-            self._metrics.started(function.name)
-            headers = [*queued.headers, ("X-Call-Id", call.call_id)]
-            headers.append(("X-Start-Time", str(call.start_ns)))
-            pending = asyncio.create_task(
-                self._client.request(
-                    "POST",
-                    function.url_for("", ""),
-                    headers,
-                    queued.body,
-                    self._sync.timeouts(function),
-                )
-            )
+            pending = self._send(queued, function, call)
             try:
                 if not await ended_within(pending, wait_s):
                     taken = await self._turn_async.take_over(call, queued, function, pending, hold)
@@ -346,18 +335,7 @@ class OpenWhisk:
         (429) when the function is at its max_inflight."""
         hold = self._sync.hold(function, call)
         try:
-            self._metrics.started(function.name)
-            headers = [*queued.headers, ("X-Call-Id", call.call_id)]
-            headers.append(("X-Start-Time", str(call.start_ns)))
-            pending = asyncio.create_task(
-                self._client.request(
-                    "POST",
-                    function.url_for("", ""),
-                    headers,
-                    queued.body,
-                    self._sync.timeouts(function),
-                )
-            )
+            pending = self._send(queued, function, call)
             try:
                 outcome = await self._outcome(pending, function, call)
             except asyncio.CancelledError:
@@ -369,6 +347,23 @@ class OpenWhisk:
         if record and self._record_calls:
             self._in_background(self._record_ended(queued, call, outcome, None))
         return outcome
+
+    def _send(
+        self, queued: QueuedCall, function: FunctionSpec, call: CallContext
+    ) -> "asyncio.Task[UpstreamResponse]":
+        """The call to the function, started: its answer is the task's."""
+        self._metrics.started(function.name)
+        headers = [*queued.headers, ("X-Call-Id", call.call_id)]
+        headers.append(("X-Start-Time", str(call.start_ns)))
+        return asyncio.create_task(
+            self._client.request(
+                "POST",
+                function.url_for("", ""),
+                headers,
+                queued.body,
+                self._sync.timeouts(function),
+            )
+        )
 
     def result_of(self, outcome: Outcome) -> dict[str, Any]:
         """An outcome as an activation's ``response``: ``{status, success, result}``."""

@@ -22,11 +22,10 @@ from tests.conftest import RunningGateway, ready_gateway
 from tests.gateway.test_openwhisk import (
     API_KEY,
     AUTH,
-    PASSWORD,
-    USER,
     Reply,
     Whisk,
     assert_whisk_error,
+    whisk_gateway,
 )
 from tests.harness import (
     DEADLINE_S,
@@ -69,14 +68,11 @@ async def start_whisk(
 ) -> Whisk:
     if functions is None:
         functions = {name: await recorder(responder) for name, responder in FUNCTIONS.items()}
-    gateway = await ready_gateway(
+    gateway = await whisk_gateway(
         start_gateway,
         http,
         registry_of(**{name: server.url for name, server in functions.items()}),
-        basic_auth=True,
-        basic_auth_user=USER,
-        basic_auth_password=PASSWORD,
-        secret_mount_path=tmp_path / "no-secrets",
+        tmp_path / "no-secrets",
     )
     return Whisk(gateway, Registry(), http, functions)
 

@@ -37,6 +37,22 @@ StartWorker = Callable[..., Awaitable[Worker]]
 StartRecorder = Callable[..., Awaitable[Recorder]]
 
 
+async def whisk_gateway(
+    start_gateway: StartGateway, http: aiohttp.ClientSession, registry: Registry, secrets: Path
+) -> RunningGateway:
+    """A ready gateway whose Basic auth credentials are the OpenWhisk API key ``API_KEY``
+    (``secrets``: a folder with no credential files, so that the settings' ones apply)."""
+    return await ready_gateway(
+        start_gateway,
+        http,
+        registry,
+        basic_auth=True,
+        basic_auth_user=USER,
+        basic_auth_password=PASSWORD,
+        secret_mount_path=secrets,
+    )
+
+
 class Gate:
     """A function that holds every call until the test opens the gate."""
 
@@ -150,15 +166,7 @@ async def whisk(
     entries["never"] = {"url": functions["never"].url, "exec_timeout": "0.3s"}
     entries["gone"] = f"http://127.0.0.1:{free_port()}"
     registry = registry_of(**entries)
-    gateway = await ready_gateway(
-        start_gateway,
-        http,
-        registry,
-        basic_auth=True,
-        basic_auth_user=USER,
-        basic_auth_password=PASSWORD,
-        secret_mount_path=tmp_path / "no-secrets",
-    )
+    gateway = await whisk_gateway(start_gateway, http, registry, tmp_path / "no-secrets")
     await start_worker(registry_of(**entries))
     return Whisk(gateway, registry, http, functions, gate)
 

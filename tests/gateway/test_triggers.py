@@ -21,15 +21,14 @@ from nats.aio.client import Client as NatsClient
 from faas_gateway.core.events import Fire, rule_call_id
 from faas_gateway.core.functions import Registry
 from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, ready_gateway
+from tests.conftest import RunningGateway
 from tests.gateway.test_openwhisk import (
     ACTIVATION_ID,
     ACTIVATION_ID_HEADER,
-    PASSWORD,
-    USER,
     Reply,
     Whisk,
     assert_whisk_error,
+    whisk_gateway,
 )
 from tests.harness import DEADLINE_S, RecordedRequest, Recorder, registry_of, wait_until
 
@@ -56,14 +55,8 @@ async def whisk(
 ) -> Whisk:
     functions = {name: await recorder(echo) for name in ("hello", "other", "pkg__packaged")}
     entries = {name: server.url for name, server in functions.items()}
-    gateway = await ready_gateway(
-        start_gateway,
-        http,
-        registry_of(**entries),
-        basic_auth=True,
-        basic_auth_user=USER,
-        basic_auth_password=PASSWORD,
-        secret_mount_path=tmp_path / "no-secrets",
+    gateway = await whisk_gateway(
+        start_gateway, http, registry_of(**entries), tmp_path / "no-secrets"
     )
     await start_worker(registry_of(**entries))
     return Whisk(gateway, Registry(), http, functions)
@@ -350,15 +343,7 @@ async def test_a_trigger_made_on_one_gateway_fires_through_another(
     tmp_path: Path,
 ) -> None:
     entries = {name: server.url for name, server in whisk.functions.items()}
-    other = await ready_gateway(
-        start_gateway,
-        http,
-        registry_of(**entries),
-        basic_auth=True,
-        basic_auth_user=USER,
-        basic_auth_password=PASSWORD,
-        secret_mount_path=tmp_path / "none",
-    )
+    other = await whisk_gateway(start_gateway, http, registry_of(**entries), tmp_path / "none")
     elsewhere = Whisk(other, Registry(), http, whisk.functions)
     await made(whisk, "triggers/t", {})
     await made(whisk, "rules/r", {"trigger": "t", "action": "hello"})

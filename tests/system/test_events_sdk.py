@@ -15,7 +15,8 @@ import pytest
 
 from faas_gateway.core.events import rule_call_id, tick_fire_id
 from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, ready_gateway
+from tests.conftest import RunningGateway
+from tests.gateway.test_openwhisk import whisk_gateway
 from tests.harness import DEADLINE_S, Recorder, registry_of, wait_until
 from tests.system.test_openwhisk_sdk import (  # sdk_modules: the fixture, shared
     PASSWORD,
@@ -43,14 +44,8 @@ async def stack(
 ) -> tuple[Node, RunningGateway, Recorder, Recorder]:
     function, sentinel = await recorder(echo), await recorder(echo)
     entries = {"echo": function.url, "sentinel": sentinel.url}
-    gateway = await ready_gateway(
-        start_gateway,
-        http,
-        registry_of(**entries),
-        basic_auth=True,
-        basic_auth_user=USER,
-        basic_auth_password=PASSWORD,
-        secret_mount_path=tmp_path / "no-secrets",
+    gateway = await whisk_gateway(
+        start_gateway, http, registry_of(**entries), tmp_path / "no-secrets"
     )
     await start_worker(registry_of(**entries))
     scripts = tmp_path / "scripts"

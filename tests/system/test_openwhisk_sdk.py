@@ -19,13 +19,13 @@ import pytest
 from aiohttp import web
 
 from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, ready_gateway
+from tests.conftest import RunningGateway
+from tests.gateway.test_openwhisk import PASSWORD, USER, whisk_gateway
 from tests.harness import ROOT, RecordedRequest, Recorder, registry_of
 
 SDK_VERSION = "3.21.9"
 SDK_DIR = ROOT / ".cache" / "openwhisk-sdk"
 DEADLINE_S = 60.0
-USER, PASSWORD = "whisk", "s3cret"
 
 StartGateway = Callable[..., Awaitable[RunningGateway]]
 StartWorker = Callable[..., Awaitable[Worker]]
@@ -156,14 +156,8 @@ async def node(
     function = await recorder(echo)
     held = await recorder(gate.responder)
     entries = {"echo": function.url, "held": held.url}
-    gateway = await ready_gateway(
-        start_gateway,
-        http,
-        registry_of(**entries),
-        basic_auth=True,
-        basic_auth_user=USER,
-        basic_auth_password=PASSWORD,
-        secret_mount_path=tmp_path / "no-secrets",
+    gateway = await whisk_gateway(
+        start_gateway, http, registry_of(**entries), tmp_path / "no-secrets"
     )
     await start_worker(registry_of(**entries))
     scripts = tmp_path / "scripts"
