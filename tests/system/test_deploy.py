@@ -3,7 +3,6 @@ the links), the local stack, docker-compose, the sample functions. The compose f
 here (no Docker engine), so it is checked against the code it configures."""
 
 import asyncio
-import random
 import re
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from gateway.auth import PASSWORD_FILE, USER_FILE
 from gateway.settings import GatewaySettings
 from queue_worker.settings import WorkerSettings
 from tests.harness import ROOT, NatsServer, connect_once, wait_until
+from tests.system.test_local_stack import free_offset
 
 sys.path.insert(0, str(ROOT / "deploy"))
 import local_stack
@@ -381,28 +381,6 @@ def test_make_passes_args_on(target, command):
     )
     last = run.stdout.splitlines()[-1]
     assert last.endswith(f"{command} --port-offset 100 --no-auth"), run.stdout
-
-
-def free_offset() -> int:
-    """A port offset at which every port of the local stack is free."""
-    defaults = (4222, 8080, 8081, 9001, 9002, 9003)
-    for _ in range(50):
-        offset = random.randrange(20000, 40000)
-        ports = [port + offset for port in defaults]
-        if all(_port_is_free(port) for port in ports):
-            return offset
-    raise AssertionError("no free port offset found")
-
-
-def _port_is_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def console_examples() -> list[tuple[str, str]]:
