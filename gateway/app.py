@@ -29,6 +29,7 @@ from gateway.handlers.reliability import Reliability
 from gateway.handlers.sync import SyncProxy
 from gateway.handlers.system import System
 from gateway.handlers.turn_async import TurnAsync
+from gateway.invocation_server import INVOCATIONS, Invocations
 from gateway.loops import Hops
 from gateway.metrics import GatewayMetrics
 from gateway.queue import GatewayQueue
@@ -238,6 +239,14 @@ def create_app(
     route("*", f"{activation}/result", openwhisk({"GET": whisk.activation_result}, credentials))
     route("*", f"{activation}/logs", openwhisk({"GET": whisk.activation_logs}, credentials))
     route("*", "/{tail:(?s:.*)}", no_such_route)
+    # What the lean server in front of aiohttp needs to serve /function/* itself
+    # (gateway/invocation_server.py): the same proxy, the same guard.
+    app[INVOCATIONS] = Invocations(
+        sync_proxy,
+        turn_async,
+        credentials if settings.basic_auth_invocations else None,
+        settings.request_body_timeout_s,
+    )
     return app
 
 
