@@ -243,6 +243,7 @@ def create_app(
     # (gateway/invocation_server.py): the same proxy, the same guard.
     app[INVOCATIONS] = Invocations(
         sync_proxy,
+        enqueue,
         turn_async,
         credentials if settings.basic_auth_invocations else None,
         settings.request_body_timeout_s,

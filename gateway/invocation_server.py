@@ -36,6 +36,7 @@ from multidict import CIMultiDict
 from faas_gateway.core.headers import CALL_ID
 from gateway.auth import CHALLENGE, Credentials
 from gateway.errors import MAPPED_ERRORS, InvalidRequestError, error_response, http_error
+from gateway.handlers.enqueue import Enqueue
 from gateway.handlers.sync import SMALL_BODY_BYTES, SyncProxy
 from gateway.handlers.turn_async import TurnAsync
 from gateway.request import CallContext, InvalidCallIdError, new_call_id, resolve_call_id
@@ -45,9 +46,11 @@ from gateway.routes import invocation_error
 log = logging.getLogger("faas.gateway")
 
 FUNCTION_PREFIX = b"/function/"
-# A head longer than this (aiohttp takes lines of up to 8190 bytes) goes to aiohttp, which
-# answers it or refuses it as it always has.
-MAX_HEAD_BYTES = 16 * 1024
+ASYNC_PREFIX = b"/async-function/"
+# A head longer than this, or with more headers, goes to aiohttp, which answers it or refuses
+# it as it always has (its limits: lines and fields of 8190 bytes, 128 headers).
+MAX_HEAD_BYTES = 8190
+MAX_HEADERS = 100
 # Bytes held while a call runs (a client that pipelines): past this, reading pauses.
 MAX_BUFFERED_BYTES = SMALL_BODY_BYTES + MAX_HEAD_BYTES
 # An idle kept-alive connection is closed after this long, as aiohttp's server does.
@@ -62,6 +65,7 @@ class Invocations:
     """What the lean server needs from the application (gateway/app.py builds it)."""
 
     sync_proxy: SyncProxy
+    enqueue: Enqueue
     turn_async: TurnAsync
     credentials: Credentials | None  # basic_auth_invocations: the credentials to check
     body_timeout_s: float
@@ -210,9 +214,9 @@ class InvocationProtocol(asyncio.Protocol):
         """Start the next request if its head is complete; hand the connection to aiohttp
         if this server does not serve it."""
         buffer = self._buffer
-        end = buffer.find(b"\r\n\r\n")
+        end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
         if end < 0:
-            if len(buffer) > MAX_HEAD_BYTES:
+            if len(buffer) >= MAX_HEAD_BYTES + 4:
                 self._hand_over()
             return
         head_bytes = bytes(buffer[: end + 4])
@@ -227,8 +231,13 @@ class InvocationProtocol(asyncio.Protocol):
 
     def _parse(self, head_bytes: bytes) -> "_Request | None":
         """The request, if it is one this server takes whole; None for aiohttp."""
-        if not head_bytes.startswith(FUNCTION_PREFIX, head_bytes.find(b" ") + 1):
-            return None  # not /function/ (every other route), or not an origin-form target
+        target = head_bytes.find(b" ") + 1
+        if head_bytes.startswith(FUNCTION_PREFIX, target):
+            prefix = FUNCTION_PREFIX
+        elif head_bytes.startswith(ASYNC_PREFIX, target):
+            prefix = ASYNC_PREFIX
+        else:
+            return None  # every other route, or not an origin-form target
         if not head_bytes.isascii():
             return None
         head = _Head()
@@ -237,16 +246,20 @@ class InvocationProtocol(asyncio.Protocol):
             parser.feed_data(head_bytes)
         except httptools.HttpParserError:
             return None  # aiohttp says what is wrong with it
+        if len(head.pairs) > MAX_HEADERS:
+            return None
         method = parser.get_method().decode()
         version = parser.get_http_version()
         if method in ("HEAD", "CONNECT") or version not in ("1.1", "1.0"):
             return None
+        if prefix is ASYNC_PREFIX and method != "POST":
+            return None  # a DELETE cancels a call; anything else is aiohttp's 405
         raw_path, _, raw_query = head.url.partition(b"?")
         # Escapes, dot segments, doubled slashes, fragments and backslashes: aiohttp's
         # routing decodes and normalises paths, so such paths stay with it.
         if any(mark in raw_path for mark in (b"%", b"/.", b"//", b"\\")) or b"#" in head.url:
             return None
-        name, slash, rest = raw_path[len(FUNCTION_PREFIX) :].partition(b"/")
+        name, slash, rest = raw_path[len(prefix) :].partition(b"/")
         if not name:
             return None
         headers: CIMultiDict[str] = CIMultiDict(
@@ -262,10 +275,14 @@ class InvocationProtocol(asyncio.Protocol):
             length = int(lengths[0])
             if length > SMALL_BODY_BYTES:
                 return None  # streamed through by aiohttp's side
-        if self._invocations.turn_async.wait_before_async_for(headers) is not None:
+        if (
+            prefix is FUNCTION_PREFIX
+            and self._invocations.turn_async.wait_before_async_for(headers) is not None
+        ):
             return None  # sync_async_after: every call may turn async
         return _Request(
             self,
+            queued=prefix is ASYNC_PREFIX,
             name=name.decode(),
             subpath=(slash + rest).decode(),
             method=method,
@@ -329,7 +346,12 @@ class InvocationProtocol(asyncio.Protocol):
             request.send_response(invocation_error(InvalidRequestError(str(exc)), call))
             return
         try:
-            await invocations.sync_proxy.handle_whole(request, call)
+            if request.queued:
+                response = await invocations.enqueue.handle_whole(request, call)
+                call.apply_to(response.headers)
+                request.send_response(response)
+            else:
+                await invocations.sync_proxy.handle_whole(request, call)
         except MAPPED_ERRORS as exc:
             if not request.started:
                 request.send_response(invocation_error(http_error(exc), call))
@@ -410,6 +432,7 @@ class _Request:
         "method",
         "must_close",
         "name",
+        "queued",
         "raw_query",
         "remote",
         "started",
@@ -420,6 +443,7 @@ class _Request:
         self,
         connection: InvocationProtocol,
         *,
+        queued: bool,
         name: str,
         subpath: str,
         method: str,
@@ -431,6 +455,7 @@ class _Request:
         keep_alive: bool,
     ) -> None:
         self._connection = connection
+        self.queued = queued  # /async-function/: recorded and queued, not proxied
         self.name = name
         self.subpath = subpath
         self.method = method

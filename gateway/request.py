@@ -229,12 +229,38 @@ def queued_call(
     callback_url: str | None,
 ) -> QueuedCall:
     """The call as the queue keeps it (and as a record describes it)."""
+    request_line = RequestLine(
+        function.name, subpath, request.method, request.rel_url.raw_query_string
+    )
+    return queued_call_of(call, request_line, function, subpath, headers, body, callback_url)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLine:
+    """What an invocation's request line says, from aiohttp's request or the lean server's."""
+
+    name: str  # the function, as in /function/<name>
+    subpath: str  # the rest of the path, still percent-encoded: '' or '/...'
+    method: str
+    raw_query: str
+
+
+def queued_call_of(
+    call: "CallContext",
+    request_line: RequestLine,
+    function: FunctionSpec,
+    subpath: str,
+    headers: CIMultiDict[str],
+    body: bytes,
+    callback_url: str | None,
+) -> QueuedCall:
+    """queued_call from the parts of a request."""
     return QueuedCall(
         call_id=call.call_id,
         function=function.name,
-        method=request.method,
+        method=request_line.method,
         path=subpath,
-        query=request.rel_url.raw_query_string,
+        query=request_line.raw_query,
         headers=list(headers.items()),
         body=body,
         callback_url=callback_url,

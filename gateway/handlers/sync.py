@@ -62,6 +62,7 @@ class WholeRequest(Protocol):
     headers: "CIMultiDict[str]"
     remote: str | None
     host: str
+    body_length: int  # its Content-Length, 0 without one
 
     async def body(self) -> bytes | None:
         """The whole body (None: there is none), each wait for more bytes bounded by
