@@ -1,11 +1,13 @@
-"""A lean HTTP/1.1 server for sync invocations, in front of aiohttp's on the same port.
+"""A lean HTTP/1.1 server for invocations, in front of aiohttp's on the same port.
 
 Profiles of the sync path (bench/README.md, "Round two") put most of the gateway's own CPU
 per call in aiohttp's server: its request and response objects, its payload streams, its
 writer. This protocol parses the request head with httptools (as uvicorn does) and serves
-the common invocation itself: ``/function/<name>[/...]`` with a body of known length up to
-SMALL_BODY_BYTES (or none), one that cannot turn async. The proxying is SyncProxy's own
-(``handle_whole``); only the HTTP framing lives here.
+the common invocations itself: ``/function/<name>[/...]`` with a body of known length up to
+SMALL_BODY_BYTES (or none), one that cannot turn async, and a ``POST
+/async-function/<name>[/...]`` of the same kind without ``Prefer``. The proxying is
+SyncProxy's own (``handle_whole``), the queueing Enqueue's (``handle_whole``); only the HTTP
+framing lives here.
 
 Anything else is handed to aiohttp, with the bytes of the request as they came: the
 connection's transport is given to an aiohttp request handler, which from then on serves
