@@ -331,7 +331,8 @@ async def async_accept(ctx: Context) -> Result:
     baseline = median_rate(runs["minimal publisher"])
     rates = {name: median_rate(results) for name, results in runs.items()}
     ratios = {name: rate / baseline for name, rate in rates.items() if name != "minimal publisher"}
-    best = max(ratios.values())
+    # Issue 16 asks this of one process; the second is reported beside it.
+    one_process = ratios["gateway x1"]
     figure = f"minimal publisher {baseline:,.0f} req/s; " + "; ".join(
         f"{name} {rates[name]:,.0f} req/s ({ratios[name]:.2f})" for name in ratios
     )
@@ -339,9 +340,9 @@ async def async_accept(ctx: Context) -> Result:
         4,
         "Async accept, 1 KiB POST, 50 connections",
         figure,
-        best,
-        ">= 0.8 x minimal publisher",
-        best >= 0.8,
+        one_process,
+        ">= 0.8 x minimal publisher (gateway x1)",
+        one_process >= 0.8,
         {"rates": rates, "ratios": ratios, "runs": _dump(runs)},
     )
 
