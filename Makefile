@@ -6,8 +6,9 @@ INSTALLED := $(VENV)/.installed
 
 .PHONY: run test api-check lint format install clean bench bench-quick compose-secrets compose-check
 
-# Options for make run, make test and make api-check, passed on as they are:
-# make run ARGS="--port-offset 100", make test ARGS="-k openapi".
+# Options for make run, make test, make api-check and make bench(-quick), passed on as they
+# are: make run ARGS="--port-offset 100", make test ARGS="-k openapi",
+# make bench ARGS="--scenarios 1,2 --peer http://127.0.0.1:8080".
 ARGS ?=
 
 $(INSTALLED): pyproject.toml
@@ -32,10 +33,10 @@ api-check: $(INSTALLED)
 	$(PY) deploy/api_check.py $(ARGS)
 
 bench: $(INSTALLED)
-	$(PY) -m bench
+	$(PY) -m bench $(ARGS)
 
 bench-quick: $(INSTALLED)
-	$(PY) -m bench --quick
+	$(PY) -m bench --quick $(ARGS)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

@@ -3,6 +3,8 @@
 python -m bench                 # the full run (about 8 minutes); writes bench/SUMMARY.md
 python -m bench --quick         # about a minute: shorter runs, one round
 python -m bench --peer http://127.0.0.1:8080   # also measure another gateway
+python -m bench --scenarios 1,2 --peer http://127.0.0.1:8080 --peer-pid 1234
+                                # ... and its CPU per request (or --peer-cgroup PATH)
 """
 
 import argparse
@@ -21,8 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.load import load_tool
-from bench.scenarios import SCENARIOS, Context, Result
-from bench.stack import ROOT, BenchStack, Ports
+from bench.scenarios import SCENARIOS, Context, Result, peer_name, sync_comparison_table
+from bench.stack import ROOT, BenchStack, CgroupCpu, CpuSource, PidCpu, Ports
 
 RESULTS_DIR = ROOT / "bench" / "results"
 SUMMARY = ROOT / "bench" / "SUMMARY.md"
@@ -55,6 +57,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "harness's upstream (printed at start)",
     )
     parser.add_argument(
+        "--peer-pid",
+        action="append",
+        default=[],
+        type=int,
+        metavar="PID",
+        help="the process of the peer given in the same position (its children counted too), "
+        "for its CPU per request",
+    )
+    parser.add_argument(
+        "--peer-cgroup",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PATH",
+        help="the cgroup directory of the peer given in the same position (a container's, "
+        "say), for its CPU per request; instead of --peer-pid",
+    )
+    parser.add_argument(
         "--base-port", type=int, default=9700, help="first of six ports the harness uses"
     )
     parser.add_argument(
@@ -73,7 +93,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON and markdown go"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        peer_cpu(args)
+    except (ValueError, RuntimeError) as exc:
+        parser.error(str(exc))
+    return args
+
+
+def peer_cpu(args: argparse.Namespace) -> dict[str, CpuSource]:
+    """Where each peer's CPU time is read, by its target name: the n-th --peer-pid or
+    --peer-cgroup goes with the n-th --peer."""
+    if args.peer_pid and args.peer_cgroup:
+        raise ValueError("give either --peer-pid or --peer-cgroup, not both")
+    sources: list[CpuSource] = [PidCpu(pid) for pid in args.peer_pid]
+    sources += [CgroupCpu(path) for path in args.peer_cgroup]
+    if len(sources) > len(args.peer):
+        raise ValueError("more --peer-pid/--peer-cgroup than --peer")
+    for source in sources:
+        source.cpu_seconds()  # a wrong pid or path is found now, not after minutes of load
+    return {peer_name(peer): source for peer, source in zip(args.peer, sources, strict=False)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,6 +164,7 @@ async def run(args: argparse.Namespace) -> int:
             peers=args.peer,
             log=log,
             results=results,
+            peer_cpu=peer_cpu(args),
         )
         for number in numbers:
             scenario = SCENARIOS[number]
@@ -156,6 +196,9 @@ async def run(args: argparse.Namespace) -> int:
     }
     ordered = [results[number] for number in sorted(results)]
     table = markdown_table(ordered)
+    comparison = sync_comparison_table(results)
+    if comparison is not None:
+        table += "\n\nScenarios 1 and 2 side by side:\n\n" + comparison
     print("\n" + table)
     save(
         meta,

@@ -16,7 +16,7 @@ import nats
 
 from bench.activations import SEED_FUNCTIONS, seed_activations, time_listing
 from bench.load import LoadResult, run_load
-from bench.stack import BenchStack, Proc
+from bench.stack import BenchStack, CpuSource, Proc
 from faas_gateway.nats.names import Names
 from faas_gateway.runtime.settings import CommonSettings
 
@@ -48,6 +48,9 @@ class Context:
     peers: list[str]
     log: Callable[[str], None]
     results: dict[int, Result] = field(default_factory=dict)
+    # A peer's CPU time, by its target name (peer_name), when --peer-pid/--peer-cgroup say
+    # where to read it.
+    peer_cpu: dict[str, CpuSource] = field(default_factory=dict)
 
     def gateway_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.stack.ports.gateway}{path}"
@@ -60,7 +63,7 @@ async def measure_interleaved(
     ctx: Context,
     targets: dict[str, str],
     connections: int,
-    cpu_of: dict[str, Proc] | None = None,
+    cpu_of: dict[str, CpuSource] | None = None,
     cpu_us: dict[str, list[float]] | None = None,
     **load: Any,
 ) -> dict[str, list[LoadResult]]:
@@ -106,15 +109,25 @@ def sync_targets(ctx: Context) -> dict[str, str]:
         f"gateway x{ctx.gateway_workers}": ctx.gateway_multi_url("/function/echo"),
     }
     for peer in ctx.peers:
-        targets[f"peer {peer}"] = peer.rstrip("/") + "/function/echo"
+        targets[peer_name(peer)] = peer.rstrip("/") + "/function/echo"
     return targets
 
 
+def peer_name(url: str) -> str:
+    return f"peer {url}"
+
+
+# With --peer, the sync targets of issue 16: ours (one process) at least this much faster
+# than each peer at 50 connections, and adding no more latency than it at one.
+PEER_THROUGHPUT_TARGET = 1.05
+
+
 async def sync_throughput(ctx: Context) -> Result:
-    cpu_of = {
+    cpu_of: dict[str, CpuSource] = {
         "direct": ctx.services,
         "gateway x1": ctx.gateway,
         f"gateway x{ctx.gateway_workers}": ctx.gateway_multi,
+        **ctx.peer_cpu,
     }
     cpu_us: dict[str, list[float]] = {}
     runs = await measure_interleaved(
@@ -126,20 +139,42 @@ async def sync_throughput(ctx: Context) -> Result:
     ours = {name: ratio for name, ratio in ratios.items() if name.startswith("gateway")}
     best_name = max(ours, key=ours.__getitem__)
     cpu = {name: statistics.median(values) for name, values in cpu_us.items()}
+    # Ours over each peer, for each of our gateways: the figure issue 16 sets a target on.
+    over_peer = {
+        peer: {name: rates[name] / rates[peer] for name in ours}
+        for peer in map(peer_name, ctx.peers)
+    }
     figure = (
         f"direct {direct:,.0f} req/s; "
         + "; ".join(f"{name} {rates[name]:,.0f} req/s ({ratios[name]:.2f})" for name in ratios)
         + "; CPU per request: "
         + ", ".join(f"{name} {value:.0f} µs" for name, value in cpu.items())
+        + "".join(
+            f"; ours/{peer}: " + ", ".join(f"{name} {x:.2f}" for name, x in by_ours.items())
+            for peer, by_ours in over_peer.items()
+        )
     )
+    target = ">= 0.45 x direct"
+    met = ours[best_name] >= 0.45
+    if over_peer:
+        target += f"; gateway x1 >= {PEER_THROUGHPUT_TARGET} x each peer"
+        met = met and all(
+            by_ours["gateway x1"] >= PEER_THROUGHPUT_TARGET for by_ours in over_peer.values()
+        )
     return Result(
         1,
         "Sync proxy, 1 KiB POST echo, 50 connections",
         figure,
         ours[best_name],
-        ">= 0.45 x direct",
-        ours[best_name] >= 0.45,
-        {"rates": rates, "ratios": ratios, "cpu_us_per_request": cpu, "runs": _dump(runs)},
+        target,
+        met,
+        {
+            "rates": rates,
+            "ratios": ratios,
+            "cpu_us_per_request": cpu,
+            "ours_over_peer": over_peer,
+            "runs": _dump(runs),
+        },
     )
 
 
@@ -154,15 +189,72 @@ async def sync_latency(ctx: Context) -> Result:
         f"{name} +{value:.3f} ms" for name, value in added.items()
     )
     value = added["gateway x1"]
+    target = "<= 0.35 ms added (gateway x1)"
+    met = value <= 0.35
+    peers = [peer_name(peer) for peer in ctx.peers]
+    if peers:
+        target += "; <= each peer's"
+        met = met and all(value <= added[peer] for peer in peers)
     return Result(
         2,
         "Sync proxy, 1 connection: added p50 latency",
         figure,
         value,
-        "<= 0.35 ms added (gateway x1)",
-        value <= 0.35,
+        target,
+        met,
         {"added_ms": added, "direct_p50_ms": direct, "runs": _dump(runs)},
     )
+
+
+def sync_comparison_table(results: dict[int, Result]) -> str | None:
+    """Scenarios 1 and 2 as one table with a column per target (direct, ours, each peer),
+    the side-by-side comparison of issue 16; None when neither ran."""
+    throughput, latency = results.get(1), results.get(2)
+    columns: list[str] = []
+    for result, key in ((throughput, "rates"), (latency, "added_ms")):
+        if result is not None and key in result.details:
+            columns += [name for name in result.details[key] if name not in columns]
+    if not columns:
+        return None
+    if "direct" not in columns:
+        columns.insert(0, "direct")
+    peers = [name for name in columns if name.startswith("peer ")]
+    rows: list[list[str]] = []
+    if throughput is not None and "rates" in throughput.details:
+        rates = throughput.details["rates"]
+        ratios = throughput.details["ratios"]
+        rows.append(
+            ["c=50 req/s (ratio to direct)"]
+            + [
+                f"{rates[name]:,.0f}" + (f" ({ratios[name]:.2f})" if name in ratios else "")
+                if name in rates
+                else "-"
+                for name in columns
+            ]
+        )
+        over_peer = throughput.details.get("ours_over_peer", {})
+        for peer in peers:
+            rows.append(
+                [f"c=50 ours / {peer}"]
+                + [
+                    f"{over_peer[peer][name]:.2f}" if name in over_peer.get(peer, {}) else "-"
+                    for name in columns
+                ]
+            )
+        cpu = throughput.details["cpu_us_per_request"]
+        rows.append(
+            ["CPU per request at c=50"]
+            + [f"{cpu[name]:.0f} µs" if name in cpu else "n/a" for name in columns]
+        )
+    if latency is not None and "added_ms" in latency.details:
+        added = latency.details["added_ms"]
+        rows.append(
+            ["c=1 added p50"]
+            + [f"+{added[name]:.3f} ms" if name in added else "-" for name in columns]
+        )
+    lines = ["| figure | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 async def _chunks(total_bytes: int, chunk_bytes: int = 256 * 1024) -> AsyncIterator[bytes]:
@@ -239,7 +331,8 @@ async def async_accept(ctx: Context) -> Result:
     baseline = median_rate(runs["minimal publisher"])
     rates = {name: median_rate(results) for name, results in runs.items()}
     ratios = {name: rate / baseline for name, rate in rates.items() if name != "minimal publisher"}
-    best = max(ratios.values())
+    # Issue 16 asks this of one process; the second is reported beside it.
+    one_process = ratios["gateway x1"]
     figure = f"minimal publisher {baseline:,.0f} req/s; " + "; ".join(
         f"{name} {rates[name]:,.0f} req/s ({ratios[name]:.2f})" for name in ratios
     )
@@ -247,9 +340,9 @@ async def async_accept(ctx: Context) -> Result:
         4,
         "Async accept, 1 KiB POST, 50 connections",
         figure,
-        best,
-        ">= 0.8 x minimal publisher",
-        best >= 0.8,
+        one_process,
+        ">= 0.8 x minimal publisher (gateway x1)",
+        one_process >= 0.8,
         {"rates": rates, "ratios": ratios, "runs": _dump(runs)},
     )
 

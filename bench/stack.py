@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 
@@ -62,14 +63,7 @@ class Proc:
     def cpu_seconds(self) -> float:
         """User and system CPU time of the process and its children still running (the
         processes of a multi-process gateway)."""
-        total = 0.0
-        for pid in [self.pid, *_children(self.pid)]:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except FileNotFoundError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
+        return process_tree_cpu_seconds(self.pid)
 
     def rss_bytes(self) -> int:
         return self._status_kib("VmRSS") * 1024
@@ -90,6 +84,55 @@ class Proc:
         except TimeoutError:
             self.process.kill()
             await self.process.wait()
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for member in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+class CpuSource(Protocol):
+    """Where a process's CPU time is read: our own processes, or a peer gateway's."""
+
+    def cpu_seconds(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class PidCpu:
+    """A peer gateway's CPU time from its pid (``--peer-pid``), its children included."""
+
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        if not Path(f"/proc/{self.pid}").exists():
+            raise RuntimeError(f"--peer-pid {self.pid}: no such process")
+        return process_tree_cpu_seconds(self.pid)
+
+
+@dataclass(frozen=True)
+class CgroupCpu:
+    """A peer's CPU time from its cgroup (``--peer-cgroup``): a container, or a systemd unit.
+    cgroup v2 keeps it in ``cpu.stat`` (usage_usec), v1 in ``cpuacct.usage`` (ns)."""
+
+    path: Path
+
+    def cpu_seconds(self) -> float:
+        stat = self.path / "cpu.stat"
+        if stat.exists():
+            for line in stat.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    return int(value) / 1e6
+        usage = self.path / "cpuacct.usage"
+        if usage.exists():
+            return int(usage.read_text()) / 1e9
+        raise RuntimeError(f"--peer-cgroup {self.path}: neither cpu.stat nor cpuacct.usage")
 
 
 def _children(pid: int) -> list[int]:

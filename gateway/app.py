@@ -37,6 +37,7 @@ from gateway.handlers.sync import SyncProxy
 from gateway.handlers.system import System
 from gateway.handlers.triggers import Triggers
 from gateway.handlers.turn_async import TurnAsync
+from gateway.invocation_server import INVOCATIONS, Invocations
 from gateway.loops import Hops
 from gateway.metrics import GatewayMetrics
 from gateway.queue import GatewayQueue
@@ -299,6 +300,15 @@ def create_app(
     route("*", f"{namespace}/rules", openwhisk({"GET": triggers.list_rules}, credentials))
     route("*", f"{namespace}/rules/{{name}}", openwhisk(rule, credentials))
     route("*", "/{tail:(?s:.*)}", no_such_route)
+    # What the lean server in front of aiohttp needs to serve /function/* itself
+    # (gateway/invocation_server.py): the same proxy, the same guard.
+    app[INVOCATIONS] = Invocations(
+        sync_proxy,
+        enqueue,
+        turn_async,
+        credentials if settings.basic_auth_invocations else None,
+        settings.request_body_timeout_s,
+    )
     return app
 
 

@@ -23,7 +23,7 @@ import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from multidict import CIMultiDictProxy
+from multidict import MultiMapping
 
 from gateway.errors import LoopDetectedError
 
@@ -45,7 +45,7 @@ class Hops:
     def __init__(self, instance: str | None = None) -> None:
         self.received_by = RECEIVED_BY_PREFIX + (instance or secrets.token_hex(6))
 
-    def via_for(self, incoming: "CIMultiDictProxy[str]", function: str) -> str:
+    def via_for(self, incoming: MultiMapping[str], function: str) -> str:
         """The Via to forward a call of ``function`` with; LoopDetectedError if this request
         has been here for that function already, or through too many gateways."""
         mark = f"{self.received_by} (function {function})"

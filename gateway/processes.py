@@ -6,6 +6,8 @@ NATS connection; this process only supervises them. Metrics then use prometheus-
 multiprocess mode, so any process's /metrics answers for all of them.
 """
 
+import asyncio
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -25,6 +27,7 @@ from faas_gateway.nats.provision import StreamConfigConflictError
 from faas_gateway.runtime.logs import configure_logging
 from faas_gateway.runtime.loops import new_event_loop
 from gateway.app import create_app
+from gateway.invocation_server import INVOCATIONS, InvocationSite
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("faas.gateway")
@@ -33,19 +36,65 @@ MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def serve(settings: GatewaySettings, registry: Registry, *, reuse_port: bool = False) -> None:
+    loop = new_event_loop(settings.event_loop)
     try:
-        web.run_app(
-            create_app(settings, registry),
-            host=settings.gateway_host,
-            port=settings.gateway_port,
-            reuse_port=reuse_port or None,
-            shutdown_timeout=settings.shutdown_grace_s,
-            access_log=None,
-            print=None,
-            loop=new_event_loop(settings.event_loop),
-        )
+        app = create_app(settings, registry)
+        if settings.invocation_server == "aiohttp":
+            web.run_app(
+                app,
+                host=settings.gateway_host,
+                port=settings.gateway_port,
+                reuse_port=reuse_port or None,
+                shutdown_timeout=settings.shutdown_grace_s,
+                access_log=None,
+                print=None,
+                loop=loop,
+            )
+        else:
+            _run_with_invocation_server(app, settings, reuse_port, loop)
     except (StreamConfigConflictError, NatsCredentialsError) as exc:
         sys.exit(f"faas-gateway: {exc}")
+
+
+def _run_with_invocation_server(
+    app: web.Application,
+    settings: GatewaySettings,
+    reuse_port: bool,
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """web.run_app's steps, with gateway/invocation_server.py's site in place of its TCP site:
+    SIGTERM/SIGINT stop it gracefully (aiohttp's runner: running calls get shutdown_grace)."""
+
+    async def run() -> None:
+        runner = web.AppRunner(
+            app, handle_signals=True, access_log=None, shutdown_timeout=settings.shutdown_grace_s
+        )
+        await runner.setup()
+        try:
+            site = InvocationSite(
+                runner,
+                app[INVOCATIONS],
+                settings.gateway_host,
+                settings.gateway_port,
+                reuse_port=reuse_port,
+            )
+            await site.start()
+            await asyncio.Event().wait()  # until a signal raises GracefulExit
+        finally:
+            await runner.cleanup()
+
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(run())
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError, web.GracefulExit):
+            loop.run_until_complete(main)  # the runner's cleanup, inside run()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 def process_count(settings: GatewaySettings) -> int:

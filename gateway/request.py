@@ -4,6 +4,7 @@ the headers it forwards, its RFC 7240 preferences, and the queued call it become
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -120,12 +121,17 @@ def raw_subpath(request: web.Request) -> str:
 
 
 def checked_subpath(request: web.Request) -> str:
-    """raw_subpath, refused with 400 if it could climb out of the function's base path.
+    """raw_subpath, refused with 400 if it could climb out of the function's base path."""
+    return check_subpath(raw_subpath(request))
+
+
+def check_subpath(subpath: str) -> str:
+    """The sub-path (still percent-encoded), refused with 400 if it could climb out of the
+    function's base path.
 
     The sub-path goes on as the client sent it, after the function's URL: a '..' in it would
     let the function's server (or a proxy before it) resolve /base/../admin to /admin.
     """
-    subpath = raw_subpath(request)
     # Most paths have neither a dot nor an escape, and skip the whole check.
     if ("." in subpath or "%" in subpath) and has_dot_segment(subpath):
         raise InvalidRequestError(
@@ -149,12 +155,20 @@ def has_dot_segment(raw_path: str) -> bool:
 
 def forwarded_headers(request: web.Request, also_drop: frozenset[str]) -> CIMultiDict[str]:
     """The client's end-to-end headers plus X-Forwarded-For and X-Forwarded-Host."""
-    headers = end_to_end(request.headers, also_drop)
-    forwarded_for = request.remote or ""
+    return forwarded_headers_of(request.headers, request.remote, request.host, also_drop)
+
+
+def forwarded_headers_of(
+    incoming: Mapping[str, str], remote: str | None, host: str, also_drop: frozenset[str]
+) -> CIMultiDict[str]:
+    """forwarded_headers from the parts of a request: its headers, the client's address and
+    the host it asked for."""
+    headers = end_to_end(incoming, also_drop)
+    forwarded_for = remote or ""
     if FORWARDED_FOR in headers:
         forwarded_for = f"{headers[FORWARDED_FOR]}, {forwarded_for}"
     headers[FORWARDED_FOR] = forwarded_for
-    headers[FORWARDED_HOST] = request.host
+    headers[FORWARDED_HOST] = host
     return headers
 
 
@@ -215,12 +229,38 @@ def queued_call(
     callback_url: str | None,
 ) -> QueuedCall:
     """The call as the queue keeps it (and as a record describes it)."""
+    request_line = RequestLine(
+        function.name, subpath, request.method, request.rel_url.raw_query_string
+    )
+    return queued_call_of(call, request_line, function, subpath, headers, body, callback_url)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLine:
+    """What an invocation's request line says, from aiohttp's request or the lean server's."""
+
+    name: str  # the function, as in /function/<name>
+    subpath: str  # the rest of the path, still percent-encoded: '' or '/...'
+    method: str
+    raw_query: str
+
+
+def queued_call_of(
+    call: "CallContext",
+    request_line: RequestLine,
+    function: FunctionSpec,
+    subpath: str,
+    headers: CIMultiDict[str],
+    body: bytes,
+    callback_url: str | None,
+) -> QueuedCall:
+    """queued_call from the parts of a request."""
     return QueuedCall(
         call_id=call.call_id,
         function=function.name,
-        method=request.method,
+        method=request_line.method,
         path=subpath,
-        query=request.rel_url.raw_query_string,
+        query=request_line.raw_query,
         headers=list(headers.items()),
         body=body,
         callback_url=callback_url,

@@ -48,11 +48,11 @@ def invocation(handle: InvocationHandler) -> Handler:
             # Rejected, but still an invocation response: a new call id (the invalid one is
             # never echoed into headers or logs) and the timing headers.
             call = CallContext(new_call_id())
-            return _error(InvalidRequestError(str(exc)), call)
+            return invocation_error(InvalidRequestError(str(exc)), call)
         try:
             response = await handle(request, call)
         except MAPPED_ERRORS as exc:
-            return _error(http_error(exc), call)
+            return invocation_error(http_error(exc), call)
         if not response.prepared:
             call.apply_to(response.headers)
         return response
@@ -60,7 +60,8 @@ def invocation(handle: InvocationHandler) -> Handler:
     return route
 
 
-def _error(error: GatewayError, call: CallContext) -> web.Response:
+def invocation_error(error: GatewayError, call: CallContext) -> web.Response:
+    """A refused invocation: the JSON error with the call's headers."""
     response = error_response(error.status, error.message, call.call_id, error.headers)
     call.apply_to(response.headers)
     if error.closes_connection:

@@ -1,5 +1,5 @@
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
@@ -13,6 +13,13 @@ class GatewaySettings(CommonSettings):
         1,
         "gateway_workers",
         "Gateway processes sharing the port (SO_REUSEPORT); 0: one per CPU core.",
+    )
+    invocation_server: Literal["httptools", "aiohttp"] = setting(
+        "httptools",
+        "invocation_server",
+        "What serves invocations: httptools, a lean HTTP/1.1 server in front of aiohttp's "
+        "on the same port that takes sync calls and async POSTs with a body of known length "
+        "up to 64 KiB and hands every other request to aiohttp; or aiohttp for everything.",
     )
     read_timeout_s: Seconds = setting(
         60.0, "read_timeout", "Sync calls: longest wait for the next bytes from a function."

@@ -8,8 +8,6 @@ import aiohttp
 import nats
 import pytest
 import uvloop
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
 
 from faas_gateway.core.functions import Registry
@@ -21,6 +19,7 @@ from gateway.settings import GatewaySettings
 from queue_worker.settings import WorkerSettings
 from queue_worker.worker import Worker
 from tests.harness import (
+    GatewayServer,
     NatsServer,
     Recorder,
     Responder,
@@ -146,14 +145,15 @@ def worker_settings(nats_url: str, **overrides: Any) -> WorkerSettings:
 async def start_gateway(
     nats_server: NatsServer,
 ) -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
-    """``await start_gateway(registry, **settings)``: a real gateway on a free port."""
-    running: list[TestServer] = []
+    """``await start_gateway(registry, **settings)``: a real gateway on a free port, served
+    as in production, except that a call is cancelled when its client leaves (as aiohttp's
+    TestServer does)."""
+    running: list[GatewayServer] = []
 
     async def start(registry: Registry, **overrides: Any) -> RunningGateway:
         settings = gateway_settings(overrides.pop("nats_url", nats_server.url), **overrides)
         app = create_app(settings, registry)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
+        server = await GatewayServer(app, settings, handler_cancellation=True).start()
         running.append(server)
         return RunningGateway(server, app, settings)
 
@@ -196,23 +196,19 @@ async def start_production_like_gateway(
 ) -> AsyncIterator[Callable[..., Awaitable[str]]]:
     """A gateway served the way gateway/cli.py serves it (web.run_app: handlers are not
     cancelled when the client disconnects; TestServer cancels them). Returns its base URL."""
-    runners: list[web.AppRunner] = []
+    servers: list[GatewayServer] = []
 
     async def start(registry: Registry, **overrides: Any) -> str:
-        app = create_app(
-            gateway_settings(overrides.pop("nats_url", nats_server.url), **overrides), registry
-        )
-        runner = web.AppRunner(app, handler_cancellation=False, access_log=None)
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}"
+        settings = gateway_settings(overrides.pop("nats_url", nats_server.url), **overrides)
+        server = await GatewayServer(
+            create_app(settings, registry), settings, handler_cancellation=False
+        ).start()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/")
 
     yield start
-    for runner in runners:
-        await runner.cleanup()
+    for server in servers:
+        await server.close()
 
 
 async def ready_gateway(

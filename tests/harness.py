@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from faas_gateway.core.functions import FunctionSpec, Registry
+from gateway.invocation_server import INVOCATIONS, InvocationSite
 from gateway.settings import GatewaySettings
 from queue_worker.worker import Worker
 
@@ -288,9 +289,46 @@ class Recorder:
         return calls
 
 
+class GatewayServer:
+    """A gateway app served the way gateway/processes.py serves it: by the lean invocation
+    server in front of aiohttp's (gateway/invocation_server.py), or by aiohttp alone when
+    its settings say invocation_server=aiohttp; on a free port. ``handler_cancellation``
+    as aiohttp's TestServer has it (True: a call is cancelled when its client leaves)."""
+
+    def __init__(
+        self, app: web.Application, settings: GatewaySettings, handler_cancellation: bool
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.runner = web.AppRunner(app, handler_cancellation=handler_cancellation, access_log=None)
+        self.host = "127.0.0.1"
+        self.port: int | None = None
+        self._closed = False
+
+    async def start(self) -> "GatewayServer":
+        await self.runner.setup()
+        if self.settings.invocation_server == "aiohttp":
+            site: web.BaseSite = web.TCPSite(self.runner, self.host, 0)
+            await site.start()
+            self.port = self.runner.addresses[0][1]
+        else:
+            lean = InvocationSite(self.runner, self.app[INVOCATIONS], self.host, 0)
+            await lean.start()
+            self.port = lean.port
+        return self
+
+    def make_url(self, path: str) -> URL:
+        return URL(f"http://{self.host}:{self.port}").join(URL(path))
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self.runner.cleanup()
+
+
 @dataclass
 class RunningGateway:
-    server: TestServer
+    server: GatewayServer
     app: web.Application
     settings: GatewaySettings
 

@@ -3,9 +3,10 @@
 import asyncio
 import functools
 import logging
+from typing import Protocol
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from faas_gateway.core.functions import FunctionSpec, Registry
@@ -31,9 +32,11 @@ from gateway.loops import VIA, Hops
 from gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from gateway.request import (
     CallContext,
-    checked_subpath,
+    check_subpath,
     forwarded_headers,
+    forwarded_headers_of,
     queued_call,
+    raw_subpath,
     resolve_function,
 )
 from gateway.request_bodies import StreamedBody, failure_of, read_body
@@ -46,6 +49,44 @@ REQUEST_HEADERS_NOT_FORWARDED = frozenset({"host", "expect"})
 SMALL_BODY_BYTES = 64 * 1024
 # What a 429 for a busy function tells the client to wait: calls are usually shorter.
 RETRY_AFTER_BUSY_S = 1
+
+
+class WholeRequest(Protocol):
+    """An invocation as the lean server holds it (gateway/invocation_server.py), and where
+    its answer goes."""
+
+    name: str  # the function's name, as in /function/<name>
+    subpath: str  # the rest of the path, still percent-encoded: '' or '/...'
+    method: str
+    raw_query: str
+    headers: "CIMultiDict[str]"
+    remote: str | None
+    host: str
+    body_length: int  # its Content-Length, 0 without one
+
+    async def body(self) -> bytes | None:
+        """The whole body (None: there is none), each wait for more bytes bounded by
+        request_body_timeout; raises the client's failure as a GatewayError."""
+        ...
+
+    def answer(self, status: int, reason: str, headers: "CIMultiDict[str]", body: bytes) -> None:
+        """The whole response, in one write."""
+        ...
+
+    async def start_answer(self, status: int, reason: str, headers: "CIMultiDict[str]") -> None:
+        """Status and headers of a streamed response; ConnectionError once the client left."""
+        ...
+
+    async def write(self, chunk: bytes) -> None:
+        """The next piece of a streamed response; ConnectionError once the client left."""
+        ...
+
+    async def end_answer(self) -> None: ...
+
+    def cut_short(self) -> None:
+        """The function broke off a streamed response: close the connection, so the client
+        sees a cut response rather than a whole one."""
+        ...
 
 
 class SyncProxy:
@@ -78,40 +119,68 @@ class SyncProxy:
 
     async def handle(self, request: web.Request, call: CallContext) -> web.StreamResponse:
         name = request.match_info["name"]
+        function, subpath, via, hold = self.admit(name, call, request.headers, raw_subpath(request))
+        try:
+            response = await self._forward(request, function, call, subpath, via, hold)
+        except GatewayError as exc:
+            self.failed(exc, name, function, call)
+            raise
+        finally:
+            hold.release()  # unless a call that turned async took it over
+        return response
+
+    async def handle_whole(self, request: WholeRequest, call: CallContext) -> None:
+        """A call the lean server (gateway/invocation_server.py) took whole: a body of known
+        length within SMALL_BODY_BYTES, that cannot turn async. The same steps as handle,
+        with the answer going to ``request`` instead of an aiohttp response."""
+        name = request.name
+        function, subpath, via, hold = self.admit(name, call, request.headers, request.subpath)
+        try:
+            await self._forward_whole(request, function, call, subpath, via)
+        except GatewayError as exc:
+            self.failed(exc, name, function, call)
+            raise
+        finally:
+            hold.release()
+
+    def admit(
+        self, name: str, call: CallContext, headers: MultiMapping[str], subpath: str
+    ) -> tuple[FunctionSpec, str, str, Hold]:
+        """The function, the checked sub-path and the Via entry of a call, and its place
+        under the function's max_inflight; a refusal is counted and raised."""
         try:
             function = resolve_function(self._registry, name)
         except GatewayError as exc:
             self._metrics.observe_sync(UNKNOWN_FUNCTION, exc.status, call.elapsed_s())
             raise
         try:
-            subpath = checked_subpath(request)
-            via = self._hops.via_for(request.headers, function.name)
+            checked = check_subpath(subpath)
+            via = self._hops.via_for(headers, function.name)
         except GatewayError as exc:
             self._metrics.observe_sync(function.name, exc.status, call.elapsed_s())
             raise
         hold = self.hold(function, call)
         self._metrics.started(function.name)
-        try:
-            response = await self._forward(request, function, call, subpath, via, hold)
-        except ClientGoneError as exc:
+        return function, checked, via, hold
+
+    def failed(
+        self, exc: GatewayError, name: str, function: FunctionSpec, call: CallContext
+    ) -> None:
+        """Count and log a call that failed after it was admitted."""
+        if isinstance(exc, ClientGoneError):
             # Nobody to answer, and nothing wrong with the function or with us.
             self._client_failed(exc, function, call)
-            raise
-        except GatewayError as exc:
-            self._metrics.observe_sync(function.name, exc.status, call.elapsed_s())
-            # The cause, kept from the client, may name the function's address: the log has it.
-            cause = exc.__cause__
-            detail = f" ({type(cause).__name__}: {cause})" if cause and str(cause) else ""
-            log.info(
-                "sync call failed: %s%s",
-                exc.message,
-                detail,
-                extra=call_context(call.call_id, name),
-            )
-            raise
-        finally:
-            hold.release()  # unless a call that turned async took it over
-        return response
+            return
+        self._metrics.observe_sync(function.name, exc.status, call.elapsed_s())
+        # The cause, kept from the client, may name the function's address: the log has it.
+        cause = exc.__cause__
+        detail = f" ({type(cause).__name__}: {cause})" if cause and str(cause) else ""
+        log.info(
+            "sync call failed: %s%s",
+            exc.message,
+            detail,
+            extra=call_context(call.call_id, name),
+        )
 
     def hold(self, function: FunctionSpec, call: CallContext) -> Hold:
         """Count the call against its function's max_inflight on this process, or 429."""
@@ -282,6 +351,69 @@ class SyncProxy:
                 extra=call_context(call.call_id, function.name),
             )
         return response
+
+    async def _forward_whole(
+        self,
+        request: "WholeRequest",
+        function: FunctionSpec,
+        call: CallContext,
+        subpath: str,
+        via: str,
+    ) -> None:
+        headers = forwarded_headers_of(
+            request.headers, request.remote, request.host, self._not_forwarded
+        )
+        headers[CALL_ID] = call.call_id
+        headers[START_TIME] = str(call.start_ns)
+        headers[VIA] = via
+        url = function.url_for(subpath, request.raw_query)
+        body = await request.body()
+        try:
+            upstream = await self._client.request(
+                request.method, url, headers.items(), body, self.timeouts(function)
+            )
+        except (UpstreamError, ValueError) as exc:
+            raise as_gateway_error(function, exc, "did not answer") from exc
+        async with upstream:
+            self._metrics.observe_sync(function.name, upstream.status, call.elapsed_s())
+            response_headers = end_to_end(upstream.headers)
+            call.apply_to(response_headers)
+            length = upstream.content_length
+            if (
+                length is not None
+                and length <= SMALL_BODY_BYTES
+                and upstream.status not in (204, 304)
+            ):
+                try:
+                    whole = await upstream.read()
+                except UpstreamError as exc:
+                    raise as_gateway_error(function, exc, "broke off its response") from exc
+                request.answer(upstream.status, upstream.reason, response_headers, whole)
+                return
+            try:
+                await request.start_answer(upstream.status, upstream.reason, response_headers)
+                chunks = upstream.chunks()
+                while True:
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                    except UpstreamError as exc:
+                        log.warning(
+                            "function response broke off: %s",
+                            exc,
+                            extra=call_context(call.call_id, function.name),
+                        )
+                        request.cut_short()  # headers are gone already
+                        return
+                    await request.write(chunk)
+                await request.end_answer()
+            except ConnectionError:
+                self._metrics.client_disconnected(function.name)
+                log.info(
+                    "client went away during the response",
+                    extra=call_context(call.call_id, function.name),
+                )
 
     def _client_failed(
         self, error: GatewayError, function: FunctionSpec, call: CallContext

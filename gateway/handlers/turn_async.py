@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from multidict import MultiMapping
 
 from faas_gateway.core.call import QueuedCall
 from faas_gateway.core.functions import FunctionSpec
@@ -106,8 +107,12 @@ class TurnAsync:
         respond-async alone waits sync_async_after when that is set, else max_wait. Without
         the header, sync_async_after applies to every call when it is set.
         """
-        if PREFER in request.headers:
-            prefer = parse_prefer(request.headers.getall(PREFER))
+        return self.wait_before_async_for(request.headers)
+
+    def wait_before_async_for(self, headers: MultiMapping[str]) -> "AsyncAfter | None":
+        """wait_before_async from a request's headers alone."""
+        if PREFER in headers:
+            prefer = parse_prefer(headers.getall(PREFER))
             if prefer.respond_async:
                 wanted_s = prefer.wait_s
                 if wanted_s is None:

@@ -5,6 +5,7 @@ measures and reports."""
 
 import asyncio
 import json
+import os
 import socket
 import sys
 
@@ -127,3 +128,68 @@ async def test_a_short_run_measures_and_reports(tmp_path):
     assert results[8]["details"]["recording_cost"] is not None
     assert results[8]["met"] is not None
     assert "| 3 | Sync proxy, 100 MiB upload and download" in (tmp_path / "latest.md").read_text()
+
+
+async def test_a_peer_gets_its_column_and_its_cpu_per_request(tmp_path, recorder):
+    """--peer with --peer-pid: scenarios 1 and 2 measure the peer beside ours, read its CPU
+    time from its pid, and print the side-by-side table with its column."""
+    peer = await recorder()  # answers /function/echo; it runs in this test's process
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench",
+        "--quick",
+        "--scenarios",
+        "1,2",
+        "--seconds",
+        "1",
+        "--load",
+        "builtin",
+        "--gateway-workers",
+        "1",
+        "--peer",
+        peer.url,
+        "--peer-pid",
+        str(os.getpid()),
+        "--base-port",
+        str(free_base_port()),
+        "--results-dir",
+        str(tmp_path),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 180)
+    text = output.decode()
+    assert process.returncode == 0, text
+    name = f"peer {peer.url}"
+    [saved] = list(tmp_path.glob("*.json"))
+    results = {r["number"]: r for r in json.loads(saved.read_text())["results"]}
+    throughput, latency = results[1]["details"], results[2]["details"]
+    assert throughput["rates"][name] > 0
+    assert throughput["cpu_us_per_request"][name] > 0
+    assert throughput["ours_over_peer"][name]["gateway x1"] > 0
+    assert name in latency["added_ms"]
+    assert "gateway x1 >= 1.05 x each peer" in results[1]["target"]
+    table = (tmp_path / "latest.md").read_text()
+    assert f"| figure | direct | gateway x1 | {name} |" in table
+    assert f"| c=50 ours / {name} |" in table
+    assert len(peer.requests) > 0
+
+
+async def test_a_peer_pid_that_does_not_exist_is_refused_at_once(tmp_path):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench",
+        "--peer",
+        "http://127.0.0.1:1",
+        "--peer-pid",
+        "999999999",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2
+    assert "--peer-pid 999999999: no such process" in output.decode()

@@ -367,10 +367,12 @@ def test_a_stack_beside_the_first_keeps_its_own_data(monkeypatch):
         ("run", "deploy/local_stack.py"),
         ("test", "-m pytest"),
         ("api-check", "deploy/api_check.py"),
+        ("bench", "-m bench"),
+        ("bench-quick", "-m bench --quick"),
     ],
 )
 def test_make_passes_args_on(target, command):
-    """The documented `make run ARGS="--port-offset 100"` (and test, api-check) reaches the
+    """The documented `make run ARGS="--port-offset 100"` (and test, api-check, bench) reaches the
     command with its arguments as given; `make -n` prints the commands without running them."""
     run = subprocess.run(
         ["make", "-n", "--no-print-directory", target, "ARGS=--port-offset 100 --no-auth"],
