@@ -168,13 +168,12 @@ def shutdown_grace_s(settings_cls: type[GatewaySettings] | type[WorkerSettings])
 
 
 def gateway_stop_timeout_s() -> tuple[float, str]:
-    """Sync calls may run shutdown_grace after SIGTERM, then calls that turned async get as
-    long again (gateway/handlers/turn_async.py): cut short, such a call stays running in its
-    record until activation_retention ends."""
+    """Running calls, sync and turned async, share one shutdown_grace from SIGTERM on
+    (gateway/handlers/turn_async.py): cut short, a call that turned async stays running in
+    its record until activation_retention ends."""
     grace = shutdown_grace_s(GatewaySettings)
-    return 2 * grace + STOP_MARGIN_S, (
-        f"shutdown_grace {grace:g}s for running sync calls, as long again for calls that "
-        "turned async"
+    return grace + STOP_MARGIN_S, (
+        f"shutdown_grace {grace:g}s for running calls, sync and turned async"
     )
 
 

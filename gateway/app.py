@@ -2,10 +2,12 @@
 
 ``create_app`` builds every object first, with no I/O (the NATS link connects later, in the
 background), then registers their bound methods as routes, guarded by Basic auth where the
-settings say so. The one lifetime hook starts and stops what holds connections.
+settings say so. The one lifetime hook starts and stops what holds connections; the
+shutdown hook starts the one grace that running calls of both kinds share.
 """
 
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -52,6 +54,8 @@ from gateway.routes import (
     system,
 )
 from gateway.settings import GatewaySettings
+
+log = logging.getLogger("faas.gateway")
 
 
 def create_app(
@@ -214,6 +218,7 @@ def create_app(
     # Request bodies pass through as sent: a gzip upload reaches the function still gzipped.
     app = web.Application(handler_args={"auto_decompress": False})
     app.cleanup_ctx.append(_lifetime(queue, client, turn_async, whisk, events))
+    app.on_shutdown.append(_stopping(turn_async, settings.shutdown_grace_s))
 
     # Without basic_auth the handlers are registered as they are: no per-request check.
     guard_system: Callable[[Handler], Handler] = _as_is
@@ -335,6 +340,18 @@ class Events:
         await self.scheduler.close()
         await self.subjects.close()
         await self.fanout.close()
+
+
+def _stopping(
+    turn_async: TurnAsync, grace_s: float
+) -> Callable[[web.Application], Awaitable[None]]:
+    async def stopping(app: web.Application) -> None:
+        # Runs before aiohttp waits for the running sync calls; the calls that turned async
+        # share the same grace from here (TurnAsync.stopping).
+        log.info("stopping: running calls have up to %.1f s to finish", grace_s)
+        turn_async.stopping()
+
+    return stopping
 
 
 def _lifetime(

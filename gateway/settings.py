@@ -55,7 +55,9 @@ class GatewaySettings(CommonSettings):
         "trying in the background).",
     )
     shutdown_grace_s: Seconds = setting(
-        60.0, "shutdown_grace", "On SIGTERM/SIGINT, how long running sync calls may finish."
+        60.0,
+        "shutdown_grace",
+        "On SIGTERM/SIGINT, how long running calls (sync, and those that turned async) may finish.",
     )
     max_wait_s: Seconds = setting(
         60.0,

@@ -11,6 +11,7 @@ is killed outright leaves their records at ``running`` until they expire.
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,6 +57,7 @@ class TurnAsync:
         sync_async_after_s: float,
         shutdown_grace_s: float,
         max_held_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.callback_urls = callback_urls
         self._queue = queue
@@ -67,6 +69,8 @@ class TurnAsync:
         self._shutdown_grace_s = shutdown_grace_s
         self._max_held_bytes = max_held_bytes
         self._tasks: set[asyncio.Task[None]] = set()
+        self._clock = clock
+        self._stop_by: float | None = None  # set when the gateway starts to stop
 
     def raise_if_full(self) -> None:
         """Calls that turned async run on in this process, each holding its request and a
@@ -244,11 +248,21 @@ class TurnAsync:
             log.error("outcome of a call turned async not recorded: %s", exc, extra=context)
             return None
 
+    def stopping(self) -> None:
+        """The gateway starts to stop (aiohttp's on_shutdown, before it waits for running
+        sync calls): calls that turned async run on meanwhile, so their share of
+        shutdown_grace starts now too, and the whole stop takes one grace, not two."""
+        if self._stop_by is None:
+            self._stop_by = self._clock() + self._shutdown_grace_s
+
     async def close(self) -> None:
+        self.stopping()
         if not self._tasks:
             return
-        log.info("waiting for %d calls that turned async", len(self._tasks))
-        _, still_running = await asyncio.wait(set(self._tasks), timeout=self._shutdown_grace_s)
+        assert self._stop_by is not None
+        left_s = max(0.0, self._stop_by - self._clock())
+        log.info("waiting up to %.1f s for %d calls that turned async", left_s, len(self._tasks))
+        _, still_running = await asyncio.wait(set(self._tasks), timeout=left_s)
         for task in still_running:
             task.cancel()
         for task in still_running:

@@ -2,8 +2,12 @@
 would, a slow one turns into a 202 with a record that gets its result, and one still running
 when the gateway stops is recorded failed. Real nats-server, gateway, worker."""
 
+import asyncio
+from typing import Any
+
 import aiohttp
 
+from gateway.handlers.turn_async import TurnAsync
 from tests.conftest import StartGateway, StartRecorder, StartWorker, ready_gateway
 from tests.gateway.helpers import answer_with_status, listed, record_of, wait_for_status
 from tests.harness import DEADLINE_S, Gate, get_json, registry_of
@@ -148,3 +152,30 @@ async def test_a_call_turned_async_still_running_when_the_gateway_stops_is_recor
     assert record["status"] == "failed" and record["statusCode"] == 502
     assert "gateway stopped" in record["error"]
     gate.opened.set()
+
+
+async def test_turned_async_calls_share_the_grace_that_began_when_the_gateway_stopped() -> None:
+    """On SIGTERM aiohttp first waits up to shutdown_grace for the running sync calls, and
+    only then does the cleanup wait for the calls that turned async: their wait counts from
+    when the stop began (on_shutdown), so a stop takes one grace, not two."""
+    now = [1000.0]
+    nothing: Any = None  # what a turned-async call would need, and this one never reaches
+    turn_async = TurnAsync(
+        nothing,
+        nothing,
+        nothing,
+        nothing,
+        max_turned_async=1,
+        max_wait_s=1.0,
+        sync_async_after_s=1.0,
+        shutdown_grace_s=60.0,
+        max_held_bytes=1,
+        clock=lambda: now[0],
+    )
+    running = asyncio.create_task(asyncio.Event().wait())  # a call that never ends
+    turn_async._tasks.add(running)
+    turn_async.stopping()
+    now[0] += 60.0  # the grace, spent waiting for a sync call
+
+    await asyncio.wait_for(turn_async.close(), DEADLINE_S)  # not another 60 s
+    assert running.cancelled()

@@ -228,9 +228,9 @@ async def status_is_ok(url: str) -> bool:
 async def test_a_stop_waits_for_the_gateways_grace_and_a_second_ctrl_c_stops_at_once(
     tmp_path, stacks
 ):
-    """The gateway may take its shutdown_grace for sync calls and as long again for calls that
-    turned async; the stack waits that long (the 40 s it waited before cut a 60 s grace
-    short), says so, and stops at once on a second Ctrl-C, saying what that costs."""
+    """The gateway may take its shutdown_grace for running calls, sync and turned async; the
+    stack waits that long and a margin (the 40 s it waited before cut a 60 s grace short),
+    says so, and stops at once on a second Ctrl-C, saying what that costs."""
     stack = await (await stacks(tmp_path / "data", free_offset(), shutdown_grace="45s")).up()
     async with aiohttp.ClientSession() as http:
         sync = asyncio.create_task(
@@ -240,8 +240,8 @@ async def test_a_stop_waits_for_the_gateways_grace_and_a_second_ctrl_c_stops_at_
         assert stack.process is not None
         stack.process.send_signal(signal.SIGINT)
         await stack.wait_for(
-            r"^stopping: waiting up to 100s for the gateway \(shutdown_grace 45s for running "
-            r"sync calls, as long again for calls that turned async\) and up to 55s for the "
+            r"^stopping: waiting up to 55s for the gateway \(shutdown_grace 45s for running "
+            r"calls, sync and turned async\) and up to 55s for the "
             r"worker \(shutdown_grace 45s for running calls\); Ctrl-C again stops at once$",
             "what the stop waits for",
         )
@@ -250,7 +250,7 @@ async def test_a_stop_waits_for_the_gateways_grace_and_a_second_ctrl_c_stops_at_
         assert not sync.done()
         stack.process.send_signal(signal.SIGINT)
         await stack.wait_for(r"^stopping now: sync calls still running are cut off", "the cost")
-        # Well inside the gateway's 100 s: the second Ctrl-C did not wait for it.
+        # Well inside the gateway's 55 s: the second Ctrl-C did not wait for it.
         await asyncio.wait_for(stack.exited(), 30)
         with pytest.raises(aiohttp.ClientError):
             await sync
@@ -261,10 +261,10 @@ def test_the_stop_timeouts_follow_the_processes_settings(monkeypatch):
     monkeypatch.setenv("shutdown_grace", "100s")
     gateway_s, gateway_drains = local_stack.gateway_stop_timeout_s()
     worker_s, _ = local_stack.worker_stop_timeout_s()
-    assert gateway_s > 200 and worker_s > 100
+    assert gateway_s > 100 and worker_s > 100
     assert "shutdown_grace 100s" in gateway_drains
     monkeypatch.setenv("shutdown_grace", "not a duration")  # the process stops at start
-    assert local_stack.gateway_stop_timeout_s()[0] > 2 * 60
+    assert local_stack.gateway_stop_timeout_s()[0] > 60
 
 
 async def test_the_sample_sleep_function_ends_its_sleeps_on_sigterm():
