@@ -45,7 +45,7 @@ from faas_gateway.nats.dead_letters import DeadLetterError, DeadLetters
 from faas_gateway.nats.jetstream import Delivery
 from faas_gateway.runtime.logs import call_context
 from queue_worker.admission import Admission, Claim, RecentIds
-from queue_worker.decisions import Ending, Settle, heartbeat_interval_s, outcome_label, settle
+from queue_worker.decisions import Ending, Settle, outcome_label, settle
 from queue_worker.invoker import FunctionInvoker
 from queue_worker.metrics import WorkerMetrics
 
@@ -77,11 +77,15 @@ class Lease:
     JetStream redelivers a message whose lease ran out (a worker paused longer than ack_wait,
     or a server restarted with acks lost); if the call is still handled here, the newer
     delivery takes the place of the old one instead of running the call a second time.
+    The worker renews every lease it holds from one task (Worker._keep_leases): a task of its
+    own per call, started and cancelled around every call, cost more than the renewals.
     """
 
-    def __init__(self, delivery: Delivery, ack_wait_s: float) -> None:
+    __slots__ = ("delivery", "renewed_at")
+
+    def __init__(self, delivery: Delivery, now: float) -> None:
         self.delivery = delivery
-        self._interval_s = heartbeat_interval_s(ack_wait_s)
+        self.renewed_at = now  # when JetStream last started its ack_wait (about: the fetch)
 
     def adopt(self, delivery: Delivery) -> bool:
         """True: a redelivery of this message, now the one to renew and settle. False: another
@@ -91,13 +95,12 @@ class Lease:
             return True
         return False
 
-    async def keep(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
-            try:
-                await self.delivery.msg.in_progress()
-            except nats.errors.Error as exc:
-                log.debug("lease renewal failed: %s", exc)
+    async def renew(self, now: float) -> None:
+        self.renewed_at = now
+        try:
+            await self.delivery.msg.in_progress()
+        except nats.errors.Error as exc:
+            log.debug("lease renewal failed: %s", exc)
 
 
 class CallHandler:

@@ -35,7 +35,7 @@ from faas_gateway.runtime.logs import call_context
 from faas_gateway.runtime.loops import new_event_loop
 from queue_worker.admission import Admission, Claim, RecentIds
 from queue_worker.consumer import ensure_consumer
-from queue_worker.decisions import Ending, Settle, settle
+from queue_worker.decisions import Ending, Settle, heartbeat_interval_s, settle
 from queue_worker.handling import CallHandler, Lease
 from queue_worker.invoker import FunctionInvoker
 from queue_worker.metrics import WorkerMetrics
@@ -149,11 +149,15 @@ class Worker:
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.request_stop)
+        keeping: asyncio.Task[None] | None = None
         try:
             if await self._start():
+                keeping = asyncio.create_task(self._keep_leases())
                 await self._consume()
             await self._drain()
         finally:
+            if keeping is not None:
+                keeping.cancel()
             await self._release()
             self._finished.set()
 
@@ -324,7 +328,7 @@ class Worker:
                 )
                 await self._settle(delivery, Settle.ACK)
                 continue
-            lease = Lease(delivery, self.settings.ack_wait_s)
+            lease = Lease(delivery, time.monotonic())
             self._handling[call.call_id] = lease
             stored = records.get(call.call_id) if records is not None else None
             task = asyncio.create_task(
@@ -346,7 +350,6 @@ class Worker:
         stored: StoredActivation | None,
         record_read: bool,
     ) -> None:
-        keeping = asyncio.create_task(lease.keep())
         try:
             try:
                 handled = await self._handler.handle(
@@ -365,9 +368,20 @@ class Worker:
                 self.completed += 1
                 self._finished_here.add(call.call_id)
         finally:
-            keeping.cancel()
             del self._handling[call.call_id]
             claim.settled()
+
+    async def _keep_leases(self) -> None:
+        """Renew the lease of every call held here (running, waiting for a slot or calling
+        back) at least once per heartbeat interval: checked twice per interval, each lease
+        renewed when its next renewal would fall after the next check."""
+        interval_s = heartbeat_interval_s(self.settings.ack_wait_s)
+        while True:
+            await asyncio.sleep(interval_s / 2)
+            now = time.monotonic()
+            for lease in list(self._handling.values()):
+                if now - lease.renewed_at >= interval_s / 2:
+                    await lease.renew(now)
 
     def _is_connected(self) -> bool:
         return self._link.connected
