@@ -157,13 +157,16 @@ class CallHandler:
         record_read: bool,
     ) -> Handled:
         """``stored``: the call's record as read with its batch (``record_read``), if any."""
-        context = call_context(call.call_id, call.function)
         if self._store is not None and not record_read:
             try:
                 stored = await self._store.get(call.call_id)
             except ActivationStoreError as exc:
                 # Without the record this worker cannot tell whether the call ran already.
-                log.info("record unreadable, the call comes back later: %s", exc, extra=context)
+                log.info(
+                    "record unreadable, the call comes back later: %s",
+                    exc,
+                    extra=call_context(call.call_id, call.function),
+                )
                 claim.release()
                 return Handled(Settle.NAK_LATER, self._defer_wait_s)
         activation = None
@@ -200,12 +203,15 @@ class CallHandler:
             task = asyncio.current_task()
             if call.call_id in self.cancelled and task is not None and task.uncancel() == 0:
                 # Cancelled through the API while it ran, not by a stop.
-                log.info("cancelled while running", extra=context)
+                log.info("cancelled while running", extra=call_context(call.call_id, call.function))
                 await self._record_cancelled(call, activation)
                 return DONE
             raise
         except Exception:
-            log.exception("handling failed; the call goes back to the queue", extra=context)
+            log.exception(
+                "handling failed; the call goes back to the queue",
+                extra=call_context(call.call_id, call.function),
+            )
             self._metrics.function(call.function).processed(Ending.CRASHED.value)
             return Handled(settle(Ending.CRASHED))
         if retry_in_s is not None:
@@ -223,7 +229,6 @@ class CallHandler:
         claim: Claim,
     ) -> float | None:
         """Run the call once; None when it is done, else seconds until it is tried again."""
-        context = call_context(call.call_id, call.function)
         await self._admission.take_slot()
         if call.call_id in self.cancelled:  # while it waited for the slot
             self._admission.release_slot()
@@ -264,16 +269,18 @@ class CallHandler:
         label = outcome_label(outcome.status_code)
         series.duration(outcome.status_code, outcome.duration_s)
         # One line per call at debug; calls that failed at info, so they show by default.
-        log.log(
-            logging.DEBUG if outcome.succeeded else logging.INFO,
-            "%s with %d in %.3fs%s%s",
-            label,
-            outcome.status_code,
-            outcome.duration_s,
-            f": {outcome.error}" if outcome.error else "",
-            f" ({outcome.detail})" if outcome.detail else "",
-            extra=context,
-        )
+        level = logging.DEBUG if outcome.succeeded else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "%s with %d in %.3fs%s%s",
+                label,
+                outcome.status_code,
+                outcome.duration_s,
+                f": {outcome.error}" if outcome.error else "",
+                f" ({outcome.detail})" if outcome.detail else "",
+                extra=call_context(call.call_id, call.function),
+            )
         verdict = judge_call_attempt(
             outcome.status_code,
             outcome.unreachable_or_timed_out,
@@ -284,7 +291,12 @@ class CallHandler:
         if call.call_id in self.cancelled:
             raise asyncio.CancelledError  # cancelled just as it ended: recorded as cancelled
         if not verdict.final:
-            log.info("attempt %d; next in %.1fs", attempt, verdict.wait_s, extra=context)
+            log.info(
+                "attempt %d; next in %.1fs",
+                attempt,
+                verdict.wait_s,
+                extra=call_context(call.call_id, call.function),
+            )
             if activation is not None:
                 activation.wait_for_retry(outcome, verdict.wait_s)
                 await self._record(activation, outcome, keep_body=False)

@@ -117,7 +117,15 @@ class WorkerMetrics:
 class FunctionSeries:
     """One function's label children, bound once."""
 
-    __slots__ = ("_durations", "_metrics", "_name", "_processed", "inflight", "queued")
+    __slots__ = (
+        "_called_back",
+        "_durations",
+        "_metrics",
+        "_name",
+        "_processed",
+        "inflight",
+        "queued",
+    )
 
     def __init__(self, metrics: WorkerMetrics, name: str) -> None:
         self._metrics = metrics
@@ -126,6 +134,7 @@ class FunctionSeries:
         self._durations: dict[int, Histogram] = {}
         self.inflight = metrics.inflight.labels(name)
         self.queued = metrics.queued.labels(name)
+        self._called_back: dict[bool, Counter] = {}
 
     def processed(self, outcome: str) -> None:
         child = self._processed.get(outcome)
@@ -139,13 +148,19 @@ class FunctionSeries:
             child = self._durations[code] = self._metrics.duration.labels(self._name, str(code))
         child.observe(duration_s)
 
-    # Rare, once per call at most: looked up each time.
+    def called_back(self, delivered: bool) -> None:
+        child = self._called_back.get(delivered)
+        if child is None:
+            outcome = "delivered" if delivered else "failed"
+            child = self._called_back[delivered] = self._metrics.callbacks.labels(
+                self._name, outcome
+            )
+        child.inc()
+
+    # Rare: looked up each time.
 
     def retried(self) -> None:
         self._metrics.retries.labels(self._name).inc()
 
     def dead_lettered(self) -> None:
         self._metrics.dead_letters.labels(self._name).inc()
-
-    def called_back(self, delivered: bool) -> None:
-        self._metrics.callbacks.labels(self._name, "delivered" if delivered else "failed").inc()
