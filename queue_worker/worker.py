@@ -8,6 +8,7 @@ one call is queue_worker/handling.py; what may be taken and started, queue_worke
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -51,6 +52,20 @@ FUNCTIONS_SYNC_WAIT_S = 5.0
 # records was answered just before the outcome was written.
 FINISHED_KEEP_S = 60.0
 FINISHED_MAX_IDS = 100_000
+# Container objects allocated (net) between two young-generation collections; Python's
+# default is 700. See tune_garbage_collector.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_garbage_collector() -> None:
+    """Fewer and cheaper cyclic collections: a call allocates a few dozen objects that nearly
+    all die young, freed by their reference counts, and Python's default threshold collected
+    about every 20 calls (6-8% of the worker's CPU in bench scenario 6, a third of it in full
+    collections that walked every module, setting and metric). What exists at start-up lives
+    as long as the process: frozen, no collection walks it again."""
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 class Worker:
@@ -139,6 +154,8 @@ class Worker:
     # lifecycle
 
     def run(self) -> None:
+        """The command's entry (tests use main(), and leave their process's collector as is)."""
+        tune_garbage_collector()
         with asyncio.Runner(
             loop_factory=lambda: new_event_loop(self.settings.event_loop)
         ) as runner:
