@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 import nats.errors
-from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
 from faas_gateway.core.call import MalformedMessageError, QueuedCall
@@ -35,7 +34,7 @@ from faas_gateway.nats.results import ResultStore
 from faas_gateway.runtime.logs import call_context
 from faas_gateway.runtime.loops import new_event_loop
 from queue_worker.admission import Admission, Claim, RecentIds
-from queue_worker.consumer import ensure_consumer
+from queue_worker.consumer import Puller, ensure_consumer
 from queue_worker.decisions import Ending, Settle, heartbeat_interval_s, settle
 from queue_worker.handling import CallHandler, Lease
 from queue_worker.invoker import FunctionInvoker
@@ -148,7 +147,7 @@ class Worker:
         )
         self._cancellations = CancellationWatch(self._link, names, self._handler.cancel)
         self._cancellations_started = False
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._puller: Puller | None = None
         self._status: StatusServer | None = None
 
     # lifecycle
@@ -264,12 +263,11 @@ class Worker:
             self._functions.start()
             await self._wait_for(self._functions.synced, FUNCTIONS_SYNC_WAIT_S)
         await ensure_consumer(js, self.settings)
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
-        self._sub = await js.pull_subscribe_bind(
-            durable=self.settings.consumer_name, stream=self.settings.nats_stream
-        )
+        if self._puller is not None:
+            await self._puller.close()
+        puller = Puller(self._link.nc, self.settings.nats_stream, self.settings.consumer_name)
+        await puller.start()
+        self._puller = puller
 
     # consuming
 
@@ -284,10 +282,10 @@ class Worker:
             if not self._is_connected():
                 await self._wait_until_connected()
                 continue
-            assert self._sub is not None
+            assert self._puller is not None
             try:
-                messages = await self._sub.fetch(
-                    min(free, self.settings.max_fetch_batch), timeout=self.settings.fetch_wait_s
+                messages = await self._puller.fetch(
+                    min(free, self.settings.max_fetch_batch), self.settings.fetch_wait_s
                 )
             except TimeoutError:
                 backoff.reset()
