@@ -79,24 +79,25 @@ def callback_headers(
 ) -> CIMultiDict[str]:
     """The function's response headers a callback may carry, then ours, each once."""
     extra = list(extra_headers)
-    ours = SENDER_HEADERS | {name.lower() for name, _ in extra}
-    headers = CIMultiDict(
-        [(name, value) for name, value in outcome.headers if _copied(name.lower(), ours)]
+    ours = SENDER_HEADERS
+    if any(name.lower() not in SENDER_HEADERS for name, _ in extra):
+        ours = ours | {name.lower() for name, _ in extra}
+    # One list, one multidict: this runs for every callback.
+    items = [
+        (name, value)
+        for name, value in outcome.headers
+        if (lowered := name.lower()) not in NOT_COPIED
+        and lowered not in ours
+        and not lowered.startswith(NOT_COPIED_PREFIXES)
+    ]
+    items += (
+        (CALL_ID, call_id),
+        (FUNCTION_NAME, function),
+        (FUNCTION_STATUS, str(outcome.status_code)),
+        (DURATION_SECONDS, f"{outcome.duration_s:.6f}"),
     )
-    headers[CALL_ID] = call_id
-    headers[FUNCTION_NAME] = function
-    headers[FUNCTION_STATUS] = str(outcome.status_code)
-    headers[DURATION_SECONDS] = f"{outcome.duration_s:.6f}"
-    headers.extend(extra)
-    return headers
-
-
-def _copied(lowered_name: str, ours: frozenset[str]) -> bool:
-    return (
-        lowered_name not in NOT_COPIED
-        and lowered_name not in ours
-        and not lowered_name.startswith(NOT_COPIED_PREFIXES)
-    )
+    items += extra
+    return CIMultiDict(items)
 
 
 MAX_REDIRECTS = 5
