@@ -252,14 +252,14 @@ class CallHandler:
             )
         policy = self._policy_for(function)
         self._invoking[call.call_id] = asyncio.current_task()  # type: ignore[assignment]
-        series.inflight.inc()  # next to the try, so that nothing can skip the dec
+        series.inflight += 1  # next to the try, so that nothing can skip the decrement
         try:
             outcome = await self._invoker.invoke(call, function, attempt, policy.max_attempts)
         finally:
             self._invoking.pop(call.call_id, None)
             if running_record is not None:
                 running_record.cancel()
-            series.inflight.dec()
+            series.inflight -= 1
             self._admission.release_slot()
             claim.release()
         for task in running_write:
