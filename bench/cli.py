@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--scenarios",
-        default="1,2,3,4,5,6,7,8,9,10,11,12",
+        default=",".join(str(number) for number in SCENARIOS),
         help="comma-separated scenario numbers (default all)",
     )
     parser.add_argument(

@@ -904,6 +904,68 @@ async def trigger_fan_out(ctx: Context) -> Result:
     )
 
 
+async def queued_drain_rss(ctx: Context) -> Result:
+    """Issue 16: 100,000 queued calls (20,000 with --quick) to the instant function, drained by
+    one fresh worker (``max_inflight`` 100) while its resident set is sampled every half second.
+
+    The curve shows whether the worker's memory follows the calls in hand (flat) or the calls
+    behind them (growing with the backlog); RSS is read from /proc, as in scenario 7.
+    """
+    count = 20_000 if ctx.quick else 100_000
+    sample_every_s = 0.5
+    await reset_callbacks(ctx)
+    accept_rate = await enqueue(ctx, "/async-function/instant", count)
+    worker = await ctx.stack.start_worker("worker", 100)
+    worker.reset_peak()
+    cpu_before = worker.cpu_seconds()
+    started = time.monotonic()
+    curve: list[tuple[float, float, int]] = []  # (seconds into the drain, RSS MiB, completed)
+    try:
+        give_up = started + 900
+        while True:
+            stats = await callback_stats(ctx)
+            curve.append(
+                (round(time.monotonic() - started, 1), worker.rss_bytes() / MIB, stats["unique"])
+            )
+            if stats["unique"] >= count or time.monotonic() > give_up:
+                break
+            await asyncio.sleep(sample_every_s)
+        peak_mib = worker.peak_rss_bytes() / MIB
+        cpu_s = worker.cpu_seconds() - cpu_before
+    finally:
+        await worker.stop()
+    span_s = (stats["last"] or 0) - (stats["first"] or 0)
+    completed_per_s = (stats["unique"] - 1) / span_s if span_s > 0 else 0.0
+    complete = stats["unique"] == count and stats["duplicates"] == 0
+    # Ten points of the curve in the table (the first, the last and evenly between); every
+    # sample is in the JSON.
+    step = max(1, (len(curve) - 1) // 9)
+    shown = curve[::step] if curve[-1] in curve[::step] else [*curve[::step], curve[-1]]
+    points = ", ".join(f"{t:.0f} s {mib:.0f}" for t, mib, _ in shown)
+    return Result(
+        13,
+        f"{count:,} queued calls to an instant function drained by one worker: RSS curve",
+        f"{stats['unique']:,}/{count:,} completed, {stats['duplicates']} duplicate callbacks, "
+        f"{completed_per_s:,.0f} completions/s; worker RSS MiB over the drain: {points} "
+        f"(peak {peak_mib:.0f} MiB); {cpu_s * 1e6 / max(stats['unique'], 1):.0f} µs CPU per call",
+        peak_mib,
+        "all complete, none twice; RSS curve reported",
+        complete,
+        {
+            "calls": count,
+            "completed": stats["unique"],
+            "duplicate_callbacks": stats["duplicates"],
+            "enqueue_per_s": accept_rate,
+            "completed_per_s": completed_per_s,
+            "worker_peak_rss_mib": peak_mib,
+            "worker_cpu_us_per_call": cpu_s * 1e6 / stats["unique"] if stats["unique"] else None,
+            "rss_curve": [
+                {"s": t, "rss_mib": round(mib, 1), "completed": done} for t, mib, done in curve
+            ],
+        },
+    )
+
+
 SCENARIOS = {
     1: sync_throughput,
     2: sync_latency,
@@ -917,6 +979,7 @@ SCENARIOS = {
     10: openwhisk_accept,
     11: trigger_fire_accept,
     12: trigger_fan_out,
+    13: queued_drain_rss,
 }
 
 

@@ -45,7 +45,7 @@ from faas_gateway.nats.dead_letters import DeadLetterError, DeadLetters
 from faas_gateway.nats.jetstream import Delivery
 from faas_gateway.runtime.logs import call_context
 from queue_worker.admission import Admission, Claim, RecentIds
-from queue_worker.decisions import Ending, Settle, heartbeat_interval_s, outcome_label, settle
+from queue_worker.decisions import Ending, Settle, outcome_label, settle
 from queue_worker.invoker import FunctionInvoker
 from queue_worker.metrics import WorkerMetrics
 
@@ -77,11 +77,15 @@ class Lease:
     JetStream redelivers a message whose lease ran out (a worker paused longer than ack_wait,
     or a server restarted with acks lost); if the call is still handled here, the newer
     delivery takes the place of the old one instead of running the call a second time.
+    The worker renews every lease it holds from one task (Worker._keep_leases): a task of its
+    own per call, started and cancelled around every call, cost more than the renewals.
     """
 
-    def __init__(self, delivery: Delivery, ack_wait_s: float) -> None:
+    __slots__ = ("delivery", "renewed_at")
+
+    def __init__(self, delivery: Delivery, now: float) -> None:
         self.delivery = delivery
-        self._interval_s = heartbeat_interval_s(ack_wait_s)
+        self.renewed_at = now  # when JetStream last started its ack_wait (about: the fetch)
 
     def adopt(self, delivery: Delivery) -> bool:
         """True: a redelivery of this message, now the one to renew and settle. False: another
@@ -91,13 +95,12 @@ class Lease:
             return True
         return False
 
-    async def keep(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
-            try:
-                await self.delivery.msg.in_progress()
-            except nats.errors.Error as exc:
-                log.debug("lease renewal failed: %s", exc)
+    async def renew(self, now: float) -> None:
+        self.renewed_at = now
+        try:
+            await self.delivery.msg.in_progress()
+        except nats.errors.Error as exc:
+            log.debug("lease renewal failed: %s", exc)
 
 
 class CallHandler:
@@ -154,13 +157,16 @@ class CallHandler:
         record_read: bool,
     ) -> Handled:
         """``stored``: the call's record as read with its batch (``record_read``), if any."""
-        context = call_context(call.call_id, call.function)
         if self._store is not None and not record_read:
             try:
                 stored = await self._store.get(call.call_id)
             except ActivationStoreError as exc:
                 # Without the record this worker cannot tell whether the call ran already.
-                log.info("record unreadable, the call comes back later: %s", exc, extra=context)
+                log.info(
+                    "record unreadable, the call comes back later: %s",
+                    exc,
+                    extra=call_context(call.call_id, call.function),
+                )
                 claim.release()
                 return Handled(Settle.NAK_LATER, self._defer_wait_s)
         activation = None
@@ -197,12 +203,15 @@ class CallHandler:
             task = asyncio.current_task()
             if call.call_id in self.cancelled and task is not None and task.uncancel() == 0:
                 # Cancelled through the API while it ran, not by a stop.
-                log.info("cancelled while running", extra=context)
+                log.info("cancelled while running", extra=call_context(call.call_id, call.function))
                 await self._record_cancelled(call, activation)
                 return DONE
             raise
         except Exception:
-            log.exception("handling failed; the call goes back to the queue", extra=context)
+            log.exception(
+                "handling failed; the call goes back to the queue",
+                extra=call_context(call.call_id, call.function),
+            )
             self._metrics.function(call.function).processed(Ending.CRASHED.value)
             return Handled(settle(Ending.CRASHED))
         if retry_in_s is not None:
@@ -220,7 +229,6 @@ class CallHandler:
         claim: Claim,
     ) -> float | None:
         """Run the call once; None when it is done, else seconds until it is tried again."""
-        context = call_context(call.call_id, call.function)
         await self._admission.take_slot()
         if call.call_id in self.cancelled:  # while it waited for the slot
             self._admission.release_slot()
@@ -244,14 +252,14 @@ class CallHandler:
             )
         policy = self._policy_for(function)
         self._invoking[call.call_id] = asyncio.current_task()  # type: ignore[assignment]
-        series.inflight.inc()  # next to the try, so that nothing can skip the dec
+        series.inflight += 1  # next to the try, so that nothing can skip the decrement
         try:
             outcome = await self._invoker.invoke(call, function, attempt, policy.max_attempts)
         finally:
             self._invoking.pop(call.call_id, None)
             if running_record is not None:
                 running_record.cancel()
-            series.inflight.dec()
+            series.inflight -= 1
             self._admission.release_slot()
             claim.release()
         for task in running_write:
@@ -261,16 +269,18 @@ class CallHandler:
         label = outcome_label(outcome.status_code)
         series.duration(outcome.status_code, outcome.duration_s)
         # One line per call at debug; calls that failed at info, so they show by default.
-        log.log(
-            logging.DEBUG if outcome.succeeded else logging.INFO,
-            "%s with %d in %.3fs%s%s",
-            label,
-            outcome.status_code,
-            outcome.duration_s,
-            f": {outcome.error}" if outcome.error else "",
-            f" ({outcome.detail})" if outcome.detail else "",
-            extra=context,
-        )
+        level = logging.DEBUG if outcome.succeeded else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "%s with %d in %.3fs%s%s",
+                label,
+                outcome.status_code,
+                outcome.duration_s,
+                f": {outcome.error}" if outcome.error else "",
+                f" ({outcome.detail})" if outcome.detail else "",
+                extra=call_context(call.call_id, call.function),
+            )
         verdict = judge_call_attempt(
             outcome.status_code,
             outcome.unreachable_or_timed_out,
@@ -281,7 +291,12 @@ class CallHandler:
         if call.call_id in self.cancelled:
             raise asyncio.CancelledError  # cancelled just as it ended: recorded as cancelled
         if not verdict.final:
-            log.info("attempt %d; next in %.1fs", attempt, verdict.wait_s, extra=context)
+            log.info(
+                "attempt %d; next in %.1fs",
+                attempt,
+                verdict.wait_s,
+                extra=call_context(call.call_id, call.function),
+            )
             if activation is not None:
                 activation.wait_for_retry(outcome, verdict.wait_s)
                 await self._record(activation, outcome, keep_body=False)

@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from multidict import CIMultiDict
 from yarl import URL
@@ -45,6 +46,9 @@ from faas_gateway.runtime.settings import CommonSettings
 
 log = logging.getLogger("faas.callback")
 
+K = TypeVar("K")
+V = TypeVar("V")
+
 
 @dataclass(frozen=True, slots=True)
 class CallbackResult:
@@ -75,27 +79,32 @@ def callback_headers(
 ) -> CIMultiDict[str]:
     """The function's response headers a callback may carry, then ours, each once."""
     extra = list(extra_headers)
-    ours = SENDER_HEADERS | {name.lower() for name, _ in extra}
-    headers = CIMultiDict(
-        [(name, value) for name, value in outcome.headers if _copied(name.lower(), ours)]
+    ours = SENDER_HEADERS
+    if any(name.lower() not in SENDER_HEADERS for name, _ in extra):
+        ours = ours | {name.lower() for name, _ in extra}
+    # One list, one multidict: this runs for every callback.
+    items = [
+        (name, value)
+        for name, value in outcome.headers
+        if (lowered := name.lower()) not in NOT_COPIED
+        and lowered not in ours
+        and not lowered.startswith(NOT_COPIED_PREFIXES)
+    ]
+    items += (
+        (CALL_ID, call_id),
+        (FUNCTION_NAME, function),
+        (FUNCTION_STATUS, str(outcome.status_code)),
+        (DURATION_SECONDS, f"{outcome.duration_s:.6f}"),
     )
-    headers[CALL_ID] = call_id
-    headers[FUNCTION_NAME] = function
-    headers[FUNCTION_STATUS] = str(outcome.status_code)
-    headers[DURATION_SECONDS] = f"{outcome.duration_s:.6f}"
-    headers.extend(extra)
-    return headers
-
-
-def _copied(lowered_name: str, ours: frozenset[str]) -> bool:
-    return (
-        lowered_name not in NOT_COPIED
-        and lowered_name not in ours
-        and not lowered_name.startswith(NOT_COPIED_PREFIXES)
-    )
+    items += extra
+    return CIMultiDict(items)
 
 
 MAX_REDIRECTS = 5
+# Hosts and addresses whose verdict is remembered (the policy never changes in a process;
+# an address is judged anew for each host it is reached by). Parsing them was a tenth of the
+# worker's CPU per call (bench scenario 6); past this many the memory starts over.
+MAX_VERDICTS = 4096
 
 
 Body = bytes | Callable[[], AsyncIterable[bytes]]
@@ -113,6 +122,10 @@ class CallbackSender:
         self._results = results  # where a body too large to hold was stored
         self._hosts = HostPolicy.parse(settings.callback_allowed_hosts)
         self._keys = signing_keys(settings.callback_signing_secret)
+        limit_s = settings.callback_timeout_s
+        self._timeouts = Timeouts(connect_s=limit_s, read_s=limit_s, total_s=limit_s)
+        self._name_verdicts: dict[str, bool | None] = {}
+        self._address_verdicts: dict[tuple[str, str], bool] = {}
 
     async def deliver(
         self,
@@ -132,9 +145,7 @@ class CallbackSender:
             headers["Content-Length"] = str(outcome.spooled_size)
         if self._keys:
             headers[WEBHOOK_ID] = webhook_id(call_id, function, outcome.status_code)
-        limit_s = self._settings.callback_timeout_s
-        timeouts = Timeouts(connect_s=limit_s, read_s=limit_s, total_s=limit_s)
-        context = call_context(call_id, function)
+        timeouts = self._timeouts
         attempt = 0
         while True:
             attempt += 1
@@ -155,7 +166,7 @@ class CallbackSender:
                     headers[WEBHOOK_SIGNATURE] = signer.signature()
                 status = await self._post(URL(callback_url), headers, body, timeouts)
             except UpstreamRefusedError as exc:
-                log.warning("callback refused: %s", exc, extra=context)
+                log.warning("callback refused: %s", exc, extra=call_context(call_id, function))
                 return CallbackResult(delivered=False, attempts=attempt, last_status=None)
             except (UpstreamError, ResultStoreError) as exc:
                 log.info(
@@ -163,7 +174,7 @@ class CallbackSender:
                     attempt,
                     callback_url,
                     exc,
-                    extra=context,
+                    extra=call_context(call_id, function),
                 )
             except ValueError as exc:
                 # The request cannot be built (a host name IDNA cannot encode, say): every
@@ -174,7 +185,7 @@ class CallbackSender:
                     callback_url,
                     type(exc).__name__,
                     exc,
-                    extra=context,
+                    extra=call_context(call_id, function),
                 )
                 return CallbackResult(delivered=False, attempts=attempt, last_status=None)
             verdict = judge_callback_attempt(
@@ -191,7 +202,7 @@ class CallbackSender:
                         callback_url,
                         attempt,
                         status,
-                        extra=context,
+                        extra=call_context(call_id, function),
                     )
                 return CallbackResult(verdict.delivered, attempt, status)
             await asyncio.sleep(verdict.retry_after_s)
@@ -205,7 +216,7 @@ class CallbackSender:
             if url.scheme not in ("http", "https") or not url.raw_host:
                 raise ValueError("not an absolute http or https URL")
             host = url.raw_host
-            if self._hosts.allows_name(host) is False:
+            if self._allows_name(host) is False:
                 raise UpstreamRefusedError(f"{host} is not in callback_allowed_hosts")
             async with await self._client.request(
                 "POST",
@@ -222,6 +233,26 @@ class CallbackSender:
             url = url.join(URL(location))
         raise UpstreamError(f"more than {MAX_REDIRECTS} redirects")
 
+    def _allows_name(self, host: str) -> bool | None:
+        try:
+            return self._name_verdicts[host]
+        except KeyError:
+            verdict = self._hosts.allows_name(host)
+            _remember(self._name_verdicts, host, verdict)
+            return verdict
+
     def _allows(self, host: str, address: str) -> bool:
-        parsed = parse_address(address)
-        return parsed is not None and self._hosts.allows_connection(host, parsed)
+        key = (host, address)
+        try:
+            return self._address_verdicts[key]
+        except KeyError:
+            parsed = parse_address(address)
+            verdict = parsed is not None and self._hosts.allows_connection(host, parsed)
+            _remember(self._address_verdicts, key, verdict)
+            return verdict
+
+
+def _remember(verdicts: dict[K, V], key: K, verdict: V) -> None:
+    if len(verdicts) >= MAX_VERDICTS:
+        verdicts.clear()
+    verdicts[key] = verdict

@@ -397,7 +397,16 @@ class UpstreamResponse:
         return int(value) if value is not None and value.isdigit() else None
 
     async def read(self) -> bytes:
-        chunks = [chunk async for chunk in self.chunks()]
+        # Not through chunks(): an async generator per response costs more than a small
+        # body's whole read.
+        connection = self._connection
+        if connection is None:
+            return b""
+        chunks = []
+        while (
+            chunk := await connection.next_chunk(self._read_s, self._total_deadline)
+        ) is not None:
+            chunks.append(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def chunks(self) -> AsyncIterator[bytes]:

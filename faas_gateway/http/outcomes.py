@@ -17,6 +17,9 @@ from faas_gateway.http.client import (
     failure_for_caller,
 )
 
+# The outcome's body is held whole (or spooled): whoever sends it on frames it again.
+NOT_KEPT = frozenset({"content-length"})
+
 
 async def outcome_of(
     response: Awaitable[UpstreamResponse],
@@ -38,7 +41,7 @@ async def outcome_of(
             body, spooled_size = await take_body(upstream, spool_name, max_held_bytes, spool)
             return Outcome(
                 status_code=upstream.status,
-                headers=list(end_to_end(upstream.headers, frozenset({"content-length"})).items()),
+                headers=list(end_to_end(upstream.headers, NOT_KEPT).items()),
                 body=body,
                 duration_s=time.monotonic() - started_monotonic,
                 spooled_size=spooled_size,

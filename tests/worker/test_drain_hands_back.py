@@ -119,7 +119,7 @@ async def test_messages_delivered_after_the_last_fetch_go_back_at_once(
     """A pull request outlives the fetch that sent it (until its expiry; one buffered while
     NATS was away is sent on reconnect, later still): what JetStream delivers to it waits in
     the worker's subscription for a next fetch, which a stop never makes. Here such a request
-    is made the way nats-py's fetch makes it, to the worker's own subscription, while the
+    is made the way the worker's Puller makes it, to the worker's own inbox, while the
     worker's only slot is busy and it does not fetch."""
     held = await recorder(gate)
     echo = await recorder()
@@ -130,16 +130,16 @@ async def test_messages_delivered_after_the_last_fetch_go_back_at_once(
     )
     await hold_one_call(http, gateway, held)
 
-    subscription = first._sub
-    assert subscription is not None
+    puller = first._puller
+    assert puller is not None
     # Longer than the batch below, so the request is still open when the worker stops.
     await nats_client.publish(
         "$JS.API.CONSUMER.MSG.NEXT.faas-async.faas-queue-worker",
         json.dumps({"batch": 10, "expires": int(60e9)}).encode(),
-        reply=subscription._deliver,
+        reply=f"{puller._inbox}.stale",
     )
     queued = [await accepted(http, gateway, "echo") for _ in range(3)]
-    await wait_until(lambda: subscription.pending_msgs == 3, WAIT_S, "3 messages left unfetched")
+    await wait_until(lambda: len(puller._ready) == 3, WAIT_S, "3 messages left unfetched")
 
     first.request_stop()
     second = await start_worker(registry, ack_wait_s=ACK_WAIT_S)
