@@ -15,7 +15,7 @@ from tests.harness import ROOT
 API_CHECK = ROOT / "deploy" / "api_check.py"  # make api-check
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(700)
 def test_schemathesis_finds_no_5xx_and_no_response_the_document_does_not_allow(
     tmp_path: Path,
 ):
@@ -42,7 +42,7 @@ def test_schemathesis_finds_no_5xx_and_no_response_the_document_does_not_allow(
         stderr=subprocess.STDOUT,
     )
     try:
-        output, _ = run.communicate(timeout=270)
+        output, _ = run.communicate(timeout=570)  # 85 s alone; far longer on a busy machine
     except subprocess.TimeoutExpired:
         run.send_signal(signal.SIGTERM)  # it stops its stack on the way out
         run.communicate(timeout=100)
