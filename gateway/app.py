@@ -313,6 +313,8 @@ def create_app(
         turn_async,
         credentials if settings.basic_auth_invocations else None,
         settings.request_body_timeout_s,
+        triggers=triggers,
+        api_credentials=credentials,
     )
     return app
 

@@ -40,15 +40,18 @@ from gateway.auth import CHALLENGE, Credentials
 from gateway.errors import MAPPED_ERRORS, InvalidRequestError, error_response, http_error
 from gateway.handlers.enqueue import Enqueue
 from gateway.handlers.sync import SMALL_BODY_BYTES, SyncProxy
+from gateway.handlers.triggers import Triggers
 from gateway.handlers.turn_async import TurnAsync
 from gateway.request import CallContext, InvalidCallIdError, new_call_id, resolve_call_id
 from gateway.request_bodies import client_failure
-from gateway.routes import invocation_error
+from gateway.routes import REQUEST_ID, invocation_error, openwhisk_error, request_id_from
 
 log = logging.getLogger("faas.gateway")
 
 FUNCTION_PREFIX = b"/function/"
 ASYNC_PREFIX = b"/async-function/"
+# POST /api/v1/namespaces/<namespace>/triggers/<name>: a trigger fired (docs/events.md).
+WHISK_PREFIX = b"/api/v1/namespaces/"
 # A head longer than this, or with more headers, goes to aiohttp, which answers it or refuses
 # it as it always has (its limits: lines and fields of 8190 bytes, 128 headers).
 MAX_HEAD_BYTES = 8190
@@ -71,6 +74,8 @@ class Invocations:
     turn_async: TurnAsync
     credentials: Credentials | None  # basic_auth_invocations: the credentials to check
     body_timeout_s: float
+    triggers: Triggers | None = None  # fires of triggers, under /api/v1
+    api_credentials: Credentials | None = None  # basic_auth: what /api/v1 asks for
 
 
 INVOCATIONS = web.AppKey("invocations", Invocations)
@@ -238,6 +243,8 @@ class InvocationProtocol(asyncio.Protocol):
             prefix = FUNCTION_PREFIX
         elif head_bytes.startswith(ASYNC_PREFIX, target):
             prefix = ASYNC_PREFIX
+        elif head_bytes.startswith(WHISK_PREFIX, target) and self._invocations.triggers:
+            prefix = WHISK_PREFIX
         else:
             return None  # every other route, or not an origin-form target
         if not head_bytes.isascii():
@@ -254,7 +261,7 @@ class InvocationProtocol(asyncio.Protocol):
         version = parser.get_http_version()
         if method in ("HEAD", "CONNECT") or version not in ("1.1", "1.0"):
             return None
-        if prefix is ASYNC_PREFIX and method != "POST":
+        if prefix is not FUNCTION_PREFIX and method != "POST":
             return None  # a DELETE cancels a call; anything else is aiohttp's 405
         raw_path, _, raw_query = head.url.partition(b"?")
         # Escapes, dot segments, doubled slashes, fragments and backslashes: aiohttp's
@@ -267,6 +274,17 @@ class InvocationProtocol(asyncio.Protocol):
         headers: CIMultiDict[str] = CIMultiDict(
             [(key.decode(), value.decode()) for key, value in head.pairs]
         )
+        namespace = ""
+        if prefix is WHISK_PREFIX:
+            # <namespace>/triggers/<name> and nothing more, no query; the rest of /api/v1
+            # (and a fire that is refused before its body is read) is aiohttp's.
+            kind, _, trigger = rest.partition(b"/")
+            if kind != b"triggers" or not trigger or b"/" in trigger or raw_query:
+                return None
+            namespace, name, slash, rest = name.decode(), trigger, b"", b""
+            credentials = self._invocations.api_credentials
+            if credentials is not None and not credentials.accept(headers.get("Authorization")):
+                return None
         if any(name_ in headers for name_ in HANDED_OVER_HEADERS):
             return None
         lengths = headers.getall("Content-Length", ())
@@ -277,6 +295,11 @@ class InvocationProtocol(asyncio.Protocol):
             length = int(lengths[0])
             if length > SMALL_BODY_BYTES:
                 return None  # streamed through by aiohttp's side
+        triggers = self._invocations.triggers
+        if prefix is WHISK_PREFIX and (
+            triggers is None or not triggers.takes_fire_whole(namespace, name.decode(), length)
+        ):
+            return None
         if (
             prefix is FUNCTION_PREFIX
             and self._invocations.turn_async.wait_before_async_for(headers) is not None
@@ -285,6 +308,7 @@ class InvocationProtocol(asyncio.Protocol):
         return _Request(
             self,
             queued=prefix is ASYNC_PREFIX,
+            fired=prefix is WHISK_PREFIX,
             name=name.decode(),
             subpath=(slash + rest).decode(),
             method=method,
@@ -334,6 +358,9 @@ class InvocationProtocol(asyncio.Protocol):
 
     async def _invoke(self, request: "_Request") -> None:
         invocations = self._invocations
+        if request.fired:
+            await self._fire(request)
+            return
         credentials = invocations.credentials
         if credentials is not None and not credentials.accept(request.headers.get("Authorization")):
             request.send_response(
@@ -357,6 +384,20 @@ class InvocationProtocol(asyncio.Protocol):
         except MAPPED_ERRORS as exc:
             if not request.started:
                 request.send_response(invocation_error(http_error(exc), call))
+
+    async def _fire(self, request: "_Request") -> None:
+        """A trigger fired, answered as its /api/v1 route does (gateway/routes.py openwhisk):
+        OpenWhisk's error shape, the request id in X-Request-ID. Its credentials were checked
+        when the head was read."""
+        triggers = self._invocations.triggers
+        assert triggers is not None
+        request_id = request_id_from(request.headers)
+        try:
+            response = await triggers.fire_whole(request.name, request)
+        except MAPPED_ERRORS as exc:
+            response = openwhisk_error(http_error(exc), request_id)
+        response.headers[REQUEST_ID] = request_id
+        request.send_response(response)
 
     def _after(self, request: "_Request") -> None:
         """The call is answered: on to the next request on this connection, or close."""
@@ -426,6 +467,7 @@ class _Request:
         "_chunked",
         "_connection",
         "body_length",
+        "fired",
         "head_length",
         "headers",
         "host",
@@ -446,6 +488,7 @@ class _Request:
         connection: InvocationProtocol,
         *,
         queued: bool,
+        fired: bool,
         name: str,
         subpath: str,
         method: str,
@@ -458,6 +501,7 @@ class _Request:
     ) -> None:
         self._connection = connection
         self.queued = queued  # /async-function/: recorded and queued, not proxied
+        self.fired = fired  # /api/v1/namespaces/<namespace>/triggers/<name>: a fire
         self.name = name
         self.subpath = subpath
         self.method = method
@@ -491,8 +535,9 @@ class _Request:
             self.send(status, reason, headers, body)
 
     def send_response(self, response: web.Response) -> None:
-        """One of the gateway's own answers (an error), built as for aiohttp."""
-        body = response.body
+        """One of the gateway's own answers (an error, a 202, a fire's 204), built as for
+        aiohttp."""
+        body = response.body if response.body is not None else b""
         assert isinstance(body, bytes)
         headers = CIMultiDict(response.headers)
         close = response.keep_alive is False  # force_close()
@@ -510,7 +555,10 @@ class _Request:
     ) -> None:
         if close:
             self.must_close = True
-        if "Content-Length" not in headers:
+        if status < 200 or status in (204, 304):
+            headers.popall("Content-Length", None)  # RFC 9110 8.6: none on a 204 (a fire's)
+            body = b""
+        elif "Content-Length" not in headers:
             headers["Content-Length"] = str(len(body))
         if body:
             headers.setdefault("Content-Type", "application/octet-stream")

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import orjson
 from aiohttp import web
+from multidict import MultiMapping
 
 from faas_gateway.core.headers import CALL_ID
 from gateway.auth import CHALLENGE, Credentials
@@ -163,9 +164,13 @@ def openwhisk(handlers: Mapping[str, Handler], credentials: Credentials | None) 
 
 
 def request_id_of(request: web.Request) -> str:
+    return request_id_from(request.headers)
+
+
+def request_id_from(headers: MultiMapping[str]) -> str:
     """The client's X-Request-ID when it is a plain token (OpenWhisk takes the caller's, so a
     transaction can be followed across calls), else a new one."""
-    given = request.headers.get(REQUEST_ID)
+    given = headers.get(REQUEST_ID)
     if given and CALL_ID_PATTERN.fullmatch(given):
         return given
     return new_call_id()

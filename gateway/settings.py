@@ -18,8 +18,9 @@ class GatewaySettings(CommonSettings):
         "httptools",
         "invocation_server",
         "What serves invocations: httptools, a lean HTTP/1.1 server in front of aiohttp's "
-        "on the same port that takes sync calls and async POSTs with a body of known length "
-        "up to 64 KiB and hands every other request to aiohttp; or aiohttp for everything.",
+        "on the same port that takes sync calls, async POSTs and trigger fires with a body of "
+        "known length up to 64 KiB and hands every other request (and the rest of its "
+        "connection) to aiohttp; or aiohttp for everything.",
     )
     read_timeout_s: Seconds = setting(
         60.0, "read_timeout", "Sync calls: longest wait for the next bytes from a function."

@@ -509,3 +509,42 @@ async def test_an_overwrite_meeting_one_made_through_another_gateway_updates_it(
         "inactive",
         "other",
     )
+
+
+async def test_fires_are_taken_by_the_lean_server_and_answered_as_the_route_does(
+    whisk: Whisk,
+) -> None:
+    """A fire of a trigger that exists, with its credentials and a small body, on a
+    connection that has only fired so far (as a webhook sender's), is served by
+    gateway/invocation_server.py (as /async-function/ is, so that firing keeps up with it);
+    its answers are the route's: 202 with the activation id, 204 without an active rule,
+    OpenWhisk's error shape with X-Request-ID for a payload it refuses. What it does not take
+    (no trigger, no credentials) aiohttp's route answers as before."""
+    triggers = handler_of(whisk.gateway, "/api/v1/namespaces/{namespace}/triggers/{name}", "POST")
+    taken: list[str] = []
+    fire_whole = triggers.fire_whole
+
+    async def counted(name: str, request: Any) -> Any:
+        taken.append(name)
+        return await fire_whole(name, request)
+
+    triggers.fire_whole = counted
+    await made(whisk, "triggers/t", {})
+    async with aiohttp.ClientSession() as fresh:  # a connection that only fires
+        firing = Whisk(whisk.gateway, whisk.registry, fresh, whisk.functions)
+        assert (await fire(firing, "t", {"n": 1})).status == 204  # no rule yet
+        await made(whisk, "rules/r", {"trigger": "t", "action": "hello"})
+        accepted = await fire(firing, "t", {"n": 2}, headers={"X-Request-ID": "tx42"})
+        assert accepted.status == 202
+        assert accepted.headers["X-Request-ID"] == "tx42"
+        assert accepted.headers[ACTIVATION_ID_HEADER] == accepted.body["activationId"]
+        refused = await fire(
+            firing, "t", data=b"[1, 2]", headers={"Content-Type": "application/json"}
+        )
+        assert_whisk_error(refused, 400)
+        assert taken == ["t", "t", "t"]
+
+        assert_whisk_error(await fire(firing, "nope", {}), 404)
+        assert_whisk_error(await firing.call("POST", "/namespaces/_/triggers/t", auth=False), 401)
+        assert taken == ["t", "t", "t"]
+    assert (await bodies(whisk.functions["hello"], 1))[0]["n"] == 2
