@@ -107,9 +107,14 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    print(f"{args.function} listening on http://{args.host}:{args.port}", flush=True)
+    listening = f"{args.function} listening on http://{args.host}:{args.port}"
     web.run_app(
-        build_app(args.function), host=args.host, port=args.port, print=None, access_log=None
+        build_app(args.function),
+        host=args.host,
+        port=args.port,
+        # Once the port is bound, so that whoever waits for the line can call at once.
+        print=lambda _: print(listening, flush=True),
+        access_log=None,
     )
 
 
