@@ -243,7 +243,13 @@ class InvocationProtocol(asyncio.Protocol):
             prefix = FUNCTION_PREFIX
         elif head_bytes.startswith(ASYNC_PREFIX, target):
             prefix = ASYNC_PREFIX
-        elif head_bytes.startswith(WHISK_PREFIX, target) and self._invocations.triggers:
+        elif (
+            # Fires are POSTs: the rest of /api/v1 (activation polling, above all) goes to
+            # aiohttp without being parsed here first only to be handed over.
+            head_bytes.startswith(b"POST ")
+            and head_bytes.startswith(WHISK_PREFIX, target)
+            and self._invocations.triggers
+        ):
             prefix = WHISK_PREFIX
         else:
             return None  # every other route, or not an origin-form target
