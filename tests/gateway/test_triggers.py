@@ -534,6 +534,11 @@ async def test_fires_are_taken_by_the_lean_server_and_answered_as_the_route_does
         firing = Whisk(whisk.gateway, whisk.registry, fresh, whisk.functions)
         assert (await fire(firing, "t", {"n": 1})).status == 204  # no rule yet
         await made(whisk, "rules/r", {"trigger": "t", "action": "hello"})
+        async with aiohttp.ClientSession() as stranger:  # a fresh connection, no credentials
+            anonymous = Whisk(whisk.gateway, whisk.registry, stranger, whisk.functions)
+            unsigned = await anonymous.call("POST", "/namespaces/_/triggers/t", auth=False)
+            assert_whisk_error(unsigned, 401)
+        assert taken == ["t"]  # refused before the lean server took it
         accepted = await fire(firing, "t", {"n": 2}, headers={"X-Request-ID": "tx42"})
         assert accepted.status == 202
         assert accepted.headers["X-Request-ID"] == "tx42"
@@ -547,4 +552,4 @@ async def test_fires_are_taken_by_the_lean_server_and_answered_as_the_route_does
         assert_whisk_error(await fire(firing, "nope", {}), 404)
         assert_whisk_error(await firing.call("POST", "/namespaces/_/triggers/t", auth=False), 401)
         assert taken == ["t", "t", "t"]
-    assert (await bodies(whisk.functions["hello"], 1))[0]["n"] == 2
+    assert [body["n"] for body in await bodies(whisk.functions["hello"], 1)] == [2]
