@@ -314,6 +314,7 @@ def create_app(
         credentials if settings.basic_auth_invocations else None,
         settings.request_body_timeout_s,
         triggers=triggers,
+        openwhisk=whisk,
         api_credentials=credentials,
     )
     return app

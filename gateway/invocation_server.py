@@ -4,10 +4,11 @@ Profiles of the sync path (bench/README.md, "Round two") put most of the gateway
 per call in aiohttp's server: its request and response objects, its payload streams, its
 writer. This protocol parses the request head with httptools (as uvicorn does) and serves
 the common invocations itself: ``/function/<name>[/...]`` with a body of known length up to
-SMALL_BODY_BYTES (or none), one that cannot turn async, and a ``POST
-/async-function/<name>[/...]`` of the same kind without ``Prefer``. The proxying is
-SyncProxy's own (``handle_whole``), the queueing Enqueue's (``handle_whole``); only the HTTP
-framing lives here.
+SMALL_BODY_BYTES (or none), one that cannot turn async, a ``POST
+/async-function/<name>[/...]`` of the same kind without ``Prefer``, and OpenWhisk's POSTs of a
+trigger's fire and an action's invoke (with their credentials). The proxying is SyncProxy's
+own (``handle_whole``), the queueing Enqueue's, the fire Triggers' and the invoke
+OpenWhisk's; only the HTTP framing lives here.
 
 Anything else is handed to aiohttp, with the bytes of the request as they came: the
 connection's transport is given to an aiohttp request handler, which from then on serves
@@ -29,16 +30,19 @@ import time
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any, cast
+from urllib.parse import parse_qsl
 
 import httptools
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiDict
 
 from faas_gateway.core.headers import CALL_ID
+from faas_gateway.core.openwhisk import PACKAGE_SEPARATOR
 from gateway.auth import CHALLENGE, Credentials
 from gateway.errors import MAPPED_ERRORS, InvalidRequestError, error_response, http_error
 from gateway.handlers.enqueue import Enqueue
+from gateway.handlers.openwhisk import OpenWhisk
 from gateway.handlers.sync import SMALL_BODY_BYTES, SyncProxy
 from gateway.handlers.triggers import Triggers
 from gateway.handlers.turn_async import TurnAsync
@@ -50,8 +54,13 @@ log = logging.getLogger("faas.gateway")
 
 FUNCTION_PREFIX = b"/function/"
 ASYNC_PREFIX = b"/async-function/"
-# POST /api/v1/namespaces/<namespace>/triggers/<name>: a trigger fired (docs/events.md).
+# POST /api/v1/namespaces/<namespace>/triggers/<name>: a trigger fired (docs/events.md);
+# POST /api/v1/namespaces/<namespace>/actions/[<package>/]<name>: an action invoked.
 WHISK_PREFIX = b"/api/v1/namespaces/"
+TRIGGERS = "triggers"
+ACTIONS = "actions"
+# Query characters taken as they are; a query with escapes ('%', '+') is aiohttp's to decode.
+PLAIN_QUERY = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~=&")
 # A head longer than this, or with more headers, goes to aiohttp, which answers it or refuses
 # it as it always has (its limits: lines and fields of 8190 bytes, 128 headers).
 MAX_HEAD_BYTES = 8190
@@ -75,6 +84,7 @@ class Invocations:
     credentials: Credentials | None  # basic_auth_invocations: the credentials to check
     body_timeout_s: float
     triggers: Triggers | None = None  # fires of triggers, under /api/v1
+    openwhisk: OpenWhisk | None = None  # invokes of actions, under /api/v1
     api_credentials: Credentials | None = None  # basic_auth: what /api/v1 asks for
 
 
@@ -244,11 +254,11 @@ class InvocationProtocol(asyncio.Protocol):
         elif head_bytes.startswith(ASYNC_PREFIX, target):
             prefix = ASYNC_PREFIX
         elif (
-            # Fires are POSTs: the rest of /api/v1 (activation polling, above all) goes to
-            # aiohttp without being parsed here first only to be handed over.
+            # Fires and invokes are POSTs: the rest of /api/v1 (activation polling, above
+            # all) goes to aiohttp without being parsed here first only to be handed over.
             head_bytes.startswith(b"POST ")
             and head_bytes.startswith(WHISK_PREFIX, target)
-            and self._invocations.triggers
+            and (self._invocations.triggers or self._invocations.openwhisk)
         ):
             prefix = WHISK_PREFIX
         else:
@@ -281,13 +291,24 @@ class InvocationProtocol(asyncio.Protocol):
             [(key.decode(), value.decode()) for key, value in head.pairs]
         )
         namespace = ""
+        whisk: str | None = None
         if prefix is WHISK_PREFIX:
-            # <namespace>/triggers/<name> and nothing more, no query; the rest of /api/v1
-            # (and a fire that is refused before its body is read) is aiohttp's.
-            kind, _, trigger = rest.partition(b"/")
-            if kind != b"triggers" or not trigger or b"/" in trigger or raw_query:
+            # <namespace>/triggers/<name> and nothing more, no query, or
+            # <namespace>/actions/[<package>/]<name> with a plain query; the rest of /api/v1
+            # (and a call that is refused before its body is read) is aiohttp's.
+            kind, _, rest = rest.partition(b"/")
+            parts = rest.split(b"/")
+            if not all(parts) or name == b"whisk.system":  # built-in feeds: aiohttp's
                 return None
-            namespace, name, slash, rest = name.decode(), trigger, b"", b""
+            if kind == b"triggers" and len(parts) == 1 and not raw_query:
+                whisk = TRIGGERS
+            elif kind == b"actions" and len(parts) <= 2 and PLAIN_QUERY.issuperset(raw_query):
+                whisk = ACTIONS
+            else:
+                return None
+            # A packaged action is the function <package>__<name> (function_name).
+            namespace, name = name.decode(), PACKAGE_SEPARATOR.encode().join(parts)
+            slash, rest = b"", b""
             credentials = self._invocations.api_credentials
             if credentials is not None and not credentials.accept(headers.get("Authorization")):
                 return None
@@ -301,9 +322,13 @@ class InvocationProtocol(asyncio.Protocol):
             length = int(lengths[0])
             if length > SMALL_BODY_BYTES:
                 return None  # streamed through by aiohttp's side
-        triggers = self._invocations.triggers
-        if prefix is WHISK_PREFIX and (
+        triggers, openwhisk = self._invocations.triggers, self._invocations.openwhisk
+        if whisk == TRIGGERS and (
             triggers is None or not triggers.takes_fire_whole(namespace, name.decode(), length)
+        ):
+            return None
+        if whisk == ACTIONS and (
+            openwhisk is None or not openwhisk.takes_invoke_whole(namespace, name.decode(), length)
         ):
             return None
         if (
@@ -314,7 +339,7 @@ class InvocationProtocol(asyncio.Protocol):
         return _Request(
             self,
             queued=prefix is ASYNC_PREFIX,
-            fired=prefix is WHISK_PREFIX,
+            whisk=whisk,
             name=name.decode(),
             subpath=(slash + rest).decode(),
             method=method,
@@ -364,8 +389,8 @@ class InvocationProtocol(asyncio.Protocol):
 
     async def _invoke(self, request: "_Request") -> None:
         invocations = self._invocations
-        if request.fired:
-            await self._fire(request)
+        if request.whisk is not None:
+            await self._whisk(request)
             return
         credentials = invocations.credentials
         if credentials is not None and not credentials.accept(request.headers.get("Authorization")):
@@ -391,15 +416,21 @@ class InvocationProtocol(asyncio.Protocol):
             if not request.started:
                 request.send_response(invocation_error(http_error(exc), call))
 
-    async def _fire(self, request: "_Request") -> None:
-        """A trigger fired, answered as its /api/v1 route does (gateway/routes.py openwhisk):
-        OpenWhisk's error shape, the request id in X-Request-ID. Its credentials were checked
-        when the head was read."""
-        triggers = self._invocations.triggers
-        assert triggers is not None
+    async def _whisk(self, request: "_Request") -> None:
+        """A trigger fired or an action invoked, answered as its /api/v1 route does
+        (gateway/routes.py openwhisk): OpenWhisk's error shape, the request id in
+        X-Request-ID. Its credentials were checked when the head was read."""
         request_id = request_id_from(request.headers)
         try:
-            response = await triggers.fire_whole(request.name, request)
+            if request.whisk == TRIGGERS:
+                assert self._invocations.triggers is not None
+                response = await self._invocations.triggers.fire_whole(request.name, request)
+            else:
+                assert self._invocations.openwhisk is not None
+                query = MultiDict(parse_qsl(request.raw_query, keep_blank_values=True))
+                response = await self._invocations.openwhisk.invoke_whole(
+                    request.name, query, request
+                )
         except MAPPED_ERRORS as exc:
             response = openwhisk_error(http_error(exc), request_id)
         response.headers[REQUEST_ID] = request_id
@@ -473,7 +504,6 @@ class _Request:
         "_chunked",
         "_connection",
         "body_length",
-        "fired",
         "head_length",
         "headers",
         "host",
@@ -487,6 +517,7 @@ class _Request:
         "remote",
         "started",
         "subpath",
+        "whisk",
     )
 
     def __init__(
@@ -494,7 +525,7 @@ class _Request:
         connection: InvocationProtocol,
         *,
         queued: bool,
-        fired: bool,
+        whisk: str | None,
         name: str,
         subpath: str,
         method: str,
@@ -507,7 +538,7 @@ class _Request:
     ) -> None:
         self._connection = connection
         self.queued = queued  # /async-function/: recorded and queued, not proxied
-        self.fired = fired  # /api/v1/namespaces/<namespace>/triggers/<name>: a fire
+        self.whisk = whisk  # under /api/v1: TRIGGERS (a fire) or ACTIONS (an invoke)
         self.name = name
         self.subpath = subpath
         self.method = method

@@ -21,11 +21,12 @@ import asyncio
 import functools
 import logging
 import re
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import MultiMapping
 from pydantic import ValidationError
 
 from faas_gateway import __version__
@@ -67,9 +68,9 @@ from gateway.errors import (
     NotFoundError,
     http_error,
 )
-from gateway.handlers.enqueue import read_body_within
+from gateway.handlers.enqueue import read_body_within, too_large_for_async
 from gateway.handlers.functions import Functions, build_sha, describe
-from gateway.handlers.sync import SyncProxy
+from gateway.handlers.sync import SyncProxy, WholeRequest
 from gateway.handlers.turn_async import TurnAsync
 from gateway.loops import VIA, Hops
 from gateway.metrics import GatewayMetrics
@@ -238,12 +239,52 @@ class OpenWhisk:
 
     async def invoke(self, request: web.Request) -> web.Response:
         function = self._function(request)
-        blocking, result_only, wait_ms = parse_invoke_query(request.rel_url.query)
+
+        async def body() -> bytes:
+            limit = self._queue.max_body_bytes()
+            return await read_body_within(request, limit, self._body_timeout_s)
+
+        return await self._invoke(function, request.rel_url.query, request.headers, body)
+
+    def takes_invoke_whole(self, namespace: str, name: str, body_length: int) -> bool:
+        """Whether the lean server (gateway/invocation_server.py) may take this invoke whole:
+        an action that exists in the caller's namespace and a body within its limit. Anything
+        else goes to ``invoke`` through aiohttp, which answers the 404 or 413."""
+        return (
+            namespace in self._namespaces
+            and self._registry.get(name) is not None
+            and body_length <= self._queue.max_body_bytes()
+        )
+
+    async def invoke_whole(
+        self, name: str, query: Mapping[str, str], request: WholeRequest
+    ) -> web.Response:
+        """An invoke the lean server took whole (``takes_invoke_whole``): the same steps as
+        invoke, so that a blocking invoke adds no more than /function/<name> does."""
+        function = self._registry.get(name)
+        if function is None:  # removed since
+            raise NotFoundError(f"no action {name!r}")
+
+        async def body() -> bytes:
+            if request.body_length > self._queue.max_body_bytes():
+                raise too_large_for_async(self._queue.max_body_bytes())
+            return await request.body() or b""
+
+        return await self._invoke(function, query, request.headers, body)
+
+    async def _invoke(
+        self,
+        function: FunctionSpec,
+        query: Mapping[str, str],
+        incoming: MultiMapping[str],
+        read_body: Callable[[], Awaitable[bytes]],
+    ) -> web.Response:
+        blocking, result_only, wait_ms = parse_invoke_query(query)
         call = CallContext(new_call_id())
-        headers = [*PARAMS_HEADERS, (VIA, self._hops.via_for(request.headers, function.name))]
+        headers = [*PARAMS_HEADERS, (VIA, self._hops.via_for(incoming, function.name))]
         if not blocking:
             self._queue.raise_unless_ready()
-        params = await self._params(request)
+        params = self._params(await read_body())
         queued = QueuedCall(
             call_id=call.call_id,
             function=function.name,
@@ -259,9 +300,8 @@ class OpenWhisk:
             return await self._enqueue(queued, function)
         return await self._blocking(queued, function, call, result_only, answer_within_s(wait_ms))
 
-    async def _params(self, request: web.Request) -> bytes:
+    def _params(self, body: bytes) -> bytes:
         """The invoke's body, a JSON object, as the function gets it: ``{}`` when empty."""
-        body = await read_body_within(request, self._queue.max_body_bytes(), self._body_timeout_s)
         if not body.strip():
             return b"{}"
         if not isinstance(_parsed(body), dict):

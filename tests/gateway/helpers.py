@@ -3,6 +3,7 @@ function handler, gateway limits that leave timeouts to the function, and checks
 JSON errors and call ids; for activation records, reading records and listings, and a function
 that answers the status it is asked for."""
 
+import inspect
 import json
 import uuid
 from collections.abc import Awaitable, Callable
@@ -75,3 +76,13 @@ async def listed(http: aiohttp.ClientSession, gateway: RunningGateway, query: st
     assert status == 200, body
     assert isinstance(body, list)
     return body
+
+
+def handler_of(gateway: RunningGateway, path: str, method: str) -> Any:
+    """The object whose bound method serves ``method`` on ``path`` (a route of gateway/app.py:
+    the handlers sit in the route wrapper's closure)."""
+    for route in gateway.app.router.routes():
+        if route.resource is not None and route.resource.canonical == path:
+            handlers = inspect.getclosurevars(route.handler).nonlocals["handlers"]
+            return handlers[method].__self__
+    raise AssertionError(f"no route {path}")

@@ -22,6 +22,7 @@ from multidict import CIMultiDictProxy
 from faas_gateway.core.functions import Registry
 from queue_worker.worker import Worker
 from tests.conftest import RunningGateway, ready_gateway
+from tests.gateway.helpers import handler_of
 from tests.harness import RecordedRequest, Recorder, free_port, get_json, registry_of, wait_until
 
 DEADLINE_S = 30.0
@@ -430,6 +431,73 @@ async def test_actions_of_a_package_are_functions_named_package__action(whisk: W
     action = await whisk.call("GET", "/namespaces/guest/actions/pkg/hello")
     assert action.body["namespace"] == "guest/pkg" and action.body["name"] == "hello"
     assert_whisk_error(await whisk.call("GET", "/namespaces/_/actions/other/hello"), 404)
+
+
+async def test_invokes_are_taken_by_the_lean_server_and_answered_as_the_route_does(
+    whisk: Whisk,
+) -> None:
+    """An invoke of an action that exists, with its credentials, a small body and a plain
+    query, on a connection that has only invoked so far (as a client's that calls actions),
+    is served by gateway/invocation_server.py, as /function/ is, so that a blocking invoke
+    adds no more than /function/ does (bench scenario 9); its answers are the route's. What
+    it does not take (no such action, no credentials, an escaped query) aiohttp's route
+    answers as before, on a connection that stays aiohttp's."""
+    actions = handler_of(whisk.gateway, "/api/v1/namespaces/{namespace}/actions/{name}", "POST")
+    taken: list[str] = []
+    invoke_whole = actions.invoke_whole
+
+    async def counted(name: str, query: Any, request: Any) -> Any:
+        taken.append(name)
+        return await invoke_whole(name, query, request)
+
+    actions.invoke_whole = counted
+    async with aiohttp.ClientSession() as fresh:  # a connection that only invokes
+        invoking = Whisk(whisk.gateway, whisk.registry, fresh, whisk.functions)
+        result = await invoking.call(
+            "POST",
+            "/namespaces/_/actions/echo?blocking=true&result=true",
+            json={"a": 1},
+            headers={"X-Request-ID": "tx7"},
+        )
+        assert (result.status, result.body) == (200, {"a": 1})
+        assert result.headers["X-Request-ID"] == "tx7"
+        assert ACTIVATION_ID.fullmatch(result.headers[ACTIVATION_ID_HEADER])
+        whole = await invoking.call(
+            "POST", "/namespaces/guest/actions/pkg/hello?blocking=true", json={"p": 2}
+        )
+        assert whole.status == 200, whole.body
+        assert whole.body["response"]["result"] == {"p": 2}
+        assert whole.body["activationId"] == whole.headers[ACTIVATION_ID_HEADER]
+        queued = await invoking.call("POST", "/namespaces/_/actions/echo", json={"n": 3})
+        assert queued.status == 202
+        assert (await whisk.ended(queued.body["activationId"])).body["response"]["result"] == {
+            "n": 3
+        }
+        bad_timeout = "/namespaces/_/actions/echo?blocking=true&timeout=0"
+        assert_whisk_error(await invoking.call("POST", bad_timeout), 400)
+        not_an_object = await invoking.call(
+            "POST",
+            "/namespaces/_/actions/echo",
+            data=b"[1]",
+            headers={"Content-Type": "application/json"},
+        )
+        assert_whisk_error(not_an_object, 400)
+        assert taken == ["echo", "pkg__hello", "echo", "echo", "echo"]
+
+    for path, auth, status in (
+        ("/namespaces/_/actions/nothing?blocking=true", True, 404),
+        ("/namespaces/_/actions/echo?blocking=true", False, 401),
+        ("/namespaces/_/actions/echo?blocking=true&result=true&note=a%20b", True, 200),
+    ):
+        async with aiohttp.ClientSession() as other:  # each on a fresh connection
+            reply = await Whisk(whisk.gateway, whisk.registry, other).call(
+                "POST", path, auth=auth, json={"b": 4}
+            )
+            if status == 200:
+                assert (reply.status, reply.body) == (200, {"b": 4})
+            else:
+                assert_whisk_error(reply, status)
+    assert len(taken) == 5
 
 
 # --- APISIX's openwhisk plugin ------------------------------------------------------------------

@@ -4,7 +4,6 @@ rules' actions queued from it, 204 with no active rule, 404 for no trigger), the
 activation with a log line per rule, the fan-out's exactly-once under redelivery, and what a
 demanding client sends that must be refused (docs/events.md)."""
 
-import inspect
 import io
 import json
 import time
@@ -22,6 +21,7 @@ from faas_gateway.core.events import Fire, rule_call_id
 from faas_gateway.core.functions import Registry
 from queue_worker.worker import Worker
 from tests.conftest import RunningGateway
+from tests.gateway.helpers import handler_of
 from tests.gateway.test_openwhisk import (
     ACTIVATION_ID,
     ACTIVATION_ID_HEADER,
@@ -476,16 +476,6 @@ async def test_other_namespaces_and_methods(whisk: Whisk) -> None:
     assert patched.headers["Allow"] == "GET, PUT, POST, DELETE"
     unauthorized = await whisk.call("POST", "/namespaces/_/triggers/t", auth=False)
     assert_whisk_error(unauthorized, 401)
-
-
-def handler_of(gateway: RunningGateway, path: str, method: str) -> Any:
-    """The object whose bound method serves ``method`` on ``path`` (a route of gateway/app.py:
-    the handlers sit in the route wrapper's closure)."""
-    for route in gateway.app.router.routes():
-        if route.resource is not None and route.resource.canonical == path:
-            handlers = inspect.getclosurevars(route.handler).nonlocals["handlers"]
-            return handlers[method].__self__
-    raise AssertionError(f"no route {path}")
 
 
 async def test_an_overwrite_meeting_one_made_through_another_gateway_updates_it(
