@@ -14,7 +14,15 @@ from aiohttp import web
 
 from faas_gateway.core.functions import Registry
 from tests.conftest import stream_message_count
-from tests.harness import ROOT, STREAM, RecordedRequest, registry_of, stop_process, wait_until
+from tests.harness import (
+    ROOT,
+    STREAM,
+    RecordedRequest,
+    get_json,
+    registry_of,
+    stop_process,
+    wait_until,
+)
 from tests.system.helpers import (
     WAIT_S,
     accepted,
@@ -288,7 +296,7 @@ async def test_nats_killed_for_seconds_runs_no_call_twice(
     queued = [await accepted(http, gateway, "work", receiver.url) for _ in range(300)]
     # A lease longer than the outage (as the default 30 s is), yet short enough that messages
     # whose delivery the server forgot come back soon.
-    await start_worker(registry, max_inflight=50, ack_wait_s=10.0)
+    worker = await start_worker(registry, max_inflight=50, ack_wait_s=10.0)
     await wait_until(lambda: len(receiver.requests) >= 100, WAIT_S, "a third of the callbacks")
     nats_server.kill()
     killed_at = asyncio.get_running_loop().time()
@@ -296,9 +304,21 @@ async def test_nats_killed_for_seconds_runs_no_call_twice(
         lambda: asyncio.get_running_loop().time() > killed_at + 4.0, WAIT_S, "4 s to pass"
     )
     await nats_server.start()
-    await wait_until(
-        lambda: set(call_ids(receiver.requests)) >= set(queued), WAIT_S * 2, "every callback"
-    )
+    try:
+        await wait_until(
+            lambda: set(call_ids(receiver.requests)) >= set(queued), WAIT_S * 2, "every callback"
+        )
+    except AssertionError as exc:
+        # Seen once in a full suite run and never alone: say where the missing calls are.
+        missing = sorted(set(queued) - set(call_ids(receiver.requests)))
+        records = [
+            await get_json(http, gateway.url(f"/system/activations/{call_id}"))
+            for call_id in missing[:5]
+        ]
+        raise AssertionError(
+            f"{exc}: {len(missing)} not called back; worker running {worker.inflight}, "
+            f"connected {worker._link.connected}; their records: {records}"
+        ) from exc
     await wait_until(lambda: stream_empty(nats_server.url), WAIT_S, "an empty queue")
     invoked = call_ids(function.requests)
     called_back = call_ids(receiver.requests)
