@@ -7,10 +7,9 @@ times per call, 4-5% of the worker's CPU in bench scenario 6's drain. Same names
 buckets and help texts; the worker changes them from its event loop only.
 """
 
-import bisect
 from collections.abc import Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -18,6 +17,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from faas_gateway.runtime.metrics import DEFAULT_BUCKETS_S, Buckets
 
 # From a few milliseconds (an idle worker) to an hour (a backlog, or a function at its
 # max_inflight for a long time).
@@ -41,8 +42,7 @@ QUEUED_BUCKETS_S = (
     1800.0,
     3600.0,
 )
-# prometheus_client's default buckets, which the duration histogram has always had.
-DURATION_BUCKETS_S = tuple(bound for bound in Histogram.DEFAULT_BUCKETS if bound != float("inf"))
+DURATION_BUCKETS_S = DEFAULT_BUCKETS_S
 
 PROCESSED = (
     "queue_worker_messages_processed",
@@ -116,32 +116,6 @@ class WorkerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class Buckets:
-    """One histogram series: a count per bucket (not cumulative), the sum, in plain numbers."""
-
-    __slots__ = ("_bounds", "_les", "counts", "total")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self._bounds = bounds
-        # The le labels as prometheus_client writes these bounds (Go's float format).
-        self._les = (*(repr(float(bound)) for bound in bounds), "+Inf")
-        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        # A value equal to a bound counts in that bound's bucket (le), as in prometheus_client.
-        self.counts[bisect.bisect_left(self._bounds, value)] += 1
-        self.total += value
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        buckets = []
-        running = 0
-        for le, count in zip(self._les, self.counts, strict=True):
-            running += count
-            buckets.append((le, float(running)))
-        return buckets
 
 
 class FunctionSeries:

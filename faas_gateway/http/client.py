@@ -133,6 +133,13 @@ class _Connection(asyncio.Protocol):
         self._body_waiter: asyncio.Future[None] | None = None
         self._complete = False
         self._reading_paused = False
+        # The read timeout of the wait under way (_wait): one timer per connection, moved on
+        # lazily, instead of one made and cancelled for every wait of every exchange.
+        self._waiting: asyncio.Future[None] | None = None
+        self._waiting_for = ""
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     # asyncio.Protocol
 
@@ -143,6 +150,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._reusable = False
+        self._stop_timer()
         if self._parser is not None and not self._complete:
             if self.status and self._ends_at_close():
                 self._finish_message()  # the body was delimited by the close itself
@@ -332,14 +340,36 @@ class _Connection(asyncio.Protocol):
         if deadline == float("inf"):
             await waiter
             return
-        timer = self._loop.call_at(deadline, _expire, waiter, UpstreamTimeoutError(what))
+        self._waiting, self._waiting_for, self._deadline = waiter, what, deadline
+        if self._timer is None or self._timer_at > deadline:
+            self._stop_timer()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._check_deadline)
         try:
             await waiter
         except UpstreamTimeoutError:
             self._fail(UpstreamTimeoutError(what))
             raise
         finally:
-            timer.cancel()
+            self._waiting = None
+
+    def _check_deadline(self) -> None:
+        """The timer came: expire the wait under way if its deadline has passed, else set the
+        timer again for it (the waits since the timer was set ended, and a later one began)."""
+        self._timer = None
+        waiter = self._waiting
+        if waiter is None or waiter.done():
+            return  # nothing waits: the next wait sets the timer
+        if self._loop.time() >= self._deadline:
+            _expire(waiter, UpstreamTimeoutError(self._waiting_for))
+        else:
+            self._timer_at = self._deadline
+            self._timer = self._loop.call_at(self._deadline, self._check_deadline)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def drain(self) -> None:
         if not self._paused_writing:
@@ -361,6 +391,7 @@ class _Connection(asyncio.Protocol):
         """Close without waiting: the exchange will not be finished."""
         self._reusable = False
         self.closed = True
+        self._stop_timer()
         if self.transport is not None:
             self.transport.close()
 

@@ -3,9 +3,12 @@ move from it to aiohttp, pipelined calls are answered in order, shutdown waits f
 call, and invocation_server=aiohttp serves everything as before."""
 
 import asyncio
+import time
 
+import pytest
 from aiohttp import web
 
+from gateway import invocation_server
 from tests.conftest import StartGateway, StartRecorder
 from tests.harness import registry_of, wait_until
 
@@ -135,3 +138,38 @@ async def test_invocation_server_aiohttp_serves_every_route_itself(
     assert (status, body) == (200, b"ok")
     assert "x-call-id" in headers
     assert [request.body for request in function.requests] == [b"hi"]
+
+
+async def test_an_idle_connection_is_closed_after_keepalive_and_a_busy_one_is_not(
+    recorder: StartRecorder, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One idle timer per connection, moved on lazily: calls that come and go keep a
+    connection open past KEEPALIVE_S in all, and once it is idle that long it is closed."""
+    keepalive_s = 0.5
+    monkeypatch.setattr(invocation_server, "KEEPALIVE_S", keepalive_s)
+    function = await recorder()
+    gateway = await start_gateway(registry_of(echo=function.url))
+    assert gateway.server.port is not None
+    reader, writer = await asyncio.open_connection(gateway.server.host, gateway.server.port)
+    try:
+        began = time.monotonic()
+        calls = 0
+        while True:
+            writer.write(post("/function/echo", b"%d" % calls))
+            status, _, _ = await read_response(reader)
+            assert status == 200
+            calls += 1
+            answered_at = time.monotonic()
+            if answered_at - began > 3 * keepalive_s:  # busy for longer than the timeout
+                break
+            await wait_until(
+                lambda answered_at=answered_at: time.monotonic() - answered_at > keepalive_s / 4,
+                DEADLINE_S,
+                "a gap between calls",
+            )
+        assert await asyncio.wait_for(reader.read(), DEADLINE_S) == b""  # closed by the server
+        # The premise, not a speed limit: it was closed for being idle, not at once.
+        assert time.monotonic() - answered_at >= keepalive_s * 0.9
+    finally:
+        writer.close()
+    assert len(function.requests) == calls

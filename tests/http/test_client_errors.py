@@ -31,6 +31,7 @@ from tests.http.helpers import (
     answer_each,
     assert_client_still_works,
     event_set,
+    fetch,
     http_response,
     large_body,
     misbehave_once,
@@ -312,3 +313,34 @@ async def test_read_timeout_is_per_wait_not_for_the_whole_body(serve, client):
                 go_on[index].set()
     assert bytes(received) == b"01234"
     assert time.monotonic() - began > read_s  # the premise, not a speed limit
+
+
+async def test_each_exchange_on_a_kept_alive_connection_keeps_its_own_read_timeout(serve, client):
+    """The read timer is one per connection, moved on lazily: an exchange that answers after
+    the deadline of the one before it on the same connection is not cut short by that
+    deadline, and an exchange with a shorter read timeout than the one before it still
+    times out at its own."""
+    answered_late = asyncio.Event()
+    never = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.query.get("answer") == "late":
+            # Past the first exchange's read deadline, well inside this one's.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(answered_late.wait(), 3 * SHORT_READ_S)
+        elif request.query.get("answer") == "never":
+            await never.wait()
+        return web.Response(text="ok")
+
+    server = await serve(handler)
+    short = Timeouts(connect_s=DEADLINE_S, read_s=SHORT_READ_S, total_s=None)
+    long = Timeouts(connect_s=DEADLINE_S, read_s=DEADLINE_S, total_s=None)
+    async with asyncio.timeout(DEADLINE_S / 2):  # were a later wait's timer kept, 10 s
+        response, body = await fetch(client, server.url(), timeouts=short)
+        assert (response.status, body) == (200, b"ok")
+        response, body = await fetch(client, server.url().with_query(answer="late"), timeouts=long)
+        assert (response.status, body) == (200, b"ok")
+        with pytest.raises(UpstreamTimeoutError):
+            await client.request("GET", server.url().with_query(answer="never"), [], None, short)
+    assert len(server.peers) == 3 and server.connection_count == 1
+    never.set()
