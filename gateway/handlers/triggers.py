@@ -12,8 +12,9 @@ import base64
 import binascii
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from aiohttp import web
@@ -89,12 +90,8 @@ class Triggers:
 
     async def list_triggers(self, request: web.Request) -> web.Response:
         self._check_namespace(request)
-        query = request.rel_url.query
-        skip, limit = parse_skip(query, "triggers"), parse_limit(query, "triggers")
-        triggers = sorted(self._watch.triggers.entries.values(), key=lambda t: t.name)
-        if is_true(query.get("count")):
-            return _json(200, {"triggers": max(0, len(triggers) - skip)})
-        return _json(200, [self._trigger_document(t) for t in triggers[skip:][:limit]])
+        triggers = self._watch.triggers.entries.values()
+        return _listing(request, "triggers", triggers, self._trigger_document)
 
     async def get_trigger(self, request: web.Request) -> web.Response:
         return _json(200, self._trigger_document(self._trigger(request)))
@@ -259,12 +256,8 @@ class Triggers:
 
     async def list_rules(self, request: web.Request) -> web.Response:
         self._check_namespace(request)
-        query = request.rel_url.query
-        skip, limit = parse_skip(query, "rules"), parse_limit(query, "rules")
-        rules = sorted(self._watch.rules.entries.values(), key=lambda rule: rule.name)
-        if is_true(query.get("count")):
-            return _json(200, {"rules": max(0, len(rules) - skip)})
-        return _json(200, [rule_document(rule, self._namespace) for rule in rules[skip:][:limit]])
+        rules = self._watch.rules.entries.values()
+        return _listing(request, "rules", rules, lambda rule: rule_document(rule, self._namespace))
 
     async def get_rule(self, request: web.Request) -> web.Response:
         return _json(200, rule_document(self._rule(request), self._namespace))
@@ -381,3 +374,27 @@ def _now_ms() -> int:
 
 def _json(status: int, document: Any) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(document), content_type="application/json")
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+NamedT = TypeVar("NamedT", bound=_Named)
+
+
+def _listing(
+    request: web.Request,
+    collection: str,
+    entries: Iterable[NamedT],
+    document: Callable[[NamedT], dict[str, Any]],
+) -> web.Response:
+    """A collection's GET, as OpenWhisk's: by name, ``skip`` and ``limit``, or ``count=true``
+    for how many there are past ``skip``."""
+    query = request.rel_url.query
+    skip, limit = parse_skip(query, collection), parse_limit(query, collection)
+    ordered = sorted(entries, key=lambda entry: entry.name)
+    if is_true(query.get("count")):
+        return _json(200, {collection: max(0, len(ordered) - skip)})
+    return _json(200, [document(entry) for entry in ordered[skip:][:limit]])

@@ -6,7 +6,6 @@ sync invocations, and the parameters a demanding user gets wrong (docs/events.md
 
 import json
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,7 @@ from nats.aio.client import Client as NatsClient
 
 from faas_gateway.core.events import rule_call_id, tick_fire_id
 from faas_gateway.core.functions import Registry
-from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, ready_gateway
+from tests.conftest import RunningGateway, StartGateway, StartRecorder, StartWorker, ready_gateway
 from tests.gateway.test_openwhisk import (
     API_KEY,
     AUTH,
@@ -38,9 +36,6 @@ from tests.harness import (
     wait_until,
 )
 
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartWorker = Callable[..., Awaitable[Worker]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
 EVERY_SECOND = "* * * * * *"  # six fields: seconds first
 # 1,000 events through fire stream, fan-out, queue and worker: seconds alone, minutes on a
 # machine busy with other suites; past the default 120 s per test, the deadline is its own.

@@ -9,7 +9,6 @@ import base64
 import json
 import re
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from faas_gateway.core.functions import Registry
-from queue_worker.worker import Worker
-from tests.conftest import RunningGateway, ready_gateway
+from tests.conftest import RunningGateway, StartGateway, StartRecorder, StartWorker, ready_gateway
 from tests.gateway.helpers import handler_of
 from tests.harness import RecordedRequest, Recorder, free_port, get_json, registry_of, wait_until
 
@@ -32,10 +30,6 @@ AUTH = {"Authorization": "Basic " + base64.b64encode(API_KEY.encode()).decode()}
 ACTIVATION_ID = re.compile(r"[0-9a-f]{32}")
 NOT_FOUND = "The requested resource does not exist."
 ACTIVATION_ID_HEADER = "x-openwhisk-activation-id"
-
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartWorker = Callable[..., Awaitable[Worker]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
 
 
 async def whisk_gateway(

@@ -7,7 +7,6 @@ demanding client sends that must be refused (docs/events.md)."""
 import io
 import json
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,7 @@ from nats.aio.client import Client as NatsClient
 
 from faas_gateway.core.events import Fire, rule_call_id
 from faas_gateway.core.functions import Registry
-from queue_worker.worker import Worker
-from tests.conftest import RunningGateway
+from tests.conftest import StartGateway, StartRecorder, StartWorker
 from tests.gateway.helpers import handler_of
 from tests.gateway.test_openwhisk import (
     ACTIVATION_ID,
@@ -31,10 +29,6 @@ from tests.gateway.test_openwhisk import (
     whisk_gateway,
 )
 from tests.harness import DEADLINE_S, RecordedRequest, Recorder, registry_of, wait_until
-
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartWorker = Callable[..., Awaitable[Worker]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
 
 
 async def echo(request: web.Request, recorded: RecordedRequest) -> web.Response:

@@ -9,7 +9,7 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 
 from faas_gateway.core.events import rule_call_id, tick_fire_id
 from faas_gateway.core.timefmt import parse_rfc3339_ns
-from queue_worker.worker import Worker
+from tests.conftest import StartRecorder, StartWorker
 from tests.harness import (
     DEADLINE_S,
     Recorder,
@@ -31,8 +31,6 @@ from tests.harness import (
     wait_until,
 )
 
-StartWorker = Callable[..., Awaitable[Worker]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
 EVERY_SECOND = "* * * * * *"
 
 

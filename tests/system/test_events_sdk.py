@@ -6,7 +6,6 @@ nats-server: what OpenWhisk users' event code does, with only the API host chang
 import base64
 import json
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,7 @@ import aiohttp
 import pytest
 
 from faas_gateway.core.events import rule_call_id, tick_fire_id
-from queue_worker.worker import Worker
-from tests.conftest import RunningGateway
+from tests.conftest import RunningGateway, StartGateway, StartRecorder, StartWorker
 from tests.gateway.test_openwhisk import whisk_gateway
 from tests.harness import DEADLINE_S, Recorder, registry_of, wait_until
 from tests.system.test_openwhisk_sdk import (  # sdk_modules: the fixture, shared
@@ -27,9 +25,6 @@ from tests.system.test_openwhisk_sdk import (  # sdk_modules: the fixture, share
     sdk_modules,  # noqa: F401
 )
 
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartWorker = Callable[..., Awaitable[Worker]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
 HEADERS = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
 
 

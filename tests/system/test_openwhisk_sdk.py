@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +18,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from queue_worker.worker import Worker
-from tests.conftest import RunningGateway
+from tests.conftest import RunningGateway, StartGateway, StartRecorder, StartWorker
 from tests.gateway.test_openwhisk import PASSWORD, USER, whisk_gateway
 from tests.harness import ROOT, RecordedRequest, Recorder, registry_of
 
 SDK_VERSION = "3.21.9"
 SDK_DIR = ROOT / ".cache" / "openwhisk-sdk"
 DEADLINE_S = 60.0
-
-StartGateway = Callable[..., Awaitable[RunningGateway]]
-StartWorker = Callable[..., Awaitable[Worker]]
-StartRecorder = Callable[..., Awaitable[Recorder]]
 
 
 @pytest.fixture(scope="session")
